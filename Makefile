@@ -1,0 +1,61 @@
+# lemonade-grpc developer targets. `make setup` once, then `make run` / `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+GEN := lemonade_grpc/_gen
+PROTOS := $(wildcard protos/lemonade/v1/*.proto)
+
+.PHONY: setup run test generate check-generated lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==25.3
+
+# The venv is stamped by pyproject.toml: editing dependencies reinstalls.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## setup: venv with the package (editable), llama-server (cached build), the tiny model
+setup: $(VENV)/.installed
+	$(BIN)/lemonade-grpc setup
+
+## run: serve the bundled tiny model on 127.0.0.1:50051
+run: setup
+	$(BIN)/lemonade-grpc serve
+
+## test: the whole suite against a real server and a real llama-server
+test: setup
+	$(BIN)/pytest
+
+## generate: regenerate the Python stubs from protos/ (committed; CI checks they are current)
+generate: $(VENV)/.installed
+	rm -rf $(GEN)/lemonade
+	mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		--python_out=$(GEN) --mypy_out=$(GEN) \
+		--grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) \
+		$(PROTOS)
+	# protoc writes absolute imports (`from lemonade.v1 import x_pb2`); the stubs
+	# live inside lemonade_grpc._gen, so make them package-relative.
+	sed -i -E 's/^from lemonade\.v1 import /from . import /; s/^import lemonade\.v1\.([a-z_]+_pb2)$$/from . import \1/' $(GEN)/lemonade/v1/*.py $(GEN)/lemonade/v1/*.pyi
+	touch $(GEN)/lemonade/__init__.py $(GEN)/lemonade/v1/__init__.py
+
+## check-generated: fail when the committed stubs differ from what `make generate` writes
+check-generated: generate
+	git diff --exit-code -- $(GEN) || (echo "generated stubs are stale: run 'make generate' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- $(GEN))" || (echo "untracked generated files: run 'make generate' and commit" >&2; git status --porcelain -- $(GEN); exit 1)
+
+## lint: ruff and mypy --strict
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/proxy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""`python -m lemonade_grpc` is the `lemonade-grpc` command."""
+
+import sys
+
+from lemonade_grpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Translation between protobuf messages and the pool's domain types. Pure."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.pool.events import LoadPhase, LoadProgress
+from lemonade_grpc.pool.model import ModelState
+from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.pool import LoadResult, LoadView, ModelView, PoolView
+
+MODEL_TYPES = {ModelType.LLM: pb.MODEL_TYPE_LLM, ModelType.EMBEDDING: pb.MODEL_TYPE_EMBEDDING}
+MODEL_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.UNLOADING: pb.MODEL_STATE_UNLOADING,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+LOAD_PHASES = {
+    LoadPhase.QUEUED: pb.LOAD_PHASE_QUEUED,
+    LoadPhase.EVICTING: pb.LOAD_PHASE_EVICTING,
+    LoadPhase.STARTING: pb.LOAD_PHASE_STARTING,
+    LoadPhase.LOADING: pb.LOAD_PHASE_LOADING,
+    LoadPhase.READY: pb.LOAD_PHASE_READY,
+}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for epoch `seconds`; None stays None (the field is left unset)."""
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def requested_options(options: pb.LoadOptions, has_options: bool) -> RequestedOptions:
+    """A request's options with presence kept: an absent field becomes None."""
+    if not has_options:
+        return RequestedOptions()
+    return RequestedOptions(
+        ctx_size=options.ctx_size if options.HasField("ctx_size") else None,
+        idle_unload_seconds=options.idle_unload_seconds if options.HasField("idle_unload_seconds") else None,
+        backend_args=tuple(options.backend_args.args) if options.HasField("backend_args") else None,
+    )
+
+
+def load_options(options: EffectiveOptions, server_idle_default: int) -> pb.LoadOptions:
+    """Effective options with every field present (the server default filled in)."""
+    idle = server_idle_default if options.idle_unload_seconds is None else options.idle_unload_seconds
+    return pb.LoadOptions(
+        ctx_size=options.ctx_size,
+        idle_unload_seconds=idle,
+        backend_args=pb.BackendArgs(args=options.backend_args),
+    )
+
+
+def model_status(view: ModelView, server_idle_default: int) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        name=view.name,
+        type=MODEL_TYPES[view.type],
+        state=MODEL_STATES[view.state],
+        pinned=view.pinned,
+        options=load_options(view.options, server_idle_default),
+        pid=view.pid,
+        loaded_at=timestamp(view.loaded_at),
+        last_used_at=timestamp(view.last_used_at),
+        in_flight=view.in_flight,
+        idle_unload_at=timestamp(view.idle_unload_at),
+        rss_bytes=view.rss_bytes,
+        recipe=view.recipe,
+        port=view.port,
+    )
+
+
+def load_response(progress: LoadProgress) -> pb.LoadResponse:
+    return pb.LoadResponse(
+        model=progress.model,
+        phase=LOAD_PHASES[progress.phase],
+        fraction=progress.fraction,
+        message=progress.message,
+        queue_position=progress.queue_position,
+        evicted=progress.evicted,
+    )
+
+
+def load_ready(result: LoadResult, server_idle_default: int) -> pb.LoadResponse:
+    return pb.LoadResponse(
+        model=result.model.name,
+        phase=pb.LOAD_PHASE_READY,
+        fraction=1.0,
+        message="already loaded" if result.already_loaded else "ready",
+        already_loaded=result.already_loaded,
+        evicted=result.evicted,
+        status=model_status(result.model, server_idle_default),
+    )
+
+
+def _load_in_flight(view: LoadView) -> pb.LoadInFlight:
+    return pb.LoadInFlight(
+        model=view.model,
+        phase=LOAD_PHASES[view.phase],
+        fraction=view.fraction,
+        started_at=timestamp(view.started_at),
+        waiters=view.waiters,
+    )
+
+
+def pool_status(view: PoolView, server_idle_default: int) -> pb.PoolStatus:
+    return pb.PoolStatus(
+        models=[model_status(m, server_idle_default) for m in view.models],
+        slots=[
+            pb.SlotUsage(type=MODEL_TYPES[s.type], max_loaded=s.max_loaded, used=s.used, pinned=s.pinned)
+            for s in view.slots
+        ],
+        memory=pb.MemoryStatus(
+            total_bytes=view.memory.total_bytes,
+            available_bytes=view.memory.available_bytes,
+            backends_rss_bytes=view.memory.backends_rss_bytes,
+        ),
+        load_in_flight=_load_in_flight(view.load_in_flight) if view.load_in_flight else None,
+        queue=[_load_in_flight(q) for q in view.queue],
+        sequence=view.sequence,
+    )
+
+
+def catalog_model(spec: ModelSpec, view: ModelView | None, server_idle_default: int) -> pb.CatalogModel:
+    return pb.CatalogModel(
+        name=spec.name,
+        type=MODEL_TYPES[spec.type],
+        recipe=spec.recipe.value,
+        path=str(spec.path),
+        default_options=load_options(spec.defaults, server_idle_default),
+        loaded=view is not None,
+        pinned=view.pinned if view else False,
+        state=MODEL_STATES[view.state] if view else pb.MODEL_STATE_UNSPECIFIED,
+    )

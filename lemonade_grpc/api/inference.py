@@ -1,0 +1,129 @@
+"""The Inference servicer: streams a backend's completion as gRPC messages.
+
+Each request holds a lease on its model for its whole life (`Pool.lease`),
+which also loads the model if needed. Leaving the `async for` early (client
+cancelled, deadline passed) closes the HTTP stream, and llama-server stops
+decoding for that slot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import aiohttp
+import grpc
+
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
+from lemonade_grpc.api import errors
+from lemonade_grpc.backends.openai_client import BackendHTTPError
+from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest
+from lemonade_grpc.pool.pool import Pool
+
+Context = grpc.aio.ServicerContext
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_STRINGS = 16
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+FloatField = Literal[
+    "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"
+]
+# (field, low, high, low inclusive): the range each optional float must fall in.
+_FLOAT_RANGES: tuple[tuple[FloatField, float, float, bool], ...] = (
+    ("temperature", 0.0, 100.0, True),
+    ("top_p", 0.0, 1.0, False),
+    ("min_p", 0.0, 1.0, True),
+    ("repeat_penalty", 0.0, 10.0, True),
+    ("presence_penalty", -2.0, 2.0, True),
+    ("frequency_penalty", -2.0, 2.0, True),
+)
+
+
+def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, Any]:
+    """The OpenAI-compatible sampling fields of `request`; raises `InvalidRequest` naming a bad one."""
+    if not request.model:
+        raise InvalidRequest("model is required", field="model")
+    payload: dict[str, Any] = {}
+    if request.HasField("max_tokens"):
+        if not 1 <= request.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest(
+                f"max_tokens must be in 1..{MAX_TOKENS_LIMIT}, got {request.max_tokens}", field="max_tokens"
+            )
+        payload["max_tokens"] = request.max_tokens
+    for name, low, high, low_inclusive in _FLOAT_RANGES:
+        if request.HasField(name):
+            value = getattr(request, name)
+            above_low = value >= low if low_inclusive else value > low
+            if not (math.isfinite(value) and above_low and value <= high):
+                bracket = "[" if low_inclusive else "("
+                raise InvalidRequest(
+                    f"{name} must be in {bracket}{low:g}, {high:g}], got {value}", field=name
+                )
+            payload[name] = value
+    if request.HasField("top_k"):
+        if request.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {request.top_k}", field="top_k")
+        payload["top_k"] = request.top_k
+    if request.HasField("seed"):
+        payload["seed"] = request.seed
+    if len(request.stop) > MAX_STOP_STRINGS or any(not s for s in request.stop):
+        raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", field="stop")
+    if request.stop:
+        payload["stop"] = list(request.stop)
+    if request.ignore_eos:
+        payload["ignore_eos"] = True
+    return payload
+
+
+class Inference(pb_grpc.InferenceServicer):
+    """Complete streams tokens; Chat answers UNIMPLEMENTED until its issue lands."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @errors.stream
+    async def Complete(
+        self, request: pb.CompleteRequest, context: Context[pb.CompleteRequest, pb.CompleteResponse]
+    ) -> AsyncIterator[pb.CompleteResponse]:
+        started = time.perf_counter()
+        payload = sampling_payload(request)
+        if not request.prompt:
+            raise InvalidRequest("prompt is required", field="prompt")
+        payload["prompt"] = request.prompt
+        first_token_ms = 0.0
+        final = pb.CompleteResponse()
+        async with self._pool.lease(request.model) as backend:
+            try:
+                async for chunk in backend.client.stream("/v1/completions", payload):
+                    if chunk.text:
+                        if not first_token_ms:
+                            first_token_ms = (time.perf_counter() - started) * 1000
+                        yield pb.CompleteResponse(text=chunk.text, token_count=1)
+                    if chunk.finish_reason is not None:
+                        final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, pb.FINISH_REASON_STOP)
+                    if chunk.completion_tokens is not None:
+                        final.usage.prompt_tokens = chunk.prompt_tokens or 0
+                        final.usage.completion_tokens = chunk.completion_tokens
+                    if chunk.tokens_per_second is not None:
+                        final.timings.tokens_per_second = chunk.tokens_per_second
+                        final.timings.prompt_ms = chunk.prompt_ms or 0.0
+            except BackendHTTPError as error:
+                if 400 <= error.status < 500:
+                    raise BackendRejected(f"the backend refused the request: {error.message}") from error
+                raise BackendError(f"the backend failed the request: {error.message}") from error
+            except aiohttp.ClientError as error:
+                raise BackendCrashed(
+                    f"lost the connection to the backend of {request.model}: {error}"
+                ) from error
+        final.timings.time_to_first_token_ms = first_token_ms
+        yield final
+
+    @errors.stream
+    async def Chat(
+        self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
+    ) -> AsyncIterator[pb.ChatResponse]:
+        raise errors.NotImplementedYet("Inference.Chat")
+        yield pb.ChatResponse()  # pragma: no cover - makes this an async generator

@@ -1,0 +1,77 @@
+"""The ModelControl servicer: proto in, pool call, proto out. No decisions here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as pb_grpc
+from lemonade_grpc.api import convert, errors
+from lemonade_grpc.pool.errors import InvalidRequest
+from lemonade_grpc.pool.pool import Pool
+
+Context = grpc.aio.ServicerContext
+
+
+class ModelControl(pb_grpc.ModelControlServicer):
+    """Load, Unload, Status and ListModels; Pin and Watch answer UNIMPLEMENTED until their issue lands."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @property
+    def _idle_default(self) -> int:
+        return self._pool.settings.idle_unload_seconds
+
+    @errors.stream
+    async def Load(
+        self, request: pb.LoadRequest, context: Context[pb.LoadRequest, pb.LoadResponse]
+    ) -> AsyncIterator[pb.LoadResponse]:
+        if not request.model:
+            raise InvalidRequest("model is required", field="model")
+        job = self._pool.load(
+            request.model,
+            convert.requested_options(request.options, request.HasField("options")),
+            request.pinned if request.HasField("pinned") else None,
+        )
+        async for progress in job.follow():
+            yield convert.load_response(progress)
+        yield convert.load_ready(await job.outcome(), self._idle_default)
+
+    @errors.unary
+    async def Unload(
+        self, request: pb.UnloadRequest, context: Context[pb.UnloadRequest, pb.UnloadResponse]
+    ) -> pb.UnloadResponse:
+        return pb.UnloadResponse(unloaded=await self._pool.unload(request.model))
+
+    @errors.unary
+    async def Status(
+        self, request: pb.StatusRequest, context: Context[pb.StatusRequest, pb.StatusResponse]
+    ) -> pb.StatusResponse:
+        return pb.StatusResponse(pool=convert.pool_status(self._pool.snapshot(), self._idle_default))
+
+    @errors.unary
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context[pb.ListModelsRequest, pb.ListModelsResponse]
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                convert.catalog_model(spec, self._pool.model_view(name), self._idle_default)
+                for name, spec in sorted(self._pool.catalog.items())
+            ]
+        )
+
+    @errors.unary
+    async def Pin(
+        self, request: pb.PinRequest, context: Context[pb.PinRequest, pb.PinResponse]
+    ) -> pb.PinResponse:
+        raise errors.NotImplementedYet("ModelControl.Pin")
+
+    @errors.stream
+    async def Watch(
+        self, request: pb.WatchRequest, context: Context[pb.WatchRequest, pb.WatchResponse]
+    ) -> AsyncIterator[pb.WatchResponse]:
+        raise errors.NotImplementedYet("ModelControl.Watch")
+        yield pb.WatchResponse()  # pragma: no cover - makes this an async generator

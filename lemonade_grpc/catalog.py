@@ -1,0 +1,35 @@
+"""The catalog: every model the server can load, and how to run it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from lemonade_grpc.pool.options import EffectiveOptions
+
+
+class ModelType(enum.Enum):
+    """Slot pool a model occupies (`[pool] max_loaded`)."""
+
+    LLM = "llm"
+    EMBEDDING = "embedding"
+
+
+class Recipe(enum.Enum):
+    """How a model's backend process is started."""
+
+    LLAMACPP = "llamacpp"
+    COMMAND = "command"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A catalog entry. `command` is the argv template of the `command` recipe."""
+
+    name: str
+    recipe: Recipe
+    path: Path
+    type: ModelType
+    defaults: EffectiveOptions
+    command: tuple[str, ...] = ()

@@ -1,0 +1,196 @@
+"""The `lemonade-grpc` command: `serve`, `setup`, and client commands.
+
+Client commands talk to `--address` (default `$LEMONADE_GRPC_ADDRESS`, else
+127.0.0.1:50051) and exit 1 with the status code, ErrorInfo reason and
+message when a call fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from lemonade_grpc import config as config_module
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "setup":
+        return _setup()
+    try:
+        return asyncio.run(_client(args))
+    except grpc.aio.AioRpcError as error:
+        print(f"error: {_describe(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemonade-grpc", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the control plane")
+    serve.add_argument("--config", type=Path, help="TOML config file (env LEMONADE_GRPC_CONFIG)")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051; env LEMONADE_GRPC_LISTEN)")
+    serve.add_argument("--state-dir", type=Path, help="state directory (env LEMONADE_GRPC_STATE_DIR)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    commands.add_parser("setup", help="build llama-server (cached) and generate the bundled tiny model")
+
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument(
+        "--address",
+        default=os.environ.get("LEMONADE_GRPC_ADDRESS", config_module.DEFAULT_LISTEN),
+        help="server address (env LEMONADE_GRPC_ADDRESS)",
+    )
+    load = commands.add_parser("load", parents=[address], help="ensure a model is loaded, showing progress")
+    load.add_argument("model")
+    load.add_argument("--ctx-size", type=int)
+    load.add_argument("--idle-unload-seconds", type=int)
+    load.add_argument(
+        "--arg", action="append", dest="backend_args", help="extra backend argument (repeatable)"
+    )
+    pin = load.add_mutually_exclusive_group()
+    pin.add_argument("--pin", dest="pinned", action="store_true", default=None)
+    pin.add_argument("--no-pin", dest="pinned", action="store_false")
+    unload = commands.add_parser("unload", parents=[address], help="unload a model (all when none is named)")
+    unload.add_argument("model", nargs="?", default="")
+    commands.add_parser("status", parents=[address], help="print the pool's status as JSON")
+    commands.add_parser("models", parents=[address], help="print the catalog as JSON")
+    complete = commands.add_parser("complete", parents=[address], help="stream a completion to stdout")
+    complete.add_argument("model")
+    complete.add_argument("prompt")
+    complete.add_argument("--max-tokens", type=int)
+    complete.add_argument("--temperature", type=float)
+    complete.add_argument("--seed", type=int)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lemonade_grpc.server import ListenError, serve
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = config_module.load(
+            config_module.Overrides(config=args.config, listen=args.listen, state_dir=args.state_dir)
+        )
+    except config_module.ConfigError as error:
+        print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(serve(config))
+    except ListenError as error:
+        print(f"lemonade-grpc: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _setup() -> int:
+    from lemonade_grpc.provision import llama_server, tiny_model
+
+    started = time.monotonic()
+    try:
+        binary = llama_server.locate()
+        print(f"llama-server: {binary} (found)")
+    except llama_server.LlamaServerNotFound:
+        binary = llama_server.build()
+        print(f"llama-server: {binary} (built in {time.monotonic() - started:.0f} s)")
+    model = tiny_model.ensure_tiny_model()
+    print(f"tiny model: {model} ({model.stat().st_size} bytes)")
+    return 0
+
+
+async def _client(args: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        control = control_grpc.ModelControlStub(channel)
+        if args.command == "load":
+            await _load(control, args)
+        elif args.command == "unload":
+            response = await control.Unload(model_control_pb2.UnloadRequest(model=args.model))
+            print(" ".join(response.unloaded) or "nothing to unload")
+        elif args.command == "status":
+            _print_json(await control.Status(model_control_pb2.StatusRequest()))
+        elif args.command == "models":
+            _print_json(await control.ListModels(model_control_pb2.ListModelsRequest()))
+        elif args.command == "complete":
+            await _complete(inference_grpc.InferenceStub(channel), args)
+    return 0
+
+
+async def _load(control: control_grpc.ModelControlAsyncStub, args: argparse.Namespace) -> None:
+    options = model_control_pb2.LoadOptions()
+    if args.ctx_size is not None:
+        options.ctx_size = args.ctx_size
+    if args.idle_unload_seconds is not None:
+        options.idle_unload_seconds = args.idle_unload_seconds
+    if args.backend_args is not None:
+        options.backend_args.args.extend(args.backend_args)
+    request = model_control_pb2.LoadRequest(model=args.model, options=options)
+    if args.pinned is not None:
+        request.pinned = args.pinned
+    async for progress in control.Load(request):
+        phase = model_control_pb2.LoadPhase.Name(progress.phase).removeprefix("LOAD_PHASE_")
+        fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
+        print(f"{phase}{fraction} {progress.message}".rstrip(), flush=True)
+        if progress.phase == model_control_pb2.LOAD_PHASE_READY:
+            print(f"pid {progress.status.pid}, already_loaded={progress.already_loaded}")
+
+
+async def _complete(stub: inference_grpc.InferenceAsyncStub, args: argparse.Namespace) -> None:
+    request = inference_pb2.CompleteRequest(model=args.model, prompt=args.prompt)
+    if args.max_tokens is not None:
+        request.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        request.temperature = args.temperature
+    if args.seed is not None:
+        request.seed = args.seed
+    async for response in stub.Complete(request):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+        if response.finish_reason:
+            reason = inference_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
+            print(
+                f"\n[{reason.lower()}: {response.usage.completion_tokens} tokens,"
+                f" {response.timings.tokens_per_second:.0f} tokens/s]",
+                file=sys.stderr,
+            )
+
+
+def _print_json(message: model_control_pb2.StatusResponse | model_control_pb2.ListModelsResponse) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+def _describe(error: grpc.aio.AioRpcError) -> str:
+    """`CODE REASON: message`, with the ErrorInfo reason when the server sent one."""
+    reason = ""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason = f" {info.reason}"
+    return f"{error.code().name}{reason}: {error.details()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

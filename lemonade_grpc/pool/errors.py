@@ -1,0 +1,107 @@
+"""Domain errors of the pool. Each carries a stable reason and a kind.
+
+The pool knows nothing of gRPC: `ErrorKind` names the category and the API
+layer maps it to a status code (lemonade_grpc.api.errors). The reasons are the
+ErrorInfo reasons of the public contract (DESIGN.md "Errors").
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    """What sort of failure this is, independent of any transport."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    ABORTED = "aborted"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNIMPLEMENTED = "unimplemented"
+
+
+class PoolError(Exception):
+    """Base of every error the pool reports to a caller.
+
+    `field` names the request field at fault, for INVALID_ARGUMENT errors.
+    """
+
+    kind: ErrorKind = ErrorKind.FAILED_PRECONDITION
+    reason: str = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class ModelNotFound(PoolError):
+    kind = ErrorKind.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+
+class ModelNotLoaded(PoolError):
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "MODEL_NOT_LOADED"
+
+
+class SlotsPinned(PoolError):
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "SLOTS_PINNED"
+
+
+class InsufficientMemory(PoolError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "INSUFFICIENT_MEMORY"
+
+
+class LoadCancelled(PoolError):
+    kind = ErrorKind.ABORTED
+    reason = "LOAD_CANCELLED"
+
+
+class ModelEvicted(PoolError):
+    kind = ErrorKind.ABORTED
+    reason = "MODEL_EVICTED"
+
+
+class BackendStartFailed(PoolError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "BACKEND_START_FAILED"
+
+
+class BackendCrashed(PoolError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "BACKEND_CRASHED"
+
+
+class ShuttingDown(PoolError):
+    kind = ErrorKind.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+
+class InvalidOptions(PoolError):
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "INVALID_OPTIONS"
+
+
+class InvalidRequest(PoolError):
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class BackendError(PoolError):
+    """The backend failed a request for a reason of its own (an HTTP 5xx, say)."""
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "BACKEND_ERROR"
+
+
+class BackendRejected(PoolError):
+    """The backend refused a request (a prompt too long for the context, say)."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "BACKEND_REJECTED"

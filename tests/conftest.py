@@ -1,0 +1,188 @@
+"""Fixtures: a real `lemonade-grpc serve` on a free port, real llama-server backends.
+
+Every server a test starts carries a unique tag in its environment, which its
+backends inherit. After the test, no process with that tag may be left: a
+leak fails the test (and the leftovers are killed so the next test is clean).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
+from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
+from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+
+TAG_VAR = "LEMONADE_TEST_TAG"
+LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
+START_SECONDS = 60.0
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float, what: str, interval: float = 0.02) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_gone(pid: int) -> bool:
+    """Whether `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def tagged_processes(tags: set[str]) -> list[psutil.Process]:
+    """Live processes whose environment carries one of `tags`."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(TAG_VAR) in tags and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@dataclass
+class Server:
+    """A `lemonade-grpc serve` process started by a test."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    state_dir: Path
+    tag: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, seconds: float = 30.0) -> int:
+        """Signal the server and wait for it to exit; return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"server did not exit within {seconds:g} s of signal {sig}:\n{self.log()}")
+
+
+@dataclass
+class ServerFactory:
+    """Starts servers for one test and checks, at the end, that nothing they started survives."""
+
+    tmp_path: Path
+    servers: list[Server] = field(default_factory=list)
+
+    def start(self, config: str | None = None, *args: str, state_dir: Path | None = None) -> Server:
+        index = len(self.servers)
+        tag = uuid.uuid4().hex
+        state_dir = state_dir or self.tmp_path / f"state{index}"
+        log_path = self.tmp_path / f"server{index}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "lemonade_grpc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state_dir),
+            *args,
+        ]
+        if config is not None:
+            config_path = self.tmp_path / f"config{index}.toml"
+            config_path.write_text(config)
+            command += ["--config", str(config_path)]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, TAG_VAR: tag}
+            )
+        found: list[re.Match[bytes]] = []
+
+        def listening() -> bool:
+            match = LISTENING.search(log_path.read_bytes())
+            if match:
+                found.append(match)
+            if process.poll() is not None and not match:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            return match is not None
+
+        wait_until(listening, START_SECONDS, "the server to listen")
+        host, port = found[0].group(1).decode(), found[0].group(2).decode()
+        server = Server(process, f"{host}:{port}", log_path, state_dir, tag)
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        tags = {server.tag for server in self.servers}
+        deadline = time.monotonic() + 10
+        while (leaked := tagged_processes(tags)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for process in leaked:
+            process.kill()
+        assert not leaked, f"processes left running after the test: {[p.cmdline() for p in leaked]}"
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    try:
+        return locate()
+    except LlamaServerNotFound as error:
+        pytest.fail(f"{error} (the README's `make test` runs `make setup` first)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return ensure_tiny_model()
+
+
+@pytest.fixture
+def servers(tmp_path: Path, llama_server_binary: Path, tiny_model: Path) -> Iterator[ServerFactory]:
+    factory = ServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def server(servers: ServerFactory) -> Server:
+    """A server on the built-in catalog (the bundled tiny model)."""
+    return servers.start()
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def control(channel: grpc.aio.Channel) -> model_control_pb2_grpc.ModelControlAsyncStub:
+    return model_control_pb2_grpc.ModelControlStub(channel)
+
+
+@pytest.fixture
+def inference(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceAsyncStub:
+    return inference_pb2_grpc.InferenceStub(channel)

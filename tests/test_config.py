@@ -1,0 +1,87 @@
+"""Config resolution: file < environment < flags, errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lemonade_grpc.catalog import ModelType, Recipe
+from lemonade_grpc.config import ConfigError, Overrides, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file_use_the_builtin_catalog(tmp_path: Path) -> None:
+    config = load(Overrides(state_dir=tmp_path), env={})
+    assert config.listen == "127.0.0.1:50051" and config.builtin_catalog and not config.models
+    assert config.pool.max_loaded == {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
+
+
+def test_file_values_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+listen = "127.0.0.1:6000"
+[pool]
+max_loaded = { llm = 2 }
+idle_unload_seconds = 30
+[models.a]
+path = "m.gguf"
+ctx_size = 512
+args = ["--threads", "1"]
+[models.b]
+recipe = "command"
+path = "m.gguf"
+type = "embedding"
+command = ["srv", "--port", "{port}", "--model", "{path}"]
+""",
+    )
+    config = load(Overrides(config=path), env={})
+    assert config.listen == "127.0.0.1:6000"
+    assert config.pool.max_loaded[ModelType.LLM] == 2 and config.pool.idle_unload_seconds == 30
+    a, b = config.models["a"], config.models["b"]
+    assert a.path == tmp_path / "m.gguf" and a.defaults.ctx_size == 512
+    assert a.defaults.backend_args == ("--threads", "1")
+    assert b.recipe is Recipe.COMMAND and b.type is ModelType.EMBEDDING and b.command[2] == "{port}"
+
+
+def test_environment_overrides_file_and_flags_override_both(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nlisten = "127.0.0.1:1"\n[pool]\nidle_unload_seconds = 5\n')
+    env = {
+        "LEMONADE_GRPC_LISTEN": "127.0.0.1:2",
+        "LEMONADE_GRPC_IDLE_UNLOAD_SECONDS": "7",
+        "LEMONADE_GRPC_MAX_LOADED_LLM": "3",
+        "LEMONADE_GRPC_CONFIG": str(path),
+    }
+    config = load(Overrides(), env=env)
+    assert config.listen == "127.0.0.1:2"
+    assert config.pool.idle_unload_seconds == 7 and config.pool.max_loaded[ModelType.LLM] == 3
+    assert load(Overrides(listen="127.0.0.1:3"), env=env).listen == "127.0.0.1:3"
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"LEMONADE_GRPC_MAX_LOADED_LLM": "zero"}, "LEMONADE_GRPC_MAX_LOADED_LLM"),
+        ({"LEMONADE_GRPC_IDLE_UNLOAD_SECONDS": "-1"}, "LEMONADE_GRPC_IDLE_UNLOAD_SECONDS"),
+        ({"LEMONADE_GRPC_LISTEN": "50051"}, "server.listen"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(tmp_path: Path, env: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(Overrides(), env=env)
+    assert raised.value.field == field
+
+
+def test_reserved_backend_args_are_refused_in_the_catalog(tmp_path: Path) -> None:
+    path = write(tmp_path, '[models.a]\npath = "m.gguf"\nargs = ["--port", "1"]\n')
+    with pytest.raises(ConfigError) as raised:
+        load(Overrides(config=path), env={})
+    assert raised.value.field == "models.a.args"

@@ -1,0 +1,53 @@
+"""Load options: absent means "no opinion"; only process options force a reload."""
+
+from __future__ import annotations
+
+import pytest
+
+from lemonade_grpc.pool.errors import InvalidOptions
+from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions, resolve, validate
+
+DEFAULTS = EffectiveOptions(ctx_size=4096, idle_unload_seconds=None, backend_args=("--threads", "1"))
+RUNNING = EffectiveOptions(ctx_size=2048, idle_unload_seconds=60, backend_args=("--threads", "2"))
+
+
+def test_bare_request_keeps_what_runs() -> None:
+    assert resolve(RequestedOptions(), RUNNING, DEFAULTS) == RUNNING
+
+
+def test_bare_request_when_starting_takes_the_catalog_defaults() -> None:
+    assert resolve(RequestedOptions(), None, DEFAULTS) == DEFAULTS
+
+
+def test_each_given_field_replaces_only_itself() -> None:
+    wanted = resolve(RequestedOptions(ctx_size=1024), RUNNING, DEFAULTS)
+    assert wanted == EffectiveOptions(1024, 60, ("--threads", "2"))
+    wanted = resolve(RequestedOptions(backend_args=()), RUNNING, DEFAULTS)
+    assert wanted.backend_args == () and wanted.ctx_size == 2048
+
+
+def test_idle_timeout_is_not_part_of_the_process() -> None:
+    changed_idle = resolve(RequestedOptions(idle_unload_seconds=5), RUNNING, DEFAULTS)
+    assert changed_idle.process_key() == RUNNING.process_key()
+    changed_ctx = resolve(RequestedOptions(ctx_size=8), RUNNING, DEFAULTS)
+    assert changed_ctx.process_key() != RUNNING.process_key()
+
+
+@pytest.mark.parametrize(
+    ("requested", "field"),
+    [
+        (RequestedOptions(ctx_size=0), "options.ctx_size"),
+        (RequestedOptions(idle_unload_seconds=-1), "options.idle_unload_seconds"),
+        (RequestedOptions(backend_args=("--port", "9")), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("--model=/etc/passwd",)), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("-c", "9")), "options.backend_args.args"),
+    ],
+)
+def test_invalid_options_name_the_field(requested: RequestedOptions, field: str) -> None:
+    with pytest.raises(InvalidOptions) as raised:
+        validate(requested)
+    assert raised.value.field == field
+
+
+def test_ordinary_backend_args_pass() -> None:
+    validate(RequestedOptions(ctx_size=1, backend_args=("--threads", "4", "--flash-attn=on")))

@@ -1,0 +1,93 @@
+"""The server process: health, reflection, shutdown, and the CLI's config errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from conftest import Server, ServerFactory, is_gone, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
+
+
+async def test_health_reports_serving_for_server_and_services(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "lemonade.v1.ModelControl", "lemonade.v1.Inference"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_both_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    names: set[str] = set()
+    async for response in stub.ServerReflectionInfo(iter([request])):
+        names |= {s.name for s in response.list_services_response.service}
+    assert {"lemonade.v1.ModelControl", "lemonade.v1.Inference", "grpc.health.v1.Health"} <= names
+
+    # grpcurl also needs the file descriptors behind a symbol to describe it.
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="lemonade.v1.ModelControl")
+    async for response in stub.ServerReflectionInfo(iter([request])):
+        assert response.file_descriptor_response.file_descriptor_proto, response
+
+
+async def test_sigterm_stops_every_backend_and_exits_zero(servers: ServerFactory) -> None:
+    server = servers.start()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        ready = [r async for r in control.Load(pb.LoadRequest(model="tiny"))][-1]
+    pid = ready.status.pid
+    assert "llama-server" in " ".join(psutil.Process(pid).cmdline())
+
+    assert server.stop(signal.SIGTERM) == 0
+    wait_until(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
+    assert "stopped" in server.log()
+
+
+async def test_sigint_with_nothing_loaded_exits_zero(server: Server) -> None:
+    assert server.stop(signal.SIGINT) == 0
+
+
+def run_serve(tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    command = [sys.executable, "-m", "lemonade_grpc", "serve", "--config", str(path), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ('[models.tiny]\npath = "tiny.gguf"\nctx_size = -5\n', "models.tiny.ctx_size"),
+        ('[models.tiny]\npath = "tiny.gguf"\nctx_sise = 512\n', "models.tiny.ctx_sise"),
+        ('[models.tiny]\npath = "missing.gguf"\n', "models.tiny.path"),
+        ('[models.tiny]\npath = "tiny.gguf"\nrecipe = "vllm"\n', "models.tiny.recipe"),
+        ('[models.x]\npath = "tiny.gguf"\nrecipe = "command"\ncommand = ["srv"]\n', "models.x.command"),
+        ("[pool]\nmax_loaded = { llm = 0 }\n", "pool.max_loaded.llm"),
+        ("[pool]\nmax_loaded = { gpu = 1 }\n", "pool.max_loaded.gpu"),
+        ('[server]\nlisten = "nowhere"\n', "server.listen"),
+        ("[pool\n", "config"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_field(tmp_path: Path, config: str, field: str) -> None:
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    result = run_serve(tmp_path, config)
+    assert result.returncode == 2, result.stderr
+    assert f"config error: {field}:" in result.stderr
+
+
+def test_port_in_use_exits_2(tmp_path: Path, server: Server) -> None:
+    result = run_serve(tmp_path, "", "--listen", server.address)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on {server.address}" in result.stderr
