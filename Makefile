@@ -9,7 +9,6 @@ PROTOS := $(wildcard protos/lemonade/v1/*.proto)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip==25.3
 
 # The venv is stamped by pyproject.toml: editing dependencies reinstalls.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

@@ -147,9 +147,10 @@ class ServerFactory:
 @pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
     try:
-        return locate()
+        binary = locate()
     except LlamaServerNotFound as error:
         pytest.fail(f"{error} (the README's `make test` runs `make setup` first)")
+    return binary
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 import pytest
-from rpc_errors import bad_fields, error_info
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as control_pb
-from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceAsyncStub
-from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlAsyncStub
+from rpc_errors import bad_fields, error_info
+
+if TYPE_CHECKING:
+    from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceAsyncStub
+    from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlAsyncStub
 
 
 async def complete(inference: InferenceAsyncStub, request: pb.CompleteRequest) -> list[pb.CompleteResponse]:
@@ -31,19 +35,24 @@ async def test_complete_streams_token_by_token_and_ends_with_usage(
     assert last.usage.completion_tokens == 40
     assert last.usage.prompt_tokens > 0
     assert sum(d.token_count for d in deltas) <= 40
-    assert last.timings.tokens_per_second > 0 and last.timings.time_to_first_token_ms > 0
+    assert last.timings.tokens_per_second > 0
+    assert last.timings.time_to_first_token_ms > 0
     assert "".join(d.text for d in deltas)
 
     status = await control.Status(control_pb.StatusRequest())
     [model] = status.pool.models
-    assert model.state == control_pb.MODEL_STATE_READY and model.in_flight == 0
+    assert model.state == control_pb.MODEL_STATE_READY
+    assert model.in_flight == 0
 
 
 async def test_same_seed_gives_same_text(inference: InferenceAsyncStub) -> None:
-    request = pb.CompleteRequest(model="tiny", prompt="abc", max_tokens=24, temperature=0.8, seed=42, ignore_eos=True)
+    request = pb.CompleteRequest(
+        model="tiny", prompt="abc", max_tokens=24, temperature=0.8, seed=42, ignore_eos=True
+    )
     first = "".join(r.text for r in await complete(inference, request))
     second = "".join(r.text for r in await complete(inference, request))
-    assert first == second and first
+    assert first == second
+    assert first
     request.seed = 43
     third = "".join(r.text for r in await complete(inference, request))
     assert third != first

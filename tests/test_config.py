@@ -19,7 +19,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_without_a_file_use_the_builtin_catalog(tmp_path: Path) -> None:
     config = load(Overrides(state_dir=tmp_path), env={})
-    assert config.listen == "127.0.0.1:50051" and config.builtin_catalog and not config.models
+    assert config.listen == "127.0.0.1:50051"
+    assert config.builtin_catalog
+    assert not config.models
     assert config.pool.max_loaded == {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
 
 
@@ -45,11 +47,15 @@ command = ["srv", "--port", "{port}", "--model", "{path}"]
     )
     config = load(Overrides(config=path), env={})
     assert config.listen == "127.0.0.1:6000"
-    assert config.pool.max_loaded[ModelType.LLM] == 2 and config.pool.idle_unload_seconds == 30
+    assert config.pool.max_loaded[ModelType.LLM] == 2
+    assert config.pool.idle_unload_seconds == 30
     a, b = config.models["a"], config.models["b"]
-    assert a.path == tmp_path / "m.gguf" and a.defaults.ctx_size == 512
+    assert a.path == tmp_path / "m.gguf"
+    assert a.defaults.ctx_size == 512
     assert a.defaults.backend_args == ("--threads", "1")
-    assert b.recipe is Recipe.COMMAND and b.type is ModelType.EMBEDDING and b.command[2] == "{port}"
+    assert b.recipe is Recipe.COMMAND
+    assert b.type is ModelType.EMBEDDING
+    assert b.command[2] == "{port}"
 
 
 def test_environment_overrides_file_and_flags_override_both(tmp_path: Path) -> None:
@@ -62,7 +68,8 @@ def test_environment_overrides_file_and_flags_override_both(tmp_path: Path) -> N
     }
     config = load(Overrides(), env=env)
     assert config.listen == "127.0.0.1:2"
-    assert config.pool.idle_unload_seconds == 7 and config.pool.max_loaded[ModelType.LLM] == 3
+    assert config.pool.idle_unload_seconds == 7
+    assert config.pool.max_loaded[ModelType.LLM] == 3
     assert load(Overrides(listen="127.0.0.1:3"), env=env).listen == "127.0.0.1:3"
 
 

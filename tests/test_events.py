@@ -8,7 +8,8 @@ from lemonade_grpc.pool.events import EventBus, PinChanged
 def test_sequences_start_at_one_without_gaps() -> None:
     bus = EventBus()
     sequences = [bus.publish(PinChanged("m", True)).sequence for _ in range(5)]
-    assert sequences == [1, 2, 3, 4, 5] and bus.last_sequence == 5
+    assert sequences == [1, 2, 3, 4, 5]
+    assert bus.last_sequence == 5
 
 
 def test_since_resumes_from_the_ring_or_says_it_cannot() -> None:
@@ -30,7 +31,8 @@ async def test_full_subscriber_overflows_instead_of_blocking() -> None:
         bus.publish(PinChanged("m", True))
     assert [e.sequence for e in fast.drain()] == [1, 2]
     bus.publish(PinChanged("m", False))  # slow's queue is full: it overflows
-    assert slow.overflowed and not fast.overflowed
+    assert slow.overflowed
+    assert not fast.overflowed
     assert list(slow.drain()) == []
     slow.reset()
     bus.publish(PinChanged("m", True))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 import psutil
 import pytest
+
 from conftest import is_gone, wait_until
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from rpc_errors import bad_fields, error_info
 
-from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlAsyncStub
+if TYPE_CHECKING:
+    from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlAsyncStub
 
 PHASE_ORDER = [pb.LOAD_PHASE_QUEUED, pb.LOAD_PHASE_STARTING, pb.LOAD_PHASE_LOADING, pb.LOAD_PHASE_READY]
 
@@ -25,20 +29,26 @@ async def test_load_streams_phases_in_order_and_ends_ready(control: ModelControl
     assert sorted(set(phases), key=PHASE_ORDER.index) == PHASE_ORDER
     assert phases == sorted(phases, key=PHASE_ORDER.index)
     ready = responses[-1]
-    assert ready.phase == pb.LOAD_PHASE_READY and not ready.already_loaded
+    assert ready.phase == pb.LOAD_PHASE_READY
+    assert not ready.already_loaded
     status = ready.status
-    assert status.name == "tiny" and status.state == pb.MODEL_STATE_READY
-    assert status.options.ctx_size == 4096 and status.HasField("loaded_at")
+    assert status.name == "tiny"
+    assert status.state == pb.MODEL_STATE_READY
+    assert status.options.ctx_size == 4096
+    assert status.HasField("loaded_at")
     process = psutil.Process(status.pid)
     assert "llama-server" in process.cmdline()[0] or "llama-server" in " ".join(process.cmdline())
     assert f"--port {status.port}" in " ".join(process.cmdline())
 
 
-async def test_bare_load_of_loaded_model_is_one_ready_message_same_pid(control: ModelControlAsyncStub) -> None:
+async def test_bare_load_of_loaded_model_is_one_ready_message_same_pid(
+    control: ModelControlAsyncStub,
+) -> None:
     first = (await load(control, pb.LoadRequest(model="tiny", options=pb.LoadOptions(ctx_size=2048))))[-1]
     again = await load(control, pb.LoadRequest(model="tiny"))
     assert len(again) == 1
-    assert again[0].phase == pb.LOAD_PHASE_READY and again[0].already_loaded
+    assert again[0].phase == pb.LOAD_PHASE_READY
+    assert again[0].already_loaded
     assert again[0].status.pid == first.status.pid
     # An absent option keeps the running value: still 2048, not the catalog's 4096.
     assert again[0].status.options.ctx_size == 2048
@@ -66,7 +76,8 @@ async def test_status_and_list_models_follow_the_pool(control: ModelControlAsync
     ready = (await load(control, pb.LoadRequest(model="tiny")))[-1]
     status = await control.Status(pb.StatusRequest())
     [model] = status.pool.models
-    assert model.pid == ready.status.pid and model.state == pb.MODEL_STATE_READY
+    assert model.pid == ready.status.pid
+    assert model.state == pb.MODEL_STATE_READY
     assert model.rss_bytes > 0
     assert status.pool.memory.total_bytes >= status.pool.memory.available_bytes > 0
     assert status.pool.sequence > empty.pool.sequence
@@ -96,7 +107,11 @@ async def test_load_of_unknown_model_is_not_found(control: ModelControlAsyncStub
     ("request_", "field", "reason"),
     [
         (pb.LoadRequest(), "model", "INVALID_REQUEST"),
-        (pb.LoadRequest(model="tiny", options=pb.LoadOptions(ctx_size=0)), "options.ctx_size", "INVALID_OPTIONS"),
+        (
+            pb.LoadRequest(model="tiny", options=pb.LoadOptions(ctx_size=0)),
+            "options.ctx_size",
+            "INVALID_OPTIONS",
+        ),
         (
             pb.LoadRequest(model="tiny", options=pb.LoadOptions(idle_unload_seconds=-1)),
             "options.idle_unload_seconds",

@@ -23,7 +23,8 @@ def test_each_given_field_replaces_only_itself() -> None:
     wanted = resolve(RequestedOptions(ctx_size=1024), RUNNING, DEFAULTS)
     assert wanted == EffectiveOptions(1024, 60, ("--threads", "2"))
     wanted = resolve(RequestedOptions(backend_args=()), RUNNING, DEFAULTS)
-    assert wanted.backend_args == () and wanted.ctx_size == 2048
+    assert wanted.backend_args == ()
+    assert wanted.ctx_size == 2048
 
 
 def test_idle_timeout_is_not_part_of_the_process() -> None:

@@ -29,7 +29,9 @@ def test_pinned_models_are_never_chosen() -> None:
 
 
 def test_all_pinned_is_no_room_and_evicts_nothing() -> None:
-    assert choose_victims([r("b", 2, pinned=True), r("a", 1, pinned=True)], max_loaded=2) == NoRoom(("a", "b"))
+    assert choose_victims([r("b", 2, pinned=True), r("a", 1, pinned=True)], max_loaded=2) == NoRoom(
+        ("a", "b")
+    )
 
 
 def test_over_full_pool_evicts_enough_for_one_more() -> None:

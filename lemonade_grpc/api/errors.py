@@ -40,6 +40,7 @@ class NotImplementedYet(PoolError):
     def __init__(self, method: str) -> None:
         super().__init__(f"{method} is not implemented yet")
 
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Servicer = TypeVar("Servicer")

@@ -420,7 +420,8 @@ class Pool:
         was_running = model.state is ModelState.READY
         self._set_state(model, ModelState.UNLOADING)
         if model.backend is not None:
-            await model.backend.stop(self.settings.stop_grace_seconds)
+            status = await model.backend.stop(self.settings.stop_grace_seconds)
+            log.info("%s: stopped pid %d (%s), exit status %d", model.name, pid, reason.value, status)
         if self._models.get(model.name) is model:
             del self._models[model.name]
         if was_running:  # a FAILED model's end was reported when it failed
