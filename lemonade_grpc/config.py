@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ class Config:
     models: Mapping[str, ModelSpec]
     shutdown_grace_seconds: float = 5.0
     source: Path | None = None
-    builtin_catalog: bool = field(default=False)
+    builtin_catalog: bool = False
 
 
 @dataclass(frozen=True, slots=True)

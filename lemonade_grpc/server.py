@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 
 import grpc
@@ -74,9 +75,12 @@ async def serve(config: Config) -> int:
 
     def on_signal(signum: signal.Signals) -> None:
         if stop.is_set():
+            # Forced: no graceful path may run again (raising SystemExit here
+            # would cancel serve() into its finally, a second graceful stop).
             log.warning("second %s: killing backends and exiting now", signum.name)
             pool.kill_now()
-            raise SystemExit(128 + signum)
+            logging.shutdown()
+            os._exit(128 + signum)
         log.info("%s: shutting down", signum.name)
         stop.set()
 
