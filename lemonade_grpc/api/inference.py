@@ -95,9 +95,9 @@ class Inference(pb_grpc.InferenceServicer):
         payload["prompt"] = request.prompt
         first_token_ms = 0.0
         final = pb.CompleteResponse()
-        async with self._pool.lease(request.model) as backend:
+        async with self._pool.lease(request.model) as lease:
             try:
-                async for chunk in backend.client.stream("/v1/completions", payload):
+                async for chunk in lease.backend.client.stream("/v1/completions", payload):
                     if chunk.text:
                         if not first_token_ms:
                             first_token_ms = (time.perf_counter() - started) * 1000
@@ -115,7 +115,8 @@ class Inference(pb_grpc.InferenceServicer):
                     raise BackendRejected(f"the backend refused the request: {error.message}") from error
                 raise BackendError(f"the backend failed the request: {error.message}") from error
             except aiohttp.ClientError as error:
-                raise BackendCrashed(
+                # The pool says why the stream broke when it broke it (eviction, crash).
+                raise lease.revoked or BackendCrashed(
                     f"lost the connection to the backend of {request.model}: {error}"
                 ) from error
         final.timings.time_to_first_token_ms = first_token_ms

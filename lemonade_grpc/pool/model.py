@@ -7,11 +7,13 @@ llama-swap's `internal/process`).
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.catalog import ModelSpec
+from lemonade_grpc.pool.errors import PoolError
 from lemonade_grpc.pool.options import EffectiveOptions
 
 
@@ -35,6 +37,22 @@ def is_valid_transition(old: ModelState, new: ModelState) -> bool:
     return new in _TRANSITIONS[old]
 
 
+class Lease:
+    """One request's hold on a READY model (the Ollama habit: a request is its lease).
+
+    When the pool must take the model away while the request still runs
+    (eviction after the grace period, a crash), it sets `revoked` before it
+    stops the backend; the request, seeing its stream break, ends with that
+    error instead of guessing.
+    """
+
+    __slots__ = ("backend", "revoked")
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.revoked: PoolError | None = None
+
+
 @dataclass(eq=False)
 class Model:
     """One model in the pool. Owned by the pool; read-only everywhere else.
@@ -52,7 +70,12 @@ class Model:
     backend: Backend | None = None
     loaded_at: float | None = None
     last_used_at: float | None = None
-    leases: int = 0
+    leases: set[Lease] = field(default_factory=set)
+    # Set whenever `leases` is empty: what an eviction waits on.
+    no_leases: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.no_leases.set()
 
     @property
     def name(self) -> str:

@@ -26,7 +26,9 @@ from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool import policy
 from lemonade_grpc.pool.errors import (
+    BackendCrashed,
     LoadCancelled,
+    ModelEvicted,
     ModelNotFound,
     ModelNotLoaded,
     PoolError,
@@ -43,7 +45,7 @@ from lemonade_grpc.pool.events import (
     PinChanged,
     UnloadReason,
 )
-from lemonade_grpc.pool.model import Model, ModelState, is_valid_transition
+from lemonade_grpc.pool.model import Lease, Model, ModelState, is_valid_transition
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class PoolSettings:
     idle_unload_seconds: int = 0
     health_timeout_seconds: float = 120.0
     stop_grace_seconds: float = 5.0
+    # How long requests still using a model being unloaded may run before
+    # they are ended with MODEL_EVICTED.
+    evict_grace_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class PoolView:
     load_in_flight: LoadView | None
     queue: tuple[LoadView, ...]
     sequence: int
+    backends_started: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +246,7 @@ class Pool:
         self._waiting: list[LoadJob] = []
         self._current: LoadJob | None = None
         self._generation = 0
+        self._backends_started = 0
         self._closing = False
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -357,10 +364,10 @@ class Pool:
         pinned = job.pinned if job.pinned is not None else bool(running and running.pinned)
         if current is not None:
             reason = UnloadReason.RELOAD if running is not None else UnloadReason.REQUESTED
-            await self._stop_model(current, reason)
+            await self._stop_models([current], reason)
 
         residents = [
-            policy.Resident(m.name, m.pinned, m.leases, m.last_used_at or 0.0)
+            policy.Resident(m.name, m.pinned, len(m.leases), m.last_used_at or 0.0)
             for m in self._models.values()
             if m.spec.type is spec.type and m.state in (ModelState.READY, ModelState.LOADING)
         ]
@@ -373,8 +380,7 @@ class Pool:
         if plan.victims:
             job.evicted.extend(plan.victims)
             self._progress(job, LoadPhase.EVICTING, f"evicting {', '.join(plan.victims)}")
-            for victim in plan.victims:
-                await self._stop_model(self._models[victim], UnloadReason.EVICTED_LRU)
+            await self._stop_models([self._models[v] for v in plan.victims], UnloadReason.EVICTED_LRU)
 
         self._generation += 1
         model = Model(spec, wanted, ModelState.LOADING, self._generation, pinned=pinned)
@@ -382,6 +388,7 @@ class Pool:
         self._progress(job, LoadPhase.STARTING, "starting backend")
         try:
             model.backend = await self._start_backend(spec, wanted)
+            self._backends_started += 1
             self._progress(job, LoadPhase.LOADING, f"backend pid {model.backend.pid}: waiting for /health")
             await model.backend.wait_healthy(self.settings.health_timeout_seconds)
         except BaseException as error:
@@ -414,11 +421,27 @@ class Pool:
         log.info("%s: %s -> %s", model.name, model.state.value, state.value)
         model.state = state
 
-    async def _stop_model(self, model: Model, reason: UnloadReason) -> None:
-        """Stop `model`'s process and drop it from the pool; publish why. Under the lock."""
+    async def _stop_models(self, models: list[Model], reason: UnloadReason) -> None:
+        """Stop `models` together and drop them from the pool; publish why. Under the lock.
+
+        Every one is marked UNLOADING before anything is awaited, so no lease,
+        pin or decision taken meanwhile sees it READY. Requests still using a
+        model get `evict_grace_seconds` to finish, then end with MODEL_EVICTED.
+        """
+        was_running = {m for m in models if m.state is ModelState.READY}
+        for model in models:
+            self._set_state(model, ModelState.UNLOADING)
+        await asyncio.gather(*(self._stop_one(m, reason, m in was_running) for m in models))
+
+    async def _stop_one(self, model: Model, reason: UnloadReason, was_running: bool) -> None:
+        if model.leases:
+            try:
+                await asyncio.wait_for(model.no_leases.wait(), self.settings.evict_grace_seconds)
+            except TimeoutError:
+                self._revoke(
+                    model, ModelEvicted(f"{model.name} was unloaded ({reason.value}) during the request")
+                )
         pid = model.backend.pid if model.backend else 0
-        was_running = model.state is ModelState.READY
-        self._set_state(model, ModelState.UNLOADING)
         if model.backend is not None:
             status = await model.backend.stop(self.settings.stop_grace_seconds)
             log.info("%s: stopped pid %d (%s), exit status %d", model.name, pid, reason.value, status)
@@ -426,6 +449,12 @@ class Pool:
             del self._models[model.name]
         if was_running:  # a FAILED model's end was reported when it failed
             self.bus.publish(ModelUnloaded(model.name, reason, pid))
+
+    @staticmethod
+    def _revoke(model: Model, error: PoolError) -> None:
+        """Mark every lease on `model` as ended by `error` (their streams break next)."""
+        for lease in model.leases:
+            lease.revoked = lease.revoked or error
 
     def _watch_exit(self, model: Model) -> None:
         """Report a backend that exits without being asked to (DESIGN.md item 8)."""
@@ -441,6 +470,7 @@ class Pool:
             if current is None or current.generation != generation or current.state is not ModelState.READY:
                 return
             self._set_state(current, ModelState.FAILED)
+            self._revoke(current, BackendCrashed(f"the backend of {model.name} exited with status {status}"))
             await backend.client.close()
             log.warning("%s: backend pid %d exited with status %d", model.name, backend.pid, status)
             self.bus.publish(
@@ -450,6 +480,23 @@ class Pool:
         task = asyncio.create_task(watch(), name=f"watch {model.name}")
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, name: str, pinned: bool) -> ModelView:
+        """Set the pin of a READY model; return its state. Safe to repeat.
+
+        Takes no lock: the check and the change happen with no await between
+        them, and a model chosen for eviction is already UNLOADING. Raises
+        `ModelNotFound`, or `ModelNotLoaded` when the model is not READY.
+        """
+        self._spec(name)
+        model = self._models.get(name)
+        if model is None or model.state is not ModelState.READY:
+            state = "not loaded" if model is None else model.state.value
+            raise ModelNotLoaded(f"{name} is {state}; Load it with pinned = true to pin it once loaded")
+        self._set_pin(model, pinned)
+        return self._view(model)
 
     # --------------------------------------------------------------- unloads
 
@@ -466,11 +513,13 @@ class Pool:
         cancelled = await self._cancel_jobs(names)
         stopped = {job.name for job in cancelled}
         async with self._lock:
-            for model in [m for m in self._models.values() if m.name in names]:
-                if model.state is not ModelState.UNLOADING:
-                    await self._stop_model(model, UnloadReason.REQUESTED)
-                    stopped.add(model.name)
-        return sorted(stopped)
+            targets = self._stoppable(names)
+            await self._stop_models(targets, UnloadReason.REQUESTED)
+        return sorted(stopped | {m.name for m in targets})
+
+    def _stoppable(self, names: set[str]) -> list[Model]:
+        """The models of `names` in the pool and not already being stopped."""
+        return [m for m in self._models.values() if m.name in names and m.state is not ModelState.UNLOADING]
 
     async def _cancel_jobs(self, names: set[str]) -> list[LoadJob]:
         """Cancel the loads of `names` and wait until each has cleaned up."""
@@ -493,13 +542,7 @@ class Pool:
         self._closing = True
         await self._cancel_jobs(set(self.catalog))
         async with self._lock:
-            await asyncio.gather(
-                *(
-                    self._stop_model(m, UnloadReason.SHUTDOWN)
-                    for m in list(self._models.values())
-                    if m.state is not ModelState.UNLOADING
-                )
-            )
+            await self._stop_models(self._stoppable(set(self.catalog)), UnloadReason.SHUTDOWN)
         for task in list(self._watchers):
             task.cancel()
 
@@ -512,7 +555,7 @@ class Pool:
     # ------------------------------------------------------------- inference
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Backend]:
+    async def lease(self, name: str) -> AsyncIterator[Lease]:
         """Hold `name` for one request; load it first (catalog options) if needed.
 
         A READY model is leased without the lock. A model that is not READY
@@ -527,14 +570,17 @@ class Pool:
             model = self._models.get(name)
             if model is None or model.state is not ModelState.READY or model.backend is None:
                 raise ModelNotLoaded(f"{name} was unloaded before the request could start")
-        backend = model.backend
-        assert backend is not None
-        model.leases += 1
+        assert model.backend is not None
+        lease = Lease(model.backend)
+        model.leases.add(lease)
+        model.no_leases.clear()
         model.last_used_at = self._clock()
         try:
-            yield backend
+            yield lease
         finally:
-            model.leases -= 1
+            model.leases.discard(lease)
+            if not model.leases:
+                model.no_leases.set()
             model.last_used_at = self._clock()
 
     # ---------------------------------------------------------------- status
@@ -558,6 +604,7 @@ class Pool:
             load_in_flight=self._load_view(self._current) if self._current else None,
             queue=tuple(self._load_view(job) for job in self._waiting),
             sequence=self.bus.last_sequence,
+            backends_started=self._backends_started,
         )
 
     def model_view(self, name: str) -> ModelView | None:
@@ -582,7 +629,7 @@ class Pool:
             port=backend.port if backend else 0,
             loaded_at=model.loaded_at,
             last_used_at=model.last_used_at,
-            in_flight=model.leases,
+            in_flight=len(model.leases),
             idle_unload_at=None,
             rss_bytes=backend.process.rss_bytes() if backend else 0,
         )

@@ -1,0 +1,143 @@
+"""A fake OpenAI-compatible model server, for faults a real llama-server cannot show.
+
+Speaks the subset of llama-server's HTTP protocol that lemonade-grpc uses:
+`GET /health` (503 while "loading"), streaming `POST /v1/completions` and
+`/v1/chat/completions` (SSE), and `GET /slots`. Standard library only, so it
+starts in tens of milliseconds.
+
+Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
+`--crash-after-tokens` (exit mid-stream), `--ignore-sigterm`,
+`--token-seconds` (slow generation). `--pid-log FILE` appends this process's
+pid at start, a timeline of every process that ever ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--ctx-size", type=int, default=4096)
+    parser.add_argument("--load-seconds", type=float, default=0.0)
+    parser.add_argument("--token-seconds", type=float, default=0.0)
+    parser.add_argument("--fail-start", action="store_true")
+    parser.add_argument("--crash-after-tokens", type=int, default=-1)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--pid-log", type=Path)
+    args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
+    return args
+
+
+class FakeBackend:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ready_at = time.monotonic() + args.load_seconds
+        self.processing = 0
+        self.tokens_sent = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = request_line.split(" ", 2)
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)
+            }
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            await self.route(method, path, body, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if path == "/health":
+            loading = time.monotonic() < self.ready_at
+            status = (
+                (503, '{"error":{"code":503,"message":"Loading model"}}')
+                if loading
+                else (200, '{"status":"ok"}')
+            )
+            await respond(writer, *status)
+        elif path == "/slots":
+            await respond(writer, 200, json.dumps([{"id": 0, "is_processing": self.processing > 0}]))
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            await self.generate(
+                json.loads(body or b"{}"), chat=path.endswith("chat/completions"), writer=writer
+            )
+        else:
+            await respond(writer, 404, '{"error":{"code":404,"message":"not found"}}')
+
+    async def generate(self, request: dict[str, object], *, chat: bool, writer: asyncio.StreamWriter) -> None:
+        max_tokens = int(str(request.get("max_tokens", 16)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        self.processing += 1
+        try:
+            for index in range(max_tokens):
+                if self.args.crash_after_tokens >= 0 and self.tokens_sent >= self.args.crash_after_tokens:
+                    os._exit(3)
+                text = f"t{index} "
+                choice = {"delta": {"content": text}} if chat else {"text": text}
+                writer.write(sse({"choices": [{**choice, "index": 0, "finish_reason": None}]}))
+                await writer.drain()
+                self.tokens_sent += 1
+                if self.args.token_seconds:
+                    await asyncio.sleep(self.args.token_seconds)
+            final = {
+                "choices": [{"text": "", "index": 0, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens},
+                "timings": {"prompt_ms": 0.1, "predicted_per_second": 1000.0},
+            }
+            writer.write(sse(final) + b"data: [DONE]\n\n")
+            await writer.drain()
+        finally:
+            self.processing -= 1
+
+
+def sse(event: Mapping[str, object]) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+async def respond(writer: asyncio.StreamWriter, status: int, body: str) -> None:
+    payload = body.encode()
+    writer.write(
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        f"Connection: close\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+
+
+async def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.pid_log:
+        with args.pid_log.open("a") as log:
+            log.write(f"{os.getpid()}\n")
+    if args.fail_start:
+        print("fake backend: failing at start as asked", file=sys.stderr)
+        return 3
+    if not args.model.exists():
+        print(f"fake backend: no model at {args.model}", file=sys.stderr)
+        return 2
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    backend = FakeBackend(args)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
+    async with server:
+        await server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
