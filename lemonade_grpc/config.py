@@ -121,7 +121,15 @@ def builtin_catalog(tiny_model: Path) -> dict[str, ModelSpec]:
 
 def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> PoolSettings:
     _only_keys(
-        table, "pool.", {"max_loaded", "idle_unload_seconds", "health_timeout_seconds", "stop_grace_seconds"}
+        table,
+        "pool.",
+        {
+            "max_loaded",
+            "idle_unload_seconds",
+            "health_timeout_seconds",
+            "stop_grace_seconds",
+            "evict_grace_seconds",
+        },
     )
     max_loaded = {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
     slots = _table(table, "max_loaded", "pool.")
@@ -141,6 +149,7 @@ def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> PoolSettings:
         idle_unload_seconds=idle,
         health_timeout_seconds=_number(table, "pool.health_timeout_seconds", 120.0, minimum=0.1),
         stop_grace_seconds=_number(table, "pool.stop_grace_seconds", 5.0, minimum=0.0),
+        evict_grace_seconds=_number(table, "pool.evict_grace_seconds", 10.0, minimum=0.0),
     )
 
 

@@ -27,7 +27,9 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grp
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.model_control import ModelControl
 from lemonade_grpc.backends.backend import Backend
+from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.config import Config, builtin_catalog
+from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
@@ -48,11 +50,23 @@ async def serve(config: Config) -> int:
     if config.builtin_catalog:
         config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model()))
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    registry = BackendRegistry(config.state_dir / "backends.json")
+    stale = registry.reap_stale()
     pool = Pool(
         config.models,
         config.pool,
-        functools.partial(Backend.start, log_dir=config.state_dir / "logs"),
+        functools.partial(Backend.start, log_dir=config.state_dir / "logs", registry=registry),
     )
+    if stale:
+        pool.bus.publish(
+            PoolWarning(
+                "STALE_BACKENDS_REAPED",
+                "killed backends left running by a previous run: "
+                + ", ".join(f"{r.model} (pid {r.pid})" for r in stale),
+                tuple(sorted({r.model for r in stale})),
+            )
+        )
+    log.info("reaped %d stale backend(s)", len(stale))
     # SO_REUSEPORT is on by default on Linux: a second server would silently
     # share the port with the first and get half of its calls.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

@@ -7,6 +7,7 @@ leak fails the test (and the leftovers are killed so the next test is clean).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import grpc
 import psutil
@@ -27,6 +29,7 @@ from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 TAG_VAR = "LEMONADE_TEST_TAG"
+FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
 LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
 START_SECONDS = 60.0
 
@@ -38,6 +41,36 @@ def wait_until(predicate: Callable[[], bool], seconds: float, what: str, interva
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
         time.sleep(interval)
+
+
+async def eventually(
+    predicate: Callable[[], bool], seconds: float, what: str, interval: float = 0.01
+) -> None:
+    """`wait_until` for async tests: polls without blocking the event loop."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+async def next_message(call: grpc.aio.UnaryStreamCall[Request, Response]) -> Response:
+    """The next message of a server stream; fails the test at the end of the stream."""
+    message = await call.read()
+    assert message is not grpc.aio.EOF, "the stream ended early"
+    return cast(Response, message)
+
+
+async def read_all(call: grpc.aio.UnaryStreamCall[Request, Response]) -> list[Response]:
+    """Every remaining message of a server stream; raises the call's error if it fails."""
+    messages = []
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(cast(Response, message))
+    return messages
 
 
 def is_gone(pid: int) -> bool:
@@ -142,6 +175,26 @@ class ServerFactory:
         for process in leaked:
             process.kill()
         assert not leaked, f"processes left running after the test: {[p.cmdline() for p in leaked]}"
+
+
+def fake_model(name: str, model_file: Path, *flags: str, type_: str = "llm") -> str:
+    """A catalog entry (TOML) running tests/fake_backend.py with `flags` through the command recipe."""
+    command = [sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags]
+    quoted = ", ".join(f'"{part}"' for part in command)
+    return (
+        f'[models.{name}]\nrecipe = "command"\npath = "{model_file}"\n'
+        f'type = "{type_}"\ncommand = [{quoted}]\n'
+    )
+
+
+def llama_model(name: str, model_file: Path, *, ctx_size: int = 2048) -> str:
+    """A catalog entry (TOML) running the real llama-server on `model_file`."""
+    return f'[models.{name}]\nrecipe = "llamacpp"\npath = "{model_file}"\nctx_size = {ctx_size}\n'
+
+
+def pids_in(pid_log: Path) -> list[int]:
+    """Every pid a fake backend wrote to `pid_log`: each process that ever started."""
+    return [int(line) for line in pid_log.read_text().split()] if pid_log.exists() else []
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import grpc
 import psutil
 import pytest
 
-from conftest import is_gone, wait_until
+from conftest import eventually, is_gone, next_message
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from rpc_errors import bad_fields, error_info
 
@@ -60,7 +61,7 @@ async def test_load_with_other_ctx_size_reloads_with_new_pid(control: ModelContr
     assert not second.already_loaded
     assert second.status.pid != first.status.pid
     assert second.status.options.ctx_size == 1024
-    wait_until(lambda: is_gone(first.status.pid), 5, "the old backend to exit")
+    await eventually(lambda: is_gone(first.status.pid), 5, "the old backend to exit")
 
 
 async def test_status_and_list_models_follow_the_pool(control: ModelControlAsyncStub) -> None:
@@ -89,7 +90,7 @@ async def test_unload_stops_the_process(control: ModelControlAsyncStub) -> None:
     ready = (await load(control, pb.LoadRequest(model="tiny")))[-1]
     response = await control.Unload(pb.UnloadRequest(model="tiny"))
     assert list(response.unloaded) == ["tiny"]
-    wait_until(lambda: is_gone(ready.status.pid), 5, "the backend to exit")
+    await eventually(lambda: is_gone(ready.status.pid), 5, "the backend to exit")
     assert list((await control.Status(pb.StatusRequest())).pool.models) == []
     # Unloading what is not loaded is not an error, and says nothing was unloaded.
     assert list((await control.Unload(pb.UnloadRequest(model="tiny"))).unloaded) == []
@@ -138,8 +139,9 @@ async def test_invalid_load_is_invalid_argument_naming_the_field(
     assert list((await control.Status(pb.StatusRequest())).pool.models) == []
 
 
-async def test_unimplemented_rpcs_say_so_with_a_reason(control: ModelControlAsyncStub) -> None:
+async def test_unimplemented_rpcs_say_so_with_a_reason(channel: grpc.aio.Channel) -> None:
+    chat = inference_pb2_grpc.InferenceStub(channel).Chat(inference_pb2.ChatRequest(model="tiny"))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await control.Pin(pb.PinRequest(model="tiny", pinned=True))
+        await next_message(chat)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert error_info(raised.value).reason == "NOT_IMPLEMENTED"

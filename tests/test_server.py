@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import Server, ServerFactory, is_gone, wait_until
+from conftest import Server, ServerFactory, eventually, is_gone, next_message
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 
@@ -53,7 +53,7 @@ async def test_sigterm_stops_every_backend_and_exits_zero(servers: ServerFactory
     assert "llama-server" in " ".join(psutil.Process(pid).cmdline())
 
     assert server.stop(signal.SIGTERM) == 0
-    wait_until(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
+    await eventually(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
     # The pool stopped it, not the kernel's parent-death signal after we exited.
     assert f"tiny: stopped pid {pid} (shutdown)" in server.log()
 
@@ -64,17 +64,17 @@ async def test_second_sigterm_forces_exit_and_kills_backends(servers: ServerFact
         stream = inference_pb2_grpc.InferenceStub(channel).Complete(
             inference_pb2.CompleteRequest(model="tiny", prompt="x", max_tokens=1 << 20, ignore_eos=True)
         )
-        await stream.read()  # generating: graceful shutdown would wait up to 60 s for it
+        await next_message(stream)  # generating: graceful shutdown would wait up to 60 s for it
         pid = (
             (await model_control_pb2_grpc.ModelControlStub(channel).Status(pb.StatusRequest()))
             .pool.models[0]
             .pid
         )
         server.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: "SIGTERM: shutting down" in server.log(), 10, "the first SIGTERM to be seen")
+        await eventually(lambda: "SIGTERM: shutting down" in server.log(), 10, "the first SIGTERM to be seen")
         assert server.stop(signal.SIGTERM, seconds=10) == 128 + signal.SIGTERM
         stream.cancel()
-    wait_until(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
+    await eventually(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
 
 
 async def test_sigint_with_nothing_loaded_exits_zero(server: Server) -> None:

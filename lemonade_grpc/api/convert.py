@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf import timestamp_pb2
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool.events import LoadPhase, LoadProgress
-from lemonade_grpc.pool.model import ModelState
+from lemonade_grpc.pool import events
+from lemonade_grpc.pool.model import ModelState, ModelView
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
-from lemonade_grpc.pool.pool import LoadResult, LoadView, ModelView, PoolView
+from lemonade_grpc.pool.pool import LoadResult, LoadView, PoolView
 
 MODEL_TYPES = {ModelType.LLM: pb.MODEL_TYPE_LLM, ModelType.EMBEDDING: pb.MODEL_TYPE_EMBEDDING}
 MODEL_STATES = {
@@ -19,11 +21,20 @@ MODEL_STATES = {
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
 }
 LOAD_PHASES = {
-    LoadPhase.QUEUED: pb.LOAD_PHASE_QUEUED,
-    LoadPhase.EVICTING: pb.LOAD_PHASE_EVICTING,
-    LoadPhase.STARTING: pb.LOAD_PHASE_STARTING,
-    LoadPhase.LOADING: pb.LOAD_PHASE_LOADING,
-    LoadPhase.READY: pb.LOAD_PHASE_READY,
+    events.LoadPhase.QUEUED: pb.LOAD_PHASE_QUEUED,
+    events.LoadPhase.EVICTING: pb.LOAD_PHASE_EVICTING,
+    events.LoadPhase.STARTING: pb.LOAD_PHASE_STARTING,
+    events.LoadPhase.LOADING: pb.LOAD_PHASE_LOADING,
+    events.LoadPhase.READY: pb.LOAD_PHASE_READY,
+}
+UNLOAD_REASONS = {
+    events.UnloadReason.REQUESTED: pb.UNLOAD_REASON_REQUESTED,
+    events.UnloadReason.EVICTED_LRU: pb.UNLOAD_REASON_EVICTED_LRU,
+    events.UnloadReason.IDLE: pb.UNLOAD_REASON_IDLE,
+    events.UnloadReason.MEMORY_PRESSURE: pb.UNLOAD_REASON_MEMORY_PRESSURE,
+    events.UnloadReason.CRASHED: pb.UNLOAD_REASON_CRASHED,
+    events.UnloadReason.SHUTDOWN: pb.UNLOAD_REASON_SHUTDOWN,
+    events.UnloadReason.RELOAD: pb.UNLOAD_REASON_RELOAD,
 }
 
 
@@ -75,7 +86,7 @@ def model_status(view: ModelView, server_idle_default: int) -> pb.ModelStatus:
     )
 
 
-def load_response(progress: LoadProgress) -> pb.LoadResponse:
+def load_response(progress: events.LoadProgress) -> pb.LoadResponse:
     return pb.LoadResponse(
         model=progress.model,
         phase=LOAD_PHASES[progress.phase],
@@ -123,7 +134,50 @@ def pool_status(view: PoolView, server_idle_default: int) -> pb.PoolStatus:
         load_in_flight=_load_in_flight(view.load_in_flight) if view.load_in_flight else None,
         queue=[_load_in_flight(q) for q in view.queue],
         sequence=view.sequence,
+        backends_started=view.backends_started,
     )
+
+
+def snapshot(view: PoolView, server_idle_default: int, *, resync: bool) -> pb.WatchResponse:
+    """A Watch message carrying the whole pool, numbered as the last event it reflects."""
+    return pb.WatchResponse(
+        sequence=view.sequence,
+        time=timestamp(time.time()),
+        resync=resync,
+        snapshot=pool_status(view, server_idle_default),
+    )
+
+
+def watch_event(envelope: events.Envelope, server_idle_default: int) -> pb.WatchResponse:
+    """A Watch message for one pool event."""
+    response = pb.WatchResponse(sequence=envelope.sequence, time=timestamp(envelope.time))
+    event = envelope.event
+    if isinstance(event, events.LoadProgress):
+        response.load_progress.CopyFrom(
+            pb.LoadProgress(
+                model=event.model,
+                phase=LOAD_PHASES[event.phase],
+                fraction=event.fraction,
+                message=event.message,
+            )
+        )
+    elif isinstance(event, events.ModelLoaded):
+        response.model_loaded.status.CopyFrom(model_status(event.model, server_idle_default))
+    elif isinstance(event, events.ModelUnloaded):
+        response.model_unloaded.CopyFrom(
+            pb.ModelUnloaded(
+                model=event.model, reason=UNLOAD_REASONS[event.reason], pid=event.pid, message=event.message
+            )
+        )
+    elif isinstance(event, events.PinChanged):
+        response.pin_changed.CopyFrom(pb.PinChanged(model=event.model, pinned=event.pinned))
+    elif isinstance(event, events.LoadFailed):
+        response.load_failed.CopyFrom(
+            pb.LoadFailed(model=event.model, reason=event.reason, message=event.message)
+        )
+    else:
+        response.warning.CopyFrom(pb.Warning(code=event.code, message=event.message, models=event.models))
+    return response
 
 
 def catalog_model(spec: ModelSpec, view: ModelView | None, server_idle_default: int) -> pb.CatalogModel:

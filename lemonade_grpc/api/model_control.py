@@ -16,7 +16,7 @@ Context = grpc.aio.ServicerContext
 
 
 class ModelControl(pb_grpc.ModelControlServicer):
-    """Load, Unload, Status and ListModels; Pin and Watch answer UNIMPLEMENTED until their issue lands."""
+    """The ModelControl service over a `Pool`."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -67,11 +67,45 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def Pin(
         self, request: pb.PinRequest, context: Context[pb.PinRequest, pb.PinResponse]
     ) -> pb.PinResponse:
-        raise errors.NotImplementedYet("ModelControl.Pin")
+        if not request.model:
+            raise InvalidRequest("model is required", field="model")
+        if not request.HasField("pinned"):
+            raise InvalidRequest("pinned is required (true or false)", field="pinned")
+        view = self._pool.pin(request.model, request.pinned)
+        return pb.PinResponse(status=convert.model_status(view, self._idle_default))
 
     @errors.stream
     async def Watch(
         self, request: pb.WatchRequest, context: Context[pb.WatchRequest, pb.WatchResponse]
     ) -> AsyncIterator[pb.WatchResponse]:
-        raise errors.NotImplementedYet("ModelControl.Watch")
-        yield pb.WatchResponse()  # pragma: no cover - makes this an async generator
+        bus = self._pool.bus
+        # Subscribe before taking the snapshot: no event can fall between them.
+        subscription = bus.subscribe()
+        try:
+            missed = bus.since(request.since_sequence) if request.HasField("since_sequence") else None
+            if missed is None:
+                resync = request.HasField("since_sequence")
+                view = self._pool.snapshot()
+                last = view.sequence
+                yield convert.snapshot(view, self._idle_default, resync=resync)
+            else:
+                last = request.since_sequence
+                for envelope in missed:
+                    last = envelope.sequence
+                    yield convert.watch_event(envelope, self._idle_default)
+            while True:
+                await subscription.wait()
+                if subscription.overflowed:
+                    # We fell behind and events were dropped for us: a fresh
+                    # snapshot, never a blocked pool.
+                    subscription.reset()
+                    view = self._pool.snapshot()
+                    last = view.sequence
+                    yield convert.snapshot(view, self._idle_default, resync=True)
+                    continue
+                for envelope in subscription.drain():
+                    if envelope.sequence > last:  # already covered by the snapshot or the replay
+                        last = envelope.sequence
+                        yield convert.watch_event(envelope, self._idle_default)
+        finally:
+            subscription.close()

@@ -12,6 +12,7 @@ import aiohttp
 from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess
 from lemonade_grpc.backends.recipes import backend_argv
+from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec
 from lemonade_grpc.pool.errors import BackendStartFailed
 from lemonade_grpc.pool.options import EffectiveOptions
@@ -33,9 +34,10 @@ class Backend:
     Does not restart itself, and does not decide anything: the pool does.
     """
 
-    def __init__(self, process: BackendProcess, port: int) -> None:
+    def __init__(self, process: BackendProcess, port: int, registry: BackendRegistry | None = None) -> None:
         self.process = process
         self.port = port
+        self._registry = registry
         self.client = OpenAIClient(f"http://127.0.0.1:{port}")
 
     @property
@@ -43,8 +45,15 @@ class Backend:
         return self.process.pid
 
     @classmethod
-    async def start(cls, spec: ModelSpec, options: EffectiveOptions, *, log_dir: Path) -> Backend:
-        """Spawn the backend for `spec`; does not wait for it to be healthy.
+    async def start(
+        cls,
+        spec: ModelSpec,
+        options: EffectiveOptions,
+        *,
+        log_dir: Path,
+        registry: BackendRegistry | None = None,
+    ) -> Backend:
+        """Spawn the backend for `spec` and record it in `registry`; does not wait for health.
 
         Raises `BackendStartFailed` when the program cannot be found or started.
         """
@@ -54,7 +63,9 @@ class Backend:
             process = await BackendProcess.spawn(argv, log_path=log_dir / f"{spec.name}.log")
         except (LlamaServerNotFound, OSError) as error:
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
-        return cls(process, port)
+        if registry is not None:
+            registry.add(process.pid, spec.name)
+        return cls(process, port, registry)
 
     async def wait_healthy(self, limit_seconds: float) -> None:
         """Poll GET /health until it answers 200.
@@ -84,4 +95,7 @@ class Backend:
     async def stop(self, grace: float) -> int:
         """Close the client and stop the process; return its exit status. Idempotent."""
         await self.client.close()
-        return await self.process.stop(grace)
+        status = await self.process.stop(grace)
+        if self._registry is not None:
+            self._registry.remove(self.pid)
+        return status

@@ -94,8 +94,9 @@ class OpenAIClient:
         """POST `payload` to `path` with streaming on; yield each event as a `Chunk`.
 
         Raises `BackendHTTPError` on an error status or error event, and
-        aiohttp.ClientError when the connection breaks. Stopping the iteration
-        early closes the connection.
+        aiohttp.ClientError when the connection breaks or the stream ends
+        without `data: [DONE]`. Stopping the iteration early closes the
+        connection.
         """
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
         async with self._get_session().post(path, json=body) as response:
@@ -110,6 +111,9 @@ class OpenAIClient:
                 if data == b"[DONE]":
                     return
                 yield parse_chunk(json.loads(data))
+            # The body ended without the terminator: the backend went away
+            # mid-stream (a close-delimited body ends "cleanly" even then).
+            raise aiohttp.ClientPayloadError("the backend's stream ended before data: [DONE]")
 
     async def close(self) -> None:
         if self._session is not None:

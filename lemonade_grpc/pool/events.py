@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.pool.model import ModelView
 
 
 class UnloadReason(enum.Enum):
@@ -51,9 +51,7 @@ class LoadProgress:
 
 @dataclass(frozen=True, slots=True)
 class ModelLoaded:
-    model: str
-    pid: int
-    options: EffectiveOptions
+    model: ModelView
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +76,13 @@ class LoadFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class Warning:
+class PoolWarning:
     code: str
     message: str
     models: tuple[str, ...] = ()
 
 
-Event = LoadProgress | ModelLoaded | ModelUnloaded | PinChanged | LoadFailed | Warning
+Event = LoadProgress | ModelLoaded | ModelUnloaded | PinChanged | LoadFailed | PoolWarning
 
 
 @dataclass(frozen=True, slots=True)

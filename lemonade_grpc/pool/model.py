@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec
+from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool.errors import PoolError
 from lemonade_grpc.pool.options import EffectiveOptions
 
@@ -80,3 +80,22 @@ class Model:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """A read-only copy of one model's state, for status and events."""
+
+    name: str
+    type: ModelType
+    recipe: str
+    state: ModelState
+    pinned: bool
+    options: EffectiveOptions
+    pid: int
+    port: int
+    loaded_at: float | None
+    last_used_at: float | None
+    in_flight: int
+    idle_unload_at: float | None
+    rss_bytes: int

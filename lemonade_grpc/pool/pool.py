@@ -45,7 +45,7 @@ from lemonade_grpc.pool.events import (
     PinChanged,
     UnloadReason,
 )
-from lemonade_grpc.pool.model import Lease, Model, ModelState, is_valid_transition
+from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,6 @@ class PoolSettings:
     # How long requests still using a model being unloaded may run before
     # they are ended with MODEL_EVICTED.
     evict_grace_seconds: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class ModelView:
-    """A read-only copy of one model's state, for status and events."""
-
-    name: str
-    type: ModelType
-    recipe: str
-    state: ModelState
-    pinned: bool
-    options: EffectiveOptions
-    pid: int
-    port: int
-    loaded_at: float | None
-    last_used_at: float | None
-    in_flight: int
-    idle_unload_at: float | None
-    rss_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,7 +385,7 @@ class Pool:
         now = self._clock()
         model.loaded_at = model.last_used_at = now
         self._set_state(model, ModelState.READY)
-        self.bus.publish(ModelLoaded(model.name, model.backend.pid, model.options))
+        self.bus.publish(ModelLoaded(self._view(model)))
         self._watch_exit(model)
         return LoadResult(self._view(model), already_loaded=False, evicted=tuple(job.evicted))
 

@@ -658,8 +658,13 @@ class PoolStatus(_message.Message):
     LOAD_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    BACKENDS_STARTED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Sequence number of the last event this snapshot reflects."""
+    backends_started: _builtins.int
+    """Backend processes started since the server started: a figure that
+    climbs without loads being asked for means churn (evictions, reloads).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
         """Every model that is loading, loaded, unloading or failed."""
@@ -689,10 +694,11 @@ class PoolStatus(_message.Message):
         load_in_flight: Global___LoadInFlight | None = ...,
         queue: _abc.Iterable[Global___LoadInFlight] | None = ...,
         sequence: _builtins.int = ...,
+        backends_started: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load_in_flight", b"load_in_flight", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_in_flight", b"load_in_flight", "memory", b"memory", "models", b"models", "queue", b"queue", "sequence", b"sequence", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends_started", b"backends_started", "load_in_flight", b"load_in_flight", "memory", b"memory", "models", b"models", "queue", b"queue", "sequence", b"sequence", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
