@@ -1,0 +1,106 @@
+"""Watch: a snapshot, then every event with a gap-free sequence; resume or resync."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from conftest import ServerFactory, llama_model, next_message
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
+
+
+def kind(message: pb.WatchResponse) -> str:
+    return message.WhichOneof("event") or ""
+
+
+async def test_snapshot_then_every_event_in_order(servers: ServerFactory, tiny_model: Path) -> None:
+    server = servers.start(llama_model("a", tiny_model))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        watch = control.Watch(pb.WatchRequest())
+        snapshot = await next_message(watch)
+        assert kind(snapshot) == "snapshot"
+        assert not snapshot.resync
+        assert snapshot.sequence == snapshot.snapshot.sequence
+
+        [m async for m in control.Load(pb.LoadRequest(model="a"))]
+        await control.Pin(pb.PinRequest(model="a", pinned=True))
+        await control.Unload(pb.UnloadRequest(model="a"))
+
+        events = [await next_message(watch)]
+        while kind(events[-1]) != "model_unloaded":
+            events.append(await next_message(watch))
+        watch.cancel()
+    assert [e.sequence for e in events] == list(
+        range(snapshot.sequence + 1, snapshot.sequence + 1 + len(events))
+    )
+    kinds = [kind(e) for e in events]
+    assert kinds[0] == "load_progress"
+    assert kinds[-3:] == ["model_loaded", "pin_changed", "model_unloaded"]
+    phases = [e.load_progress.phase for e in events if kind(e) == "load_progress"]
+    assert phases == [pb.LOAD_PHASE_QUEUED, pb.LOAD_PHASE_STARTING, pb.LOAD_PHASE_LOADING]
+    assert events[-3].model_loaded.status.state == pb.MODEL_STATE_READY
+    assert events[-1].model_unloaded.reason == pb.UNLOAD_REASON_REQUESTED
+    assert all(e.HasField("time") for e in events)
+
+
+async def test_resume_after_reconnect_and_resync_when_too_old(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    server = servers.start(llama_model("a", tiny_model))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        [m async for m in control.Load(pb.LoadRequest(model="a"))]
+        seen = (await control.Status(pb.StatusRequest())).pool.sequence
+        # Disconnected, events happen...
+        for pinned in (True, False, True):
+            await control.Pin(pb.PinRequest(model="a", pinned=pinned))
+        # ...and the reconnecting client gets exactly what it missed, no snapshot.
+        resumed = control.Watch(pb.WatchRequest(since_sequence=seen))
+        missed = [await next_message(resumed) for _ in range(3)]
+        resumed.cancel()
+        assert [m.sequence for m in missed] == [seen + 1, seen + 2, seen + 3]
+        assert [m.pin_changed.pinned for m in missed] == [True, False, True]
+
+        # A sequence the server never issued (another run's): a fresh snapshot, flagged.
+        stale = control.Watch(pb.WatchRequest(since_sequence=10**9))
+        first = await next_message(stale)
+        stale.cancel()
+        assert kind(first) == "snapshot"
+        assert first.resync
+        assert first.sequence == seen + 3
+        assert [m.pinned for m in first.snapshot.models] == [True]
+
+
+async def test_stalled_subscriber_never_delays_the_pool(servers: ServerFactory, tiny_model: Path) -> None:
+    config = (
+        "[pool]\nmax_loaded = { llm = 2 }\n" + llama_model("a", tiny_model) + llama_model("b", tiny_model)
+    )
+    server = servers.start(config)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        [m async for m in control.Load(pb.LoadRequest(model="a"))]
+        stalled = control.Watch(pb.WatchRequest())
+        start = (await next_message(stalled)).sequence
+        # The subscriber now reads nothing while 200 pin changes and a load happen.
+        toggles = [control.Pin(pb.PinRequest(model="a", pinned=i % 2 == 0)) for i in range(200)]
+        loaded = [m async for m in control.Load(pb.LoadRequest(model="b"))]
+        await asyncio.gather(*toggles)
+        assert loaded[-1].phase == pb.LOAD_PHASE_READY
+        end = (await control.Status(pb.StatusRequest())).pool.sequence
+        assert end >= start + 200
+
+        # Reading again: every event in order, or a resync snapshot and then in order.
+        expected = start + 1
+        while expected <= end:
+            message = await next_message(stalled)
+            if message.resync:
+                assert kind(message) == "snapshot"
+                expected = message.sequence + 1
+                continue
+            assert message.sequence == expected
+            expected += 1
+        stalled.cancel()
