@@ -309,3 +309,31 @@ async def test_backends_that_survived_a_crash_are_reaped_at_boot(
         assert first.warning.code == "STALE_BACKENDS_REAPED"
         assert list(first.warning.models) == ["ghost"]
         replay.cancel()
+
+
+async def test_queued_loads_report_their_place_and_status_shows_the_queue(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    config = "[pool]\nmax_loaded = { llm = 3 }\n" + fake_model("a", tiny_model, "--load-seconds", "1")
+    config += fake_model("b", tiny_model) + fake_model("c", tiny_model)
+    server = servers.start(config)
+    async with connect(server.address) as client:
+        a = client.control.Load(pb.LoadRequest(model="a"))
+        while (await next_message(a)).phase != pb.LOAD_PHASE_LOADING:
+            pass
+        b = client.control.Load(pb.LoadRequest(model="b"))
+        assert (await next_message(b)).queue_position == 1
+        c = client.control.Load(pb.LoadRequest(model="c"))
+        assert (await next_message(c)).queue_position == 2
+
+        status = (await client.control.Status(pb.StatusRequest())).pool
+        assert status.load_in_flight.model == "a"
+        assert status.load_in_flight.phase == pb.LOAD_PHASE_LOADING
+        assert [q.model for q in status.queue] == ["b", "c"]
+
+        # When a finishes and b takes the lock, only b is ahead of c.
+        c_rest = await read_all(c)
+        assert [r.queue_position for r in c_rest if r.phase == pb.LOAD_PHASE_QUEUED] == [1]
+        assert c_rest[-1].phase == pb.LOAD_PHASE_READY
+        assert (await read_all(a))[-1].phase == pb.LOAD_PHASE_READY
+        assert (await read_all(b))[-1].phase == pb.LOAD_PHASE_READY
