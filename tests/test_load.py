@@ -57,10 +57,17 @@ async def test_bare_load_of_loaded_model_is_one_ready_message_same_pid(
 
 async def test_load_with_other_ctx_size_reloads_with_new_pid(control: ModelControlAsyncStub) -> None:
     first = (await load(control, pb.LoadRequest(model="tiny")))[-1]
+    watch = control.Watch(pb.WatchRequest())
+    await next_message(watch)  # the snapshot
     second = (await load(control, pb.LoadRequest(model="tiny", options=pb.LoadOptions(ctx_size=1024))))[-1]
     assert not second.already_loaded
     assert second.status.pid != first.status.pid
     assert second.status.options.ctx_size == 1024
+    while not (event := await next_message(watch)).HasField("model_unloaded"):
+        pass
+    watch.cancel()
+    assert event.model_unloaded.reason == pb.UNLOAD_REASON_RELOAD
+    assert event.model_unloaded.pid == first.status.pid
     await eventually(lambda: is_gone(first.status.pid), 5, "the old backend to exit")
 
 
