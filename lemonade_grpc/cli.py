@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     pin.add_argument("--no-pin", dest="pinned", action="store_false")
     unload = commands.add_parser("unload", parents=[address], help="unload a model (all when none is named)")
     unload.add_argument("model", nargs="?", default="")
+    for verb, value in (("pin", True), ("unpin", False)):
+        pin_parser = commands.add_parser(verb, parents=[address], help=f"set pinned={str(value).lower()}")
+        pin_parser.add_argument("model")
+        pin_parser.set_defaults(pinned=value)
+    watch = commands.add_parser("watch", parents=[address], help="print pool events as JSON lines")
+    watch.add_argument("--since", type=int, help="resume after this sequence number")
     commands.add_parser("status", parents=[address], help="print the pool's status as JSON")
     commands.add_parser("models", parents=[address], help="print the catalog as JSON")
     complete = commands.add_parser("complete", parents=[address], help="stream a completion to stdout")
@@ -129,6 +135,22 @@ async def _client(args: argparse.Namespace) -> int:
         elif args.command == "unload":
             response = await control.Unload(model_control_pb2.UnloadRequest(model=args.model))
             print(" ".join(response.unloaded) or "nothing to unload")
+        elif args.command in ("pin", "unpin"):
+            _print_json(await control.Pin(model_control_pb2.PinRequest(model=args.model, pinned=args.pinned)))
+        elif args.command == "watch":
+            request = model_control_pb2.WatchRequest()
+            if args.since is not None:
+                request.since_sequence = args.since
+            async for event in control.Watch(request):
+                print(
+                    json_format.MessageToJson(
+                        event,
+                        preserving_proto_field_name=True,
+                        indent=None,
+                        always_print_fields_with_no_presence=True,
+                    ),
+                    flush=True,
+                )
         elif args.command == "status":
             _print_json(await control.Status(model_control_pb2.StatusRequest()))
         elif args.command == "models":
@@ -177,8 +199,16 @@ async def _complete(stub: inference_grpc.InferenceAsyncStub, args: argparse.Name
             )
 
 
-def _print_json(message: model_control_pb2.StatusResponse | model_control_pb2.ListModelsResponse) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+def _print_json(
+    message: model_control_pb2.StatusResponse
+    | model_control_pb2.ListModelsResponse
+    | model_control_pb2.PinResponse,
+) -> None:
+    print(
+        json_format.MessageToJson(
+            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
 
 
 def _describe(error: grpc.aio.AioRpcError) -> str:
