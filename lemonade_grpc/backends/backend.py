@@ -93,9 +93,14 @@ class Backend:
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
     async def stop(self, grace: float) -> int:
-        """Close the client and stop the process; return its exit status. Idempotent."""
-        await self.client.close()
+        """Stop the process, then close the client; return the exit status. Idempotent.
+
+        In that order: requests streaming from the process see its connection
+        break (an aiohttp.ClientError) rather than their session closed under
+        them.
+        """
         status = await self.process.stop(grace)
+        await self.client.close()
         if self._registry is not None:
             self._registry.remove(self.pid)
         return status

@@ -102,15 +102,25 @@ class OpenAIClient:
         async with self._get_session().post(path, json=body) as response:
             if response.status != 200:
                 raise BackendHTTPError(response.status, _error_message(await response.text()))
-            async for line in response.content:
-                if not line.startswith(b"data: "):
-                    if line.startswith(b"error: "):
-                        raise BackendHTTPError(500, _error_message(line[7:].decode("utf-8", "replace")))
-                    continue
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    return
-                yield parse_chunk(json.loads(data))
+            try:
+                async for line in response.content:
+                    if not line.startswith(b"data: "):
+                        if line.startswith(b"error: "):
+                            raise BackendHTTPError(500, _error_message(line[7:].decode("utf-8", "replace")))
+                        continue
+                    data = line[6:].strip()
+                    if data == b"[DONE]":
+                        return
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise BackendHTTPError(502, f"malformed stream event: {data[:200]!r}") from None
+                    yield parse_chunk(event)
+            except RuntimeError as error:
+                # aiohttp's StreamReader raises a bare RuntimeError("Connection
+                # closed.") when the session is closed under a reader (the
+                # backend crashed and was cleaned up): a broken connection.
+                raise aiohttp.ClientConnectionError(str(error)) from error
             # The body ended without the terminator: the backend went away
             # mid-stream (a close-delimited body ends "cleanly" even then).
             raise aiohttp.ClientPayloadError("the backend's stream ended before data: [DONE]")
