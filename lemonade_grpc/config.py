@@ -129,6 +129,14 @@ def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> PoolSettings:
             "health_timeout_seconds",
             "stop_grace_seconds",
             "evict_grace_seconds",
+            "memory_reserve_mb",
+            "memory_check_seconds",
+            "health_check_seconds",
+            "health_check_failures",
+            "restart_backoff_seconds",
+            "restart_backoff_max_seconds",
+            "max_restarts",
+            "restart_window_seconds",
         },
     )
     max_loaded = {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
@@ -150,6 +158,14 @@ def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> PoolSettings:
         health_timeout_seconds=_number(table, "pool.health_timeout_seconds", 120.0, minimum=0.1),
         stop_grace_seconds=_number(table, "pool.stop_grace_seconds", 5.0, minimum=0.0),
         evict_grace_seconds=_number(table, "pool.evict_grace_seconds", 10.0, minimum=0.0),
+        memory_reserve_bytes=_int(table, "pool.memory_reserve_mb", 512, minimum=0) << 20,
+        memory_check_seconds=_number(table, "pool.memory_check_seconds", 5.0, minimum=0.0),
+        health_check_seconds=_number(table, "pool.health_check_seconds", 5.0, minimum=0.0),
+        health_check_failures=_int(table, "pool.health_check_failures", 3, minimum=1),
+        restart_backoff_seconds=_number(table, "pool.restart_backoff_seconds", 1.0, minimum=0.0),
+        restart_backoff_max_seconds=_number(table, "pool.restart_backoff_max_seconds", 60.0, minimum=0.0),
+        max_restarts=_int(table, "pool.max_restarts", 5, minimum=0),
+        restart_window_seconds=_number(table, "pool.restart_window_seconds", 600.0, minimum=0.0),
     )
 
 

@@ -27,10 +27,12 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grp
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.model_control import ModelControl
 from lemonade_grpc.backends.backend import Backend
+from lemonade_grpc.backends.estimate import estimate_bytes
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.config import Config, builtin_catalog
 from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 log = logging.getLogger("lemonade_grpc")
@@ -56,6 +58,8 @@ async def serve(config: Config) -> int:
         config.models,
         config.pool,
         functools.partial(Backend.start, log_dir=config.state_dir / "logs", registry=registry),
+        pin_store=PinStore(config.state_dir / "pins.json"),
+        estimate=estimate_bytes,
     )
     if stale:
         pool.bus.publish(
@@ -107,6 +111,7 @@ async def serve(config: Config) -> int:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = config.listen.rpartition(":")[0]
         log.info("listening on %s:%d (catalog: %s)", host, port, ", ".join(sorted(config.models)))
+        pool.start()  # after listening: Status and Watch show the pins being restored
         await stop.wait()
     finally:
         await health_servicer.enter_graceful_shutdown()

@@ -8,6 +8,7 @@ leak fails the test (and the leftovers are killed so the next test is clean).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, cast
@@ -25,6 +26,7 @@ import psutil
 import pytest
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
@@ -197,6 +199,32 @@ def pids_in(pid_log: Path) -> list[int]:
     return [int(line) for line in pid_log.read_text().split()] if pid_log.exists() else []
 
 
+class Client:
+    """Stubs on one channel, with the few compound calls the tests repeat."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.control = model_control_pb2_grpc.ModelControlStub(channel)
+        self.inference = inference_pb2_grpc.InferenceStub(channel)
+
+    async def load(self, model: str, **fields: object) -> list[pb.LoadResponse]:
+        return [r async for r in self.control.Load(pb.LoadRequest(model=model, **fields))]  # type: ignore[arg-type]
+
+    async def ready(self, model: str, **fields: object) -> pb.ModelStatus:
+        responses = await self.load(model, **fields)
+        assert responses[-1].phase == pb.LOAD_PHASE_READY
+        return responses[-1].status
+
+    async def pids(self) -> dict[str, int]:
+        status = await self.control.Status(pb.StatusRequest())
+        return {m.name: m.pid for m in status.pool.models}
+
+
+@contextlib.asynccontextmanager
+async def connect(address: str) -> AsyncIterator[Client]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield Client(channel)
+
+
 @pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
     try:
@@ -240,3 +268,80 @@ def control(channel: grpc.aio.Channel) -> model_control_pb2_grpc.ModelControlAsy
 @pytest.fixture
 def inference(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceAsyncStub:
     return inference_pb2_grpc.InferenceStub(channel)
+
+
+Result = TypeVar("Result")
+
+
+async def poll(
+    check: Callable[[], Awaitable[Result | None]], seconds: float, what: str, interval: float = 0.02
+) -> Result:
+    """Await `check` until it returns something other than None; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (result := await check()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return result
+
+
+class Events:
+    """A Watch stream read in the background; `seen` holds (arrival time, message) pairs."""
+
+    def __init__(
+        self, control: model_control_pb2_grpc.ModelControlAsyncStub, since: int | None = None
+    ) -> None:
+        request = pb.WatchRequest() if since is None else pb.WatchRequest(since_sequence=since)
+        self._call = control.Watch(request)
+        self.seen: list[tuple[float, pb.WatchResponse]] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self._call:
+            self.seen.append((time.monotonic(), message))
+            self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[pb.WatchResponse], bool], seconds: float, what: str
+    ) -> tuple[float, pb.WatchResponse]:
+        """The first message (seen so far or to come) matching `predicate`, with its arrival time."""
+        deadline = time.monotonic() + seconds
+        index = 0
+        while True:
+            for arrived, message in self.seen[index:]:
+                if predicate(message):
+                    return arrived, message
+            index = len(self.seen)
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._task.done():
+                pytest.fail(f"no Watch event {what} within {seconds:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def messages(self) -> list[pb.WatchResponse]:
+        return [message for _, message in self.seen]
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._task.cancel()
+
+
+def unloaded(model: str, reason: int) -> Callable[[pb.WatchResponse], bool]:
+    """Matches the ModelUnloaded event of `model` with `reason`."""
+    return lambda m: (
+        m.WhichOneof("event") == "model_unloaded"
+        and m.model_unloaded.model == model
+        and m.model_unloaded.reason == reason
+    )
+
+
+def warning(code: str) -> Callable[[pb.WatchResponse], bool]:
+    """Matches a Warning event with `code`."""
+    return lambda m: m.WhichOneof("event") == "warning" and m.warning.code == code
+
+
+def loaded(model: str) -> Callable[[pb.WatchResponse], bool]:
+    """Matches the ModelLoaded event of `model`."""
+    return lambda m: m.WhichOneof("event") == "model_loaded" and m.model_loaded.status.name == model

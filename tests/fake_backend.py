@@ -7,7 +7,8 @@ starts in tens of milliseconds.
 
 Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
 `--crash-after-tokens` (exit mid-stream), `--ignore-sigterm`,
-`--token-seconds` (slow generation). `--pid-log FILE` appends this process's
+`--token-seconds` (slow generation), `--exit-after-seconds` (crash on a
+timer, again at every restart). `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
 """
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fail-start", action="store_true")
     parser.add_argument("--crash-after-tokens", type=int, default=-1)
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--exit-after-seconds", type=float, default=-1.0)
     parser.add_argument("--pid-log", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -133,6 +135,8 @@ async def main(argv: list[str]) -> int:
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = FakeBackend(args)
+    if args.exit_after_seconds >= 0:
+        asyncio.get_running_loop().call_later(args.exit_after_seconds, os._exit, 4)
     server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
     async with server:
         await server.serve_forever()

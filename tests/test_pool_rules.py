@@ -7,12 +7,11 @@ processes ever existed" is the operating system's answer, not our counter's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +21,7 @@ from conftest import (
     FAKE_BACKEND,
     TAG_VAR,
     ServerFactory,
+    connect,
     eventually,
     fake_model,
     is_gone,
@@ -30,36 +30,10 @@ from conftest import (
     pids_in,
     read_all,
 )
-from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc, model_control_pb2_grpc
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.registry import BackendRegistry
 from rpc_errors import bad_fields, error_info
-
-
-class Client:
-    """Stubs on one channel, with the few compound calls the tests repeat."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.control = model_control_pb2_grpc.ModelControlStub(channel)
-        self.inference = inference_pb2_grpc.InferenceStub(channel)
-
-    async def load(self, model: str, **fields: object) -> list[pb.LoadResponse]:
-        return [r async for r in self.control.Load(pb.LoadRequest(model=model, **fields))]  # type: ignore[arg-type]
-
-    async def ready(self, model: str, **fields: object) -> pb.ModelStatus:
-        responses = await self.load(model, **fields)
-        assert responses[-1].phase == pb.LOAD_PHASE_READY
-        return responses[-1].status
-
-    async def pids(self) -> dict[str, int]:
-        status = await self.control.Status(pb.StatusRequest())
-        return {m.name: m.pid for m in status.pool.models}
-
-
-@contextlib.asynccontextmanager
-async def connect(address: str) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(address) as channel:
-        yield Client(channel)
 
 
 @pytest.fixture

@@ -92,6 +92,13 @@ class Backend:
                 )
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
+    async def is_healthy(self, limit_seconds: float) -> bool:
+        """Whether GET /health answers 200 within `limit_seconds`."""
+        try:
+            return await self.client.health(limit_seconds) == 200
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+            return False  # RuntimeError: the session was closed under the request
+
     async def stop(self, grace: float) -> int:
         """Stop the process, then close the client; return the exit status. Idempotent.
 

@@ -85,9 +85,10 @@ class OpenAIClient:
             )
         return self._session
 
-    async def health(self) -> int:
+    async def health(self, limit_seconds: float = 5.0) -> int:
         """GET /health; return the HTTP status (llama-server: 503 while loading)."""
-        async with self._get_session().get("/health", timeout=aiohttp.ClientTimeout(total=5)) as response:
+        limit = aiohttp.ClientTimeout(total=limit_seconds)
+        async with self._get_session().get("/health", timeout=limit) as response:
             return response.status
 
     async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[Chunk]:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from lemonade_grpc.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -29,16 +31,6 @@ class Record:
     pid: int
     model: str
     create_time: float
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text`: a crash leaves the old or the new file, never half of one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 class BackendRegistry:

@@ -73,6 +73,12 @@ class Model:
     leases: set[Lease] = field(default_factory=set)
     # Set whenever `leases` is empty: what an eviction waits on.
     no_leases: asyncio.Event = field(default_factory=asyncio.Event)
+    # The idle countdown, running while the model is READY, unpinned and
+    # unused (DESIGN.md item 6); `idle_unload_at` is when it ends.
+    idle_timer: asyncio.TimerHandle | None = None
+    idle_unload_at: float | None = None
+    # A pinned model's restart after a crash, while it waits out its backoff.
+    restart_timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.no_leases.set()
