@@ -92,3 +92,33 @@ def test_reserved_backend_args_are_refused_in_the_catalog(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as raised:
         load(Overrides(config=path), env={})
     assert raised.value.field == "models.a.args"
+
+
+def test_lifecycle_settings_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[pool]\nmemory_reserve_mb = 256\nmemory_check_seconds = 0\nhealth_check_seconds = 2.5\n"
+        "health_check_failures = 4\nrestart_backoff_seconds = 0.5\nrestart_backoff_max_seconds = 30\n"
+        "max_restarts = 3\nrestart_window_seconds = 120\n",
+    )
+    pool = load(Overrides(config=path, state_dir=tmp_path), env={}).pool
+    assert pool.memory_reserve_bytes == 256 << 20
+    assert pool.memory_check_seconds == 0
+    assert (pool.health_check_seconds, pool.health_check_failures) == (2.5, 4)
+    assert (pool.restart_backoff_seconds, pool.restart_backoff_max_seconds) == (0.5, 30)
+    assert (pool.max_restarts, pool.restart_window_seconds) == (3, 120)
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("memory_reserve_mb = -1", "pool.memory_reserve_mb"),
+        ("health_check_failures = 0", "pool.health_check_failures"),
+        ('restart_backoff_seconds = "soon"', "pool.restart_backoff_seconds"),
+    ],
+)
+def test_bad_lifecycle_settings_name_the_field(tmp_path: Path, line: str, field: str) -> None:
+    path = write(tmp_path, f"[pool]\n{line}\n")
+    with pytest.raises(ConfigError) as error:
+        load(Overrides(config=path, state_dir=tmp_path), env={})
+    assert error.value.field == field

@@ -1,8 +1,18 @@
-"""choose_victims: the pure eviction decision."""
+"""The pure decisions: which models to evict (slots, memory), which pins fit, when to restart."""
 
 from __future__ import annotations
 
-from lemonade_grpc.pool.policy import EvictionPlan, NoRoom, Resident, choose_victims
+from lemonade_grpc.pool.policy import (
+    EvictionPlan,
+    MemoryPlan,
+    NoRoom,
+    NotEnoughMemory,
+    Resident,
+    choose_victims,
+    fit_pins,
+    plan_memory,
+    restart_delay,
+)
 
 
 def r(name: str, last_used: float, *, pinned: bool = False, in_flight: int = 0) -> Resident:
@@ -40,3 +50,51 @@ def test_over_full_pool_evicts_enough_for_one_more() -> None:
     assert plan == NoRoom(("c",))
     plan = choose_victims([r("a", 1), r("b", 2), r("c", 3)], max_loaded=1)
     assert plan == EvictionPlan(("a", "b", "c"))
+
+
+def rss(name: str, last_used: float, size: int, *, pinned: bool = False, in_flight: int = 0) -> Resident:
+    return Resident(name, pinned, in_flight, last_used, size)
+
+
+def test_memory_that_fits_evicts_nothing() -> None:
+    assert plan_memory(10, available=100, reserve=50, candidates=[rss("a", 1, 40)]) == MemoryPlan(())
+
+
+def test_memory_evicts_least_recently_used_until_it_fits_never_pinned() -> None:
+    residents = [rss("old", 1, 30, pinned=True), rss("a", 2, 20), rss("b", 3, 20), rss("c", 4, 20)]
+    # room 100 - 90 = 10; a need of 45 takes a and b (10 + 20 + 20 = 50).
+    assert plan_memory(45, available=100, reserve=90, candidates=residents) == MemoryPlan(("a", "b"))
+
+
+def test_memory_counts_what_planned_evictions_free() -> None:
+    assert plan_memory(30, available=10, reserve=0, candidates=[rss("a", 1, 99)], freed=20) == MemoryPlan(())
+
+
+def test_memory_that_cannot_fit_reports_the_figures() -> None:
+    residents = [rss("p", 1, 500, pinned=True), rss("a", 2, 20)]
+    assert plan_memory(100, available=60, reserve=50, candidates=residents) == NotEnoughMemory(
+        need=100, available=60, reserve=50, freeable=20
+    )
+
+
+def test_pressure_with_need_zero_restores_the_reserve_idle_models_first() -> None:
+    residents = [rss("busy", 1, 50, in_flight=2), rss("idle", 5, 50)]
+    assert plan_memory(0, available=40, reserve=80, candidates=residents) == MemoryPlan(("idle",))
+
+
+def test_pins_fit_in_the_order_they_were_pinned() -> None:
+    pins = [("a", "llm"), ("e", "embedding"), ("b", "llm"), ("c", "llm")]
+    assert fit_pins(pins, {"llm": 2, "embedding": 1}) == (["a", "e", "b"], ["c"])
+    assert fit_pins([], {"llm": 1}) == ([], [])
+
+
+def test_restart_delay_doubles_up_to_the_cap_then_gives_up() -> None:
+    def delay(crashes: list[float], now: float) -> float | None:
+        return restart_delay(crashes, now, base=1.0, cap=5.0, max_restarts=4, window=100.0)
+
+    assert delay([0], 0) == 1.0
+    assert delay([0, 1], 1) == 2.0
+    assert delay([0, 1, 2], 2) == 4.0
+    assert delay([0, 1, 2, 3], 3) == 5.0  # capped
+    assert delay([0, 1, 2, 3, 4], 4) is None  # a fifth crash within the window: give up
+    assert delay([0, 1, 2, 3, 200], 200) == 1.0  # old crashes are forgiven

@@ -1,0 +1,168 @@
+"""Memory: loads that do not fit, and eviction under pressure, with an injected memory probe.
+
+The pool runs in process with real backend processes (the fake backend via
+the command recipe); only the host's memory figures are simulated. The fake
+probe subtracts the backends' real RSS from a budget the test sets, so an
+eviction gives memory back as it would on a real host.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_BACKEND, eventually, is_gone
+from lemonade_grpc.backends.backend import Backend
+from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.pool.errors import InsufficientMemory
+from lemonade_grpc.pool.events import Envelope, ModelUnloaded, PoolWarning, UnloadReason
+from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.pool import Pool, PoolSettings
+
+MIB = 1 << 20
+RESERVE = 100 * MIB
+
+
+class FakeMemory:
+    """A host with `budget` bytes for backends: available = budget - their RSS (or `fixed`, when set)."""
+
+    def __init__(self) -> None:
+        self.budget = 64 << 30
+        self.fixed: int | None = None
+        self.pool: Pool | None = None
+
+    def total_bytes(self) -> int:
+        return 64 << 30
+
+    def available_bytes(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        assert self.pool is not None
+        return self.budget - sum(view.rss_bytes for view in self.pool.views())
+
+
+def spec(name: str, model_file: Path) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        recipe=Recipe.COMMAND,
+        path=model_file,
+        type=ModelType.LLM,
+        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
+        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}"),
+    )
+
+
+PoolMaker = Callable[..., tuple[Pool, FakeMemory]]
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker]:
+    pools: list[Pool] = []
+
+    def make(needs: dict[str, int], memory_check_seconds: float = 0.0) -> tuple[Pool, FakeMemory]:
+        memory = FakeMemory()
+        pool = Pool(
+            {name: spec(name, tiny_model) for name in needs},
+            PoolSettings(
+                max_loaded={ModelType.LLM: len(needs)},
+                memory_reserve_bytes=RESERVE,
+                memory_check_seconds=memory_check_seconds,
+                evict_grace_seconds=0,
+            ),
+            functools.partial(Backend.start, log_dir=tmp_path / "logs"),
+            memory=memory,
+            estimate=lambda spec, options: needs[spec.name],
+        )
+        memory.pool = pool
+        pool.start(restore=False)
+        pools.append(pool)
+        return pool, memory
+
+    yield make
+    for pool in pools:
+        pids = [view.pid for view in pool.views()]
+        await pool.shutdown()
+        assert all(is_gone(pid) for pid in pids)
+
+
+async def load(pool: Pool, *names: str, pinned: bool | None = None) -> dict[str, int]:
+    for name in names:
+        await pool.load(name, RequestedOptions(), pinned).outcome()
+    return {view.name: view.pid for view in pool.views()}
+
+
+def unloads(events: list[Envelope]) -> list[tuple[str, UnloadReason]]:
+    return [(e.event.model, e.event.reason) for e in events if isinstance(e.event, ModelUnloaded)]
+
+
+def rss(pool: Pool, name: str) -> int:
+    view = pool.model_view(name)
+    assert view is not None
+    assert view.rss_bytes > 0, "status reports each backend's RSS"
+    return view.rss_bytes
+
+
+async def test_pressure_evicts_the_lru_unpinned_model_never_a_pinned_one(make_pool: PoolMaker) -> None:
+    pool, memory = make_pool({"pinned": MIB, "old": MIB, "new": MIB}, memory_check_seconds=0.05)
+    await load(pool, "pinned", pinned=True)
+    pids = await load(pool, "old", "new")
+    events: list[Envelope] = []
+    subscription = pool.bus.subscribe()
+
+    # Available falls half of `old`'s RSS below the reserve: evicting `old`, the least
+    # recently used unpinned model, is enough, and `pinned` (older still) is skipped.
+    used = sum(view.rss_bytes for view in pool.views())
+    memory.budget = RESERVE + used - rss(pool, "old") // 2
+    await eventually(lambda: pool.model_view("old") is None, 5, "old to be evicted")
+    events.extend(subscription.drain())
+    assert unloads(events) == [("old", UnloadReason.MEMORY_PRESSURE)]
+    assert {v.name: v.pid for v in pool.views()} == {"pinned": pids["pinned"], "new": pids["new"]}
+
+    # Then nothing is enough: every unpinned model goes, the pinned one stays, and a warning says so.
+    memory.budget = 0
+    await eventually(lambda: pool.model_view("new") is None, 5, "new to be evicted")
+    events.extend(subscription.drain())
+    subscription.close()
+    assert unloads(events)[1:] == [("new", UnloadReason.MEMORY_PRESSURE)]
+    warnings = [e.event for e in events if isinstance(e.event, PoolWarning)]
+    assert [w.code for w in warnings] == ["MEMORY_LOW"]
+    assert "pinned models are kept" in warnings[0].message
+    assert {v.name: v.pid for v in pool.views()} == {"pinned": pids["pinned"]}
+
+
+async def test_a_load_that_cannot_fit_fails_with_the_figures_and_evicts_nothing(
+    make_pool: PoolMaker,
+) -> None:
+    pool, memory = make_pool({"small": MIB, "big": 10 << 30})
+    before = await load(pool, "small")
+    memory.fixed = 1 << 30
+    with pytest.raises(InsufficientMemory) as failed:
+        await pool.load("big", RequestedOptions()).outcome()
+    message = failed.value.message
+    assert "big needs about 10,240 MiB (10,737,418,240 bytes" in message
+    assert "1,024 MiB is available" in message
+    assert "100 MiB is kept in reserve" in message
+    assert f"would free only {rss(pool, 'small') / MIB:,.0f} MiB" in message
+    assert {v.name: v.pid for v in pool.views()} == before, "a load that cannot happen evicted a model"
+
+
+async def test_a_load_evicts_idle_unpinned_models_to_make_room(make_pool: PoolMaker) -> None:
+    pool, memory = make_pool({"old": MIB, "busy": MIB, "new": 8 * MIB})
+    pids = await load(pool, "old", "busy")
+    subscription = pool.bus.subscribe()
+    async with pool.lease("busy"):
+        # `busy` is now the most recently used, and in use: only `old` may go, and it is enough.
+        used = sum(view.rss_bytes for view in pool.views())
+        memory.budget = RESERVE + used + 8 * MIB - rss(pool, "old") // 2
+        result = await pool.load("new", RequestedOptions()).outcome()
+    events = list(subscription.drain())
+    subscription.close()
+    assert result.evicted == ("old",)
+    assert unloads(events) == [("old", UnloadReason.MEMORY_PRESSURE)]
+    busy = pool.model_view("busy")
+    assert busy is not None
+    assert busy.pid == pids["busy"]
