@@ -19,9 +19,10 @@ from lemonade_grpc.pool.options import EffectiveOptions
 
 log = logging.getLogger(__name__)
 
-# The process, its threads and llama.cpp's compute buffers, measured for the
-# bundled model at ctx 4096 (docs/configuration.md): a floor, not a ratio.
-PROCESS_OVERHEAD_BYTES = 48 << 20
+# The process, its threads and llama.cpp's compute buffers: llama-server
+# holds 17 MiB resident with the bundled model at ctx 512 (docs/configuration.md,
+# "Memory"); rounded up, as a floor rather than a ratio.
+PROCESS_OVERHEAD_BYTES = 24 << 20
 KV_BYTES_PER_VALUE = 2  # f16, llama-server's default cache type
 
 
