@@ -413,6 +413,7 @@ class Pool:
 
         # Plan every eviction (slots, then memory) before carrying any out:
         # a load that cannot happen must not have evicted anything.
+        need = await asyncio.to_thread(self._estimate, spec, wanted)  # reads the file's header
         residents = {
             m.name: self._resident(m)
             for m in self._models.values()
@@ -427,7 +428,7 @@ class Pool:
                 f"every {spec.type.value} slot is held by a pinned model ({', '.join(plan.pinned)});"
                 f" unpin one to load {job.name}"
             )
-        memory_victims = await self._plan_memory(job.name, spec, wanted, residents, plan.victims)
+        memory_victims = self._plan_memory(job.name, need, residents, plan.victims)
         for victims, reason in (
             (plan.victims, UnloadReason.EVICTED_LRU),
             (memory_victims, UnloadReason.MEMORY_PRESSURE),
@@ -470,16 +471,10 @@ class Pool:
         rss = model.backend.process.rss_bytes() if model.backend is not None else 0
         return policy.Resident(model.name, model.pinned, len(model.leases), model.last_used_at or 0.0, rss)
 
-    async def _plan_memory(
-        self,
-        name: str,
-        spec: ModelSpec,
-        wanted: EffectiveOptions,
-        residents: Mapping[str, policy.Resident],
-        slot_victims: tuple[str, ...],
+    def _plan_memory(
+        self, name: str, need: int, residents: Mapping[str, policy.Resident], slot_victims: tuple[str, ...]
     ) -> tuple[str, ...]:
-        """The idle models to stop so that `name` fits in memory; raise `InsufficientMemory` if none do."""
-        need = await asyncio.to_thread(self._estimate, spec, wanted)
+        """The idle models to stop so that `need` bytes fit; raise `InsufficientMemory` if none do."""
         reserve = self.settings.memory_reserve_bytes
         available = self._memory.available_bytes()
         idle = [
