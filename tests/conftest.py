@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -189,9 +190,10 @@ def fake_model(name: str, model_file: Path, *flags: str, type_: str = "llm") -> 
     )
 
 
-def llama_model(name: str, model_file: Path, *, ctx_size: int = 2048) -> str:
+def llama_model(name: str, model_file: Path, *, ctx_size: int = 2048, args: list[str] | None = None) -> str:
     """A catalog entry (TOML) running the real llama-server on `model_file`."""
-    return f'[models.{name}]\nrecipe = "llamacpp"\npath = "{model_file}"\nctx_size = {ctx_size}\n'
+    extra = f"args = {json.dumps(args)}\n" if args else ""
+    return f'[models.{name}]\nrecipe = "llamacpp"\npath = "{model_file}"\nctx_size = {ctx_size}\n{extra}'
 
 
 def pids_in(pid_log: Path) -> list[int]:

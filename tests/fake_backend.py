@@ -8,7 +8,9 @@ starts in tens of milliseconds.
 Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
 `--crash-after-tokens` (exit mid-stream), `--ignore-sigterm`,
 `--token-seconds` (slow generation), `--exit-after-seconds` (crash on a
-timer, again at every restart). `--pid-log FILE` appends this process's
+timer, again at every restart), `--token-bytes` (big deltas, to fill
+buffers). Each token's text names the prompt, so concurrent streams can be
+told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
 """
 
@@ -36,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--crash-after-tokens", type=int, default=-1)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--exit-after-seconds", type=float, default=-1.0)
+    parser.add_argument("--token-bytes", type=int, default=0)
     parser.add_argument("--pid-log", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -73,7 +76,8 @@ class FakeBackend:
             )
             await respond(writer, *status)
         elif path == "/slots":
-            await respond(writer, 200, json.dumps([{"id": 0, "is_processing": self.processing > 0}]))
+            slot = {"id": 0, "is_processing": self.processing > 0, "tokens_sent": self.tokens_sent}
+            await respond(writer, 200, json.dumps([slot]))
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             await self.generate(
                 json.loads(body or b"{}"), chat=path.endswith("chat/completions"), writer=writer
@@ -83,13 +87,15 @@ class FakeBackend:
 
     async def generate(self, request: dict[str, object], *, chat: bool, writer: asyncio.StreamWriter) -> None:
         max_tokens = int(str(request.get("max_tokens", 16)))
+        prompt = request.get("prompt") or json.dumps(request.get("messages"))
+        tag = str(prompt)[:8]
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
         self.processing += 1
         try:
             for index in range(max_tokens):
                 if self.args.crash_after_tokens >= 0 and self.tokens_sent >= self.args.crash_after_tokens:
                     os._exit(3)
-                text = f"t{index} "
+                text = f"{tag}{index} " + "x" * self.args.token_bytes
                 choice = {"delta": {"content": text}} if chat else {"text": text}
                 writer.write(sse({"choices": [{**choice, "index": 0, "finish_reason": None}]}))
                 await writer.drain()

@@ -9,7 +9,6 @@ import psutil
 import pytest
 
 from conftest import eventually, is_gone, next_message
-from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from rpc_errors import bad_fields, error_info
 
@@ -144,11 +143,3 @@ async def test_invalid_load_is_invalid_argument_naming_the_field(
     assert bad_fields(raised.value) == [field]
     # Nothing was started.
     assert list((await control.Status(pb.StatusRequest())).pool.models) == []
-
-
-async def test_unimplemented_rpcs_say_so_with_a_reason(channel: grpc.aio.Channel) -> None:
-    chat = inference_pb2_grpc.InferenceStub(channel).Chat(inference_pb2.ChatRequest(model="tiny"))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await next_message(chat)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert error_info(raised.value).reason == "NOT_IMPLEMENTED"

@@ -27,18 +27,7 @@ _CODES = {
     ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
 }
-
-
-class NotImplementedYet(PoolError):
-    """An RPC of the contract whose implementation has not landed yet."""
-
-    kind = ErrorKind.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
-
-    def __init__(self, method: str) -> None:
-        super().__init__(f"{method} is not implemented yet")
 
 
 Request = TypeVar("Request")

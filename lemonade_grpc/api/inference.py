@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import grpc
@@ -19,7 +19,7 @@ import grpc
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors
-from lemonade_grpc.backends.openai_client import BackendHTTPError
+from lemonade_grpc.backends.openai_client import BackendHTTPError, Chunk
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest
 from lemonade_grpc.pool.pool import Pool
 
@@ -27,6 +27,7 @@ Context = grpc.aio.ServicerContext
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 16
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 FloatField = Literal[
     "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"
@@ -78,8 +79,25 @@ def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, 
     return payload
 
 
+def chat_messages(request: pb.ChatRequest) -> list[dict[str, str]]:
+    """The OpenAI-style messages of `request`; raises `InvalidRequest` naming a bad one."""
+    if not request.messages:
+        raise InvalidRequest("messages must hold at least one message", field="messages")
+    for index, message in enumerate(request.messages):
+        if message.role not in CHAT_ROLES:
+            roles = ", ".join(sorted(CHAT_ROLES))
+            raise InvalidRequest(
+                f"messages[{index}].role must be one of {roles}, got {message.role!r}",
+                field=f"messages[{index}].role",
+            )
+    return [{"role": m.role, "content": m.content} for m in request.messages]
+
+
+Reply = TypeVar("Reply", pb.CompleteResponse, pb.ChatResponse)
+
+
 class Inference(pb_grpc.InferenceServicer):
-    """Complete streams tokens; Chat answers UNIMPLEMENTED until its issue lands."""
+    """Complete and Chat: one backend stream each, relayed with coalescing."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -93,23 +111,48 @@ class Inference(pb_grpc.InferenceServicer):
         if not request.prompt:
             raise InvalidRequest("prompt is required", field="prompt")
         payload["prompt"] = request.prompt
+        async for reply in self._relay(
+            request.model, "/v1/completions", payload, pb.CompleteResponse, started
+        ):
+            yield reply
+
+    @errors.stream
+    async def Chat(
+        self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
+    ) -> AsyncIterator[pb.ChatResponse]:
+        started = time.perf_counter()
+        payload = sampling_payload(request)
+        payload["messages"] = chat_messages(request)
+        async for reply in self._relay(
+            request.model, "/v1/chat/completions", payload, pb.ChatResponse, started
+        ):
+            yield reply
+
+    async def _relay(
+        self, model: str, path: str, payload: dict[str, Any], reply: type[Reply], started: float
+    ) -> AsyncIterator[Reply]:
+        """Stream `payload` to `model`'s backend under a lease; one message per batch of deltas.
+
+        The deltas that arrived while the previous message was being sent go
+        out together as one message (`token_count` says how many): the proxy
+        keeps up with any backend, and a slow one still streams token by token.
+        The last message carries finish_reason, usage and timings.
+        """
         first_token_ms = 0.0
-        final = pb.CompleteResponse()
-        async with self._pool.lease(request.model) as lease:
+        final = reply()
+        async with self._pool.lease(model) as lease:
             try:
-                async for chunk in lease.backend.client.stream("/v1/completions", payload):
-                    if chunk.text:
+                async for batch in lease.backend.client.stream(path, payload):
+                    texts = []
+                    for chunk in batch:
+                        if chunk.text:
+                            texts.append(chunk.text)
+                        if chunk.is_last:
+                            _fill_final(final, chunk)
+                    if texts:
                         if not first_token_ms:
                             first_token_ms = (time.perf_counter() - started) * 1000
-                        yield pb.CompleteResponse(text=chunk.text, token_count=1)
-                    if chunk.finish_reason is not None:
-                        final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, pb.FINISH_REASON_STOP)
-                    if chunk.completion_tokens is not None:
-                        final.usage.prompt_tokens = chunk.prompt_tokens or 0
-                        final.usage.completion_tokens = chunk.completion_tokens
-                    if chunk.tokens_per_second is not None:
-                        final.timings.tokens_per_second = chunk.tokens_per_second
-                        final.timings.prompt_ms = chunk.prompt_ms or 0.0
+                        yield reply(text="".join(texts), token_count=len(texts))
             except BackendHTTPError as error:
                 if 400 <= error.status < 500:
                     raise BackendRejected(f"the backend refused the request: {error.message}") from error
@@ -117,14 +160,19 @@ class Inference(pb_grpc.InferenceServicer):
             except aiohttp.ClientError as error:
                 # The pool says why the stream broke when it broke it (eviction, crash).
                 raise lease.revoked or BackendCrashed(
-                    f"lost the connection to the backend of {request.model}: {error}"
+                    f"lost the connection to the backend of {model}: {error}"
                 ) from error
         final.timings.time_to_first_token_ms = first_token_ms
         yield final
 
-    @errors.stream
-    async def Chat(
-        self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
-    ) -> AsyncIterator[pb.ChatResponse]:
-        raise errors.NotImplementedYet("Inference.Chat")
-        yield pb.ChatResponse()  # pragma: no cover - makes this an async generator
+
+def _fill_final(final: pb.CompleteResponse | pb.ChatResponse, chunk: Chunk) -> None:
+    """Copy what the last events of a stream carry (finish reason, usage, timings) onto `final`."""
+    if chunk.finish_reason is not None:
+        final.finish_reason = FINISH_REASONS.get(chunk.finish_reason, pb.FINISH_REASON_STOP)
+    if chunk.completion_tokens is not None:
+        final.usage.prompt_tokens = chunk.prompt_tokens or 0
+        final.usage.completion_tokens = chunk.completion_tokens
+    if chunk.tokens_per_second is not None:
+        final.timings.tokens_per_second = chunk.tokens_per_second
+        final.timings.prompt_ms = chunk.prompt_ms or 0.0

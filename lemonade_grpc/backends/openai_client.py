@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 
 class BackendHTTPError(Exception):
@@ -40,6 +41,15 @@ class Chunk:
     completion_tokens: int | None = None
     prompt_ms: float | None = None
     tokens_per_second: float | None = None
+
+    @property
+    def is_last(self) -> bool:
+        """Whether it carries what only the end of a stream does (finish reason, usage, timings)."""
+        return (
+            self.finish_reason is not None
+            or self.completion_tokens is not None
+            or self.tokens_per_second is not None
+        )
 
 
 def parse_chunk(event: Mapping[str, Any]) -> Chunk:
@@ -68,6 +78,40 @@ def parse_chunk(event: Mapping[str, Any]) -> Chunk:
     return chunk
 
 
+class SSEDecoder:
+    """Incremental decoder of an OpenAI-style SSE body: `data: {json}` lines, `data: [DONE]` at the end.
+
+    `feed` takes bytes as they arrive, in pieces of any size, and returns the
+    chunks of the events completed by them. Lines other than `data:` and
+    `error:` (comments, blank lines between events) are skipped.
+    """
+
+    __slots__ = ("_pending", "done")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        chunks: list[Chunk] = []
+        for line in lines:
+            if line.startswith(b"data: "):
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    break
+                try:
+                    event = orjson.loads(payload)  # a few times faster than json: it runs per token
+                except orjson.JSONDecodeError:
+                    raise BackendHTTPError(502, f"malformed stream event: {payload[:200]!r}") from None
+                chunks.append(parse_chunk(event))
+            elif line.startswith(b"error: "):
+                raise BackendHTTPError(500, _error_message(line[7:].decode("utf-8", "replace")))
+        return chunks
+
+
 class OpenAIClient:
     """HTTP client of one backend at `base_url`. `close` is idempotent."""
 
@@ -81,7 +125,9 @@ class OpenAIClient:
             self._session = aiohttp.ClientSession(
                 self.base_url,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                connector=aiohttp.TCPConnector(limit=0),
+                # llama-server closes the connection after a streamed response
+                # (whatever its Keep-Alive header says): reusing one fails.
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
             )
         return self._session
 
@@ -91,32 +137,34 @@ class OpenAIClient:
         async with self._get_session().get("/health", timeout=limit) as response:
             return response.status
 
-    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[Chunk]:
-        """POST `payload` to `path` with streaming on; yield each event as a `Chunk`.
+    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[list[Chunk]]:
+        """POST `payload` to `path` with streaming on; yield the events as they arrive.
+
+        Each batch holds every event that had arrived when it was read: one
+        while the consumer keeps up, more when it fell behind (the caller
+        sends a batch as one message, which is how a fast backend never
+        outruns a slower consumer). While the consumer is busy, aiohttp
+        buffers at most its read limit and then stops reading the socket, so a
+        slow consumer slows the backend through TCP flow control instead of
+        growing a buffer here.
 
         Raises `BackendHTTPError` on an error status or error event, and
         aiohttp.ClientError when the connection breaks or the stream ends
         without `data: [DONE]`. Stopping the iteration early closes the
-        connection.
+        connection, which tells llama-server to stop generating.
         """
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
         async with self._get_session().post(path, json=body) as response:
             if response.status != 200:
                 raise BackendHTTPError(response.status, _error_message(await response.text()))
+            events = SSEDecoder()
             try:
-                async for line in response.content:
-                    if not line.startswith(b"data: "):
-                        if line.startswith(b"error: "):
-                            raise BackendHTTPError(500, _error_message(line[7:].decode("utf-8", "replace")))
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
+                while data := await response.content.readany():
+                    batch = events.feed(data)
+                    if batch:
+                        yield batch
+                    if events.done:
                         return
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        raise BackendHTTPError(502, f"malformed stream event: {data[:200]!r}") from None
-                    yield parse_chunk(event)
             except RuntimeError as error:
                 # aiohttp's StreamReader raises a bare RuntimeError("Connection
                 # closed.") when the session is closed under a reader (the

@@ -20,7 +20,6 @@ class ErrorKind(enum.Enum):
     ABORTED = "aborted"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
-    UNIMPLEMENTED = "unimplemented"
 
 
 class PoolError(Exception):
