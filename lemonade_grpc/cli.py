@@ -83,12 +83,21 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--since", type=int, help="resume after this sequence number")
     commands.add_parser("status", parents=[address], help="print the pool's status as JSON")
     commands.add_parser("models", parents=[address], help="print the catalog as JSON")
-    complete = commands.add_parser("complete", parents=[address], help="stream a completion to stdout")
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-tokens", type=int)
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--seed", type=int)
+    complete = commands.add_parser(
+        "complete", parents=[address, sampling], help="stream a completion to stdout"
+    )
     complete.add_argument("model")
     complete.add_argument("prompt")
-    complete.add_argument("--max-tokens", type=int)
-    complete.add_argument("--temperature", type=float)
-    complete.add_argument("--seed", type=int)
+    chat = commands.add_parser(
+        "chat", parents=[address, sampling], help="stream a chat reply (the model's template) to stdout"
+    )
+    chat.add_argument("model")
+    chat.add_argument("message", help="the user's message")
+    chat.add_argument("--system", help="a system message before it")
     return parser
 
 
@@ -155,8 +164,8 @@ async def _client(args: argparse.Namespace) -> int:
             _print_json(await control.Status(model_control_pb2.StatusRequest()))
         elif args.command == "models":
             _print_json(await control.ListModels(model_control_pb2.ListModelsRequest()))
-        elif args.command == "complete":
-            await _complete(inference_grpc.InferenceStub(channel), args)
+        elif args.command in ("complete", "chat"):
+            await _generate(inference_grpc.InferenceStub(channel), args)
     return 0
 
 
@@ -179,15 +188,23 @@ async def _load(control: control_grpc.ModelControlAsyncStub, args: argparse.Name
             print(f"pid {progress.status.pid}, already_loaded={progress.already_loaded}")
 
 
-async def _complete(stub: inference_grpc.InferenceAsyncStub, args: argparse.Namespace) -> None:
-    request = inference_pb2.CompleteRequest(model=args.model, prompt=args.prompt)
+async def _generate(stub: inference_grpc.InferenceAsyncStub, args: argparse.Namespace) -> None:
+    request: inference_pb2.CompleteRequest | inference_pb2.ChatRequest
+    if args.command == "chat":
+        request = inference_pb2.ChatRequest(model=args.model)
+        if args.system:
+            request.messages.add(role="system", content=args.system)
+        request.messages.add(role="user", content=args.message)
+    else:
+        request = inference_pb2.CompleteRequest(model=args.model, prompt=args.prompt)
     if args.max_tokens is not None:
         request.max_tokens = args.max_tokens
     if args.temperature is not None:
         request.temperature = args.temperature
     if args.seed is not None:
         request.seed = args.seed
-    async for response in stub.Complete(request):
+    call = stub.Chat(request) if isinstance(request, inference_pb2.ChatRequest) else stub.Complete(request)
+    async for response in call:
         sys.stdout.write(response.text)
         sys.stdout.flush()
         if response.finish_reason:
