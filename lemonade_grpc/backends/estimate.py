@@ -29,20 +29,13 @@ KV_BYTES_PER_VALUE = 2  # f16, llama-server's default cache type
 def estimate_bytes(spec: ModelSpec, options: EffectiveOptions) -> int:
     """Bytes the backend of `spec` will hold resident with `options`. Reads the file's header."""
     try:
-        size = spec.path.stat().st_size
+        stat = spec.path.stat()
     except OSError:
-        size = 0
+        return 0
     if spec.recipe is not Recipe.LLAMACPP:
-        return size
-    per_cell = kv_bytes_per_cell(spec.path, _mtime(spec.path))
-    return size + per_cell * options.ctx_size + PROCESS_OVERHEAD_BYTES
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        return stat.st_size
+    per_cell = kv_bytes_per_cell(spec.path, stat.st_mtime)
+    return stat.st_size + per_cell * options.ctx_size + PROCESS_OVERHEAD_BYTES
 
 
 @functools.lru_cache(maxsize=64)

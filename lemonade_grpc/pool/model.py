@@ -57,15 +57,14 @@ class Lease:
 class Model:
     """One model in the pool. Owned by the pool; read-only everywhere else.
 
-    `generation` increases with every process started for this name, so a
-    late event about an old process (its exit, say) can be told apart from
-    one about the current process and dropped.
+    Each process started for a name gets a new `Model` (compared by
+    identity), so a late event about an old process (its exit, say) is told
+    apart from one about the current process and dropped.
     """
 
     spec: ModelSpec
     options: EffectiveOptions
     state: ModelState
-    generation: int
     pinned: bool = False
     backend: Backend | None = None
     loaded_at: float | None = None

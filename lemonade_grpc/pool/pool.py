@@ -279,7 +279,6 @@ class Pool:
         self._jobs: dict[tuple[object, ...], LoadJob] = {}
         self._waiting: list[LoadJob] = []
         self._current: LoadJob | None = None
-        self._generation = 0
         self._backends_started = 0
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -438,8 +437,7 @@ class Pool:
                 self._progress(job, LoadPhase.EVICTING, f"evicting {', '.join(victims)} ({reason.value})")
                 await self._stop_models([self._models[v] for v in victims], reason)
 
-        self._generation += 1
-        model = Model(spec, wanted, ModelState.LOADING, self._generation, pinned=pinned)
+        model = Model(spec, wanted, ModelState.LOADING, pinned=pinned)
         self._models[job.name] = model
         self._progress(job, LoadPhase.STARTING, "starting backend")
         try:
