@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -79,8 +79,15 @@ def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, 
     return payload
 
 
-def chat_messages(request: pb.ChatRequest) -> list[dict[str, str]]:
-    """The OpenAI-style messages of `request`; raises `InvalidRequest` naming a bad one."""
+def prompt_payload(request: pb.CompleteRequest) -> dict[str, Any]:
+    """The prompt of a Complete request; raises `InvalidRequest` when it is empty."""
+    if not request.prompt:
+        raise InvalidRequest("prompt is required", field="prompt")
+    return {"prompt": request.prompt}
+
+
+def chat_payload(request: pb.ChatRequest) -> dict[str, Any]:
+    """The OpenAI-style messages of a Chat request; raises `InvalidRequest` naming a bad one."""
     if not request.messages:
         raise InvalidRequest("messages must hold at least one message", field="messages")
     for index, message in enumerate(request.messages):
@@ -90,9 +97,10 @@ def chat_messages(request: pb.ChatRequest) -> list[dict[str, str]]:
                 f"messages[{index}].role must be one of {roles}, got {message.role!r}",
                 field=f"messages[{index}].role",
             )
-    return [{"role": m.role, "content": m.content} for m in request.messages]
+    return {"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
 
 
+Request = TypeVar("Request", pb.CompleteRequest, pb.ChatRequest)
 Reply = TypeVar("Reply", pb.CompleteResponse, pb.ChatResponse)
 
 
@@ -106,38 +114,35 @@ class Inference(pb_grpc.InferenceServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: Context[pb.CompleteRequest, pb.CompleteResponse]
     ) -> AsyncIterator[pb.CompleteResponse]:
-        started = time.perf_counter()
-        payload = sampling_payload(request)
-        if not request.prompt:
-            raise InvalidRequest("prompt is required", field="prompt")
-        payload["prompt"] = request.prompt
-        async for reply in self._relay(
-            request.model, "/v1/completions", payload, pb.CompleteResponse, started
-        ):
+        replies = self._relay(request, prompt_payload, "/v1/completions", pb.CompleteResponse)
+        async for reply in replies:
             yield reply
 
     @errors.stream
     async def Chat(
         self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
     ) -> AsyncIterator[pb.ChatResponse]:
-        started = time.perf_counter()
-        payload = sampling_payload(request)
-        payload["messages"] = chat_messages(request)
-        async for reply in self._relay(
-            request.model, "/v1/chat/completions", payload, pb.ChatResponse, started
-        ):
+        replies = self._relay(request, chat_payload, "/v1/chat/completions", pb.ChatResponse)
+        async for reply in replies:
             yield reply
 
     async def _relay(
-        self, model: str, path: str, payload: dict[str, Any], reply: type[Reply], started: float
+        self,
+        request: Request,
+        content: Callable[[Request], dict[str, Any]],
+        path: str,
+        reply: type[Reply],
     ) -> AsyncIterator[Reply]:
-        """Stream `payload` to `model`'s backend under a lease; one message per batch of deltas.
+        """Stream `request` to its model's backend under a lease; one message per batch of deltas.
 
         The deltas that arrived while the previous message was being sent go
         out together as one message (`token_count` says how many): the proxy
         keeps up with any backend, and a slow one still streams token by token.
         The last message carries finish_reason, usage and timings.
         """
+        started = time.perf_counter()
+        payload = sampling_payload(request) | content(request)
+        model = request.model
         first_token_ms = 0.0
         final = reply()
         async with self._pool.lease(model) as lease:
