@@ -92,6 +92,5 @@ class BackendRegistry:
             return []
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         backends = [asdict(r) for r in self._records.values()]
         write_atomically(self.path, json.dumps({"backends": backends}, indent=1))

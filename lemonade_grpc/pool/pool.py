@@ -838,7 +838,8 @@ class Pool:
             self._spec(name)
         names = {name} if name else set(self.catalog)
         for unpinned in names:
-            self._forget_pin(unpinned)
+            self._pins.pop(unpinned, None)
+        self._save_pins()  # once, however many were unpinned
         cancelled = await self._cancel_jobs(names)
         stopped = {job.name for job in cancelled}
         async with self._lock:

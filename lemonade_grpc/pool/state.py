@@ -15,7 +15,6 @@ restored in.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +22,6 @@ from typing import Any
 
 from lemonade_grpc.files import write_atomically
 from lemonade_grpc.pool.options import EffectiveOptions
-
-log = logging.getLogger(__name__)
 
 VERSION = 1
 
