@@ -20,6 +20,7 @@ class ErrorKind(enum.Enum):
     ABORTED = "aborted"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
 
 
 class PoolError(Exception):
@@ -78,8 +79,52 @@ class BackendCrashed(PoolError):
 
 
 class ShuttingDown(PoolError):
+    """New work refused, or a stream ended, because the server is stopping."""
+
     kind = ErrorKind.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class LoadAbortedByShutdown(PoolError):
+    """A queued or running load ended because the server is stopping."""
+
+    kind = ErrorKind.ABORTED
+    reason = "SHUTTING_DOWN"
+
+
+class StateWriteFailed(PoolError):
+    """A file of the state directory could not be written (full, read-only, immutable)."""
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "STATE_WRITE_FAILED"
+
+
+class Overloaded(PoolError):
+    """More concurrent work than the configured limits and queues allow."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+
+
+class ServerResourcesExhausted(PoolError):
+    """The control plane itself ran out of something (file descriptors, memory): not the backend's fault."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    reason = "SERVER_RESOURCES_EXHAUSTED"
+
+
+class MalformedRequest(PoolError):
+    """The request's bytes are not a valid message of its type."""
+
+    kind = ErrorKind.INVALID_ARGUMENT
+    reason = "MALFORMED_REQUEST"
+
+
+class InternalError(PoolError):
+    """A bug of ours: logged with its traceback, reported without the details."""
+
+    kind = ErrorKind.INTERNAL
+    reason = "INTERNAL_ERROR"
 
 
 class InvalidOptions(PoolError):
