@@ -25,6 +25,7 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
 from lemonade_grpc.api.inference import Inference
+from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.estimate import estimate_bytes
@@ -73,7 +74,7 @@ async def serve(config: Config) -> int:
     log.info("reaped %d stale backend(s)", len(stale))
     # SO_REUSEPORT is on by default on Linux: a second server would silently
     # share the port with the first and get half of its calls.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=[("grpc.so_reuseport", 0)])
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
     inference_grpc.add_InferenceServicer_to_server(Inference(pool), server)
     health_servicer = health.aio.HealthServicer()

@@ -2,11 +2,22 @@
 
 Every non-OK status carries an ErrorInfo (domain "lemonade.v1", the error's
 reason) and, when a request field is at fault, a BadRequest naming it.
+
+The servicer wrappers (`unary`, `stream`) are the last line of the contract
+"no request, however malformed, gets UNKNOWN or INTERNAL without details":
+a `PoolError` ends the call with its own status; the control plane running
+out of file descriptors or memory is RESOURCE_EXHAUSTED
+`SERVER_RESOURCES_EXHAUSTED` (never blamed on a backend); anything else is a
+bug of ours, logged with its traceback and answered INTERNAL `INTERNAL_ERROR`
+without the details (they may quote the request or the host).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
@@ -15,9 +26,29 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lemonade_grpc.pool.errors import ErrorKind, PoolError
+from lemonade_grpc.pool.errors import ErrorKind, InternalError, PoolError, ServerResourcesExhausted
+
+log = logging.getLogger(__name__)
 
 DOMAIN = "lemonade.v1"
+
+# The most a status message (and a BadRequest description) may take, in UTF-8
+# bytes. The message travels twice in the trailers (grpc-message, percent-
+# encoded, and inside grpc-status-details-bin, base64), and the client drops
+# trailers over its metadata limit (8 KiB soft by default): a 1 MB model name
+# echoed whole became RESOURCE_EXHAUSTED "received metadata size exceeds hard
+# limit" (issue 9, finding 9). 1 KiB stays under that limit even when every
+# byte is percent-encoded.
+MAX_MESSAGE_BYTES = 1024
+ELLIPSIS = "…"
+_ELLIPSIS_BYTES = len(ELLIPSIS.encode())
+
+# Errnos that say the control plane itself ran out of something. With them,
+# a failed connection to a healthy backend is our shortage, not its crash
+# (issue 9, finding 7: "Too many open files" reported as BACKEND_CRASHED).
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+INTERNAL_MESSAGE = "internal error (see the server log)"
 
 _CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,9 +67,32 @@ Response = TypeVar("Response")
 Servicer = TypeVar("Servicer")
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, ending in "…" when cut. Pure.
+
+    The cut never splits a character; characters that cannot be encoded
+    (lone surrogates, from a file name say) become "?" so that gRPC can
+    always send the result.
+    """
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "replace")
+        text = data.decode()
+    if len(data) <= limit:
+        return text
+    # "ignore" drops the partial character the cut may leave at the end.
+    return data[: limit - _ELLIPSIS_BYTES].decode("utf-8", "ignore") + ELLIPSIS
+
+
 def to_status(error: PoolError) -> grpc.Status:
-    """The gRPC status for `error`, with ErrorInfo and (for a bad field) BadRequest."""
+    """The gRPC status for `error`, with ErrorInfo and (for a bad field) BadRequest.
+
+    The message is cut to `MAX_MESSAGE_BYTES` (errors never echo unbounded
+    input), so the trailers always fit the client's metadata limit.
+    """
     code = _CODES[error.kind]
+    message = bounded(error.message)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))
     details = [info]
@@ -47,12 +101,14 @@ def to_status(error: PoolError) -> grpc.Status:
         bad_request.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=bounded(error.field, 256), description=message
+                    )
                 ]
             )
         )
         details.append(bad_request)
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=error.message, details=details))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
 async def abort(context: grpc.aio.ServicerContext[Request, Response], error: PoolError) -> NoReturn:
@@ -62,10 +118,62 @@ async def abort(context: grpc.aio.ServicerContext[Request, Response], error: Poo
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
+def exhausted_resource(error: BaseException) -> OSError | None:
+    """The OSError behind `error` that says the server ran out of resources, or None. Pure.
+
+    Looks at `error`, aiohttp's `os_error` (ClientConnectorError), and the
+    explicit causes (`raise ... from`) down the chain; only an errno in
+    `RESOURCE_ERRNOS` counts.
+    """
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for candidate in (current, getattr(current, "os_error", None)):
+            if isinstance(candidate, OSError) and candidate.errno in RESOURCE_ERRNOS:
+                return candidate
+        current = current.__cause__
+    return None
+
+
+def server_resources_exhausted(cause: OSError) -> ServerResourcesExhausted:
+    """The error for a shortage of ours: names the resource (strerror), never the request."""
+    what = os.strerror(cause.errno) if cause.errno is not None else "resources"
+    return ServerResourcesExhausted(f"the server ran out of resources ({what}); retry later")
+
+
+def _translate(error: Exception, method: str) -> PoolError:
+    """The `PoolError` to answer for an exception that escaped servicer `method`."""
+    if isinstance(error, PoolError):
+        return error
+    cause = exhausted_resource(error)
+    if cause is not None:
+        log.warning("%s: the server ran out of resources: %s", method, error)
+        return server_resources_exhausted(cause)
+    log.error("%s: unexpected error", method, exc_info=error)
+    return InternalError(INTERNAL_MESSAGE)
+
+
+async def _end(context: grpc.aio.ServicerContext[Request, Response], error: Exception, method: str) -> None:
+    """End the RPC with the status `error` translates to; re-raise it if a status was already sent."""
+    if context.done():
+        # The status went out already (an abort whose error a servicer
+        # replaced, say): a second abort would raise UsageError.
+        raise error
+    await abort(context, _translate(error, method))
+
+
 def unary(
     method: Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]],
 ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]:
-    """Wrap a unary servicer method so that a `PoolError` ends the call with its status."""
+    """Wrap a unary servicer method so that every exception ends the call with a status carrying ErrorInfo.
+
+    `PoolError`: its status. An OSError of resource exhaustion:
+    `SERVER_RESOURCES_EXHAUSTED`. Anything else: `INTERNAL_ERROR`, logged.
+    `grpc.aio.AbortError` (the call was aborted already) and cancellation
+    pass through untouched.
+    """
+    name = method.__qualname__
 
     @functools.wraps(method)
     async def wrapper(
@@ -73,8 +181,11 @@ def unary(
     ) -> Response:
         try:
             return await method(self, request, context)
-        except PoolError as error:
-            await abort(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _end(context, error, name)
+            raise AssertionError("_end returned") from error  # pragma: no cover
 
     return wrapper
 
@@ -84,7 +195,8 @@ def stream(
         [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]
     ],
 ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]]:
-    """Wrap a server-streaming servicer method so that a `PoolError` ends the stream with its status."""
+    """Wrap a server-streaming servicer method like `unary`: any exception ends the stream with ErrorInfo."""
+    name = method.__qualname__
 
     @functools.wraps(method)
     async def wrapper(
@@ -93,7 +205,9 @@ def stream(
         try:
             async for response in method(self, request, context):
                 yield response
-        except PoolError as error:
-            await abort(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _end(context, error, name)
 
     return wrapper

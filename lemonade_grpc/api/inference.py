@@ -164,9 +164,14 @@ class Inference(pb_grpc.InferenceServicer):
                 raise BackendError(f"the backend failed the request: {error.message}") from error
             except aiohttp.ClientError as error:
                 # The pool says why the stream broke when it broke it (eviction, crash).
-                raise lease.revoked or BackendCrashed(
-                    f"lost the connection to the backend of {model}: {error}"
-                ) from error
+                if lease.revoked is not None:
+                    raise lease.revoked from error
+                # Out of file descriptors or memory on our side, the backend is
+                # fine: not a crash (issue 9, finding 7, "Too many open files").
+                shortage = errors.exhausted_resource(error)
+                if shortage is not None:
+                    raise errors.server_resources_exhausted(shortage) from error
+                raise BackendCrashed(f"lost the connection to the backend of {model}: {error}") from error
         final.timings.time_to_first_token_ms = first_token_ms
         yield final
 

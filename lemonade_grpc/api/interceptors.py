@@ -1,0 +1,192 @@
+"""Server interceptors: a request whose bytes do not decode is INVALID_ARGUMENT `MALFORMED_REQUEST`.
+
+grpc.aio decodes a request before any servicer code runs, and a decode error
+escapes as UNKNOWN "Unexpected DecodeError" with no ErrorInfo (issue 9,
+finding 10), for our services and for Health and reflection alike. The
+interceptor swaps each method handler's deserializer for one that cannot
+raise: on bad bytes it returns a `_Malformed` marker instead of a message,
+and the wrapped behaviour answers the marker with INVALID_ARGUMENT and a
+google.rpc.Status carrying ErrorInfo reason `MALFORMED_REQUEST` (domain
+lemonade.v1), before the servicer sees it. Request streams are wrapped so
+that the first undecodable message ends the call the same way.
+
+Cost: the wrapped handler of each method is built once and cached, so a
+call pays one dict lookup, one identity check and one extra call frame (and
+one extra async-generator hop per streamed message); see the micro-benchmark
+in tests/test_api_errors.py.
+
+What it does not cover: handlers that are not coroutine or async-generator
+functions (sync handlers run in a thread pool; none on this server) pass
+through unchanged, and a servicer reading its request stream with
+`context.read()` instead of the request iterator would receive the marker
+itself (none here does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, TypeVar, cast
+
+import grpc
+
+from lemonade_grpc.api import errors
+from lemonade_grpc.pool.errors import MalformedRequest
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+# Strings: grpc's classes are generic in the stubs only.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+# A handler is cached per method name; a generic handler that serves any name
+# could otherwise grow the cache with every name a client makes up.
+MAX_CACHED_METHODS = 1024
+
+
+class _Malformed:
+    """What the guarded deserializer returns for bytes that are not a message of the request type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _guarded(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """`deserializer` that returns a `_Malformed` marker instead of raising."""
+
+    def deserialize(raw: bytes) -> object:
+        try:
+            return deserializer(raw)
+        except Exception as error:  # any failure to decode the client's bytes is the client's
+            return _Malformed(str(error) or type(error).__name__)
+
+    return deserialize
+
+
+async def _reject(context: Context, method: str, request: _Malformed) -> NoReturn:
+    """End the call with INVALID_ARGUMENT `MALFORMED_REQUEST`. Never returns."""
+    await errors.abort(
+        context, MalformedRequest(f"{method}: the request is not a valid protobuf message: {request.error}")
+    )
+
+
+async def _checked(requests: AsyncIterator[object], context: Context, method: str) -> AsyncIterator[object]:
+    """`requests`, ending the call at the first one that did not decode."""
+    async for request in requests:
+        if type(request) is _Malformed:
+            await _reject(context, method, request)
+        yield request
+
+
+def _guard_behaviour(handler: Handler, method: str) -> Callable[..., Any] | None:
+    """`handler`'s behaviour wrapped to reject a malformed request; None when it cannot be wrapped."""
+    if handler.request_streaming:
+        found = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    else:
+        found = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    if found is None:
+        return None
+    # grpc's stubs type behaviours for the sync server; under grpc.aio they are async.
+    behaviour = cast(Callable[..., Any], found)
+    is_coroutine = inspect.iscoroutinefunction(behaviour)
+    is_generator = inspect.isasyncgenfunction(behaviour)
+    # grpc.aio picks how to run a behaviour by its kind (coroutine: returns a
+    # response or uses context.write; async generator: yields responses), so
+    # each wrapper is of the same kind as what it wraps.
+    if handler.request_streaming:
+        if is_coroutine:
+
+            async def stream_request(requests: AsyncIterator[object], context: Context) -> Any:
+                return await behaviour(_checked(requests, context, method), context)
+
+            return stream_request
+        if is_generator:
+
+            async def stream_request_stream(
+                requests: AsyncIterator[object], context: Context
+            ) -> AsyncIterator[object]:
+                async with contextlib.aclosing(behaviour(_checked(requests, context, method), context)) as rs:
+                    async for response in rs:
+                        yield response
+
+            return stream_request_stream
+        return None
+    if is_coroutine:
+
+        async def unary_request(request: object, context: Context) -> Any:
+            if type(request) is _Malformed:
+                await _reject(context, method, request)
+            return await behaviour(request, context)
+
+        return unary_request
+    if is_generator:
+
+        async def unary_request_stream(request: object, context: Context) -> AsyncIterator[object]:
+            if type(request) is _Malformed:
+                await _reject(context, method, request)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return unary_request_stream
+    return None
+
+
+_CONSTRUCTORS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def guard(handler: Handler, method: str) -> Handler:
+    """`handler` with a deserializer that cannot raise and a behaviour that rejects what it could not decode.
+
+    A handler without a deserializer (raw bytes) or whose behaviour is not
+    async is returned unchanged.
+    """
+    if handler.request_deserializer is None:
+        return handler
+    behaviour = _guard_behaviour(handler, method)
+    if behaviour is None:
+        return handler
+    constructor = _CONSTRUCTORS[handler.request_streaming, handler.response_streaming]
+    return constructor(
+        behaviour,
+        request_deserializer=_guarded(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers undecodable request bytes with INVALID_ARGUMENT `MALFORMED_REQUEST`, for every service.
+
+    Safe to share by any number of calls; it keeps no per-call state.
+    """
+
+    def __init__(self) -> None:
+        # method name -> (the handler as found, its guarded version)
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Request, Response] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cast("grpc.RpcMethodHandler[Request, Response]", cached[1])
+        guarded = guard(handler, method)
+        if len(self._guarded) < MAX_CACHED_METHODS:
+            self._guarded[method] = (handler, guarded)
+        return cast("grpc.RpcMethodHandler[Request, Response]", guarded)
