@@ -15,18 +15,18 @@ call pays one dict lookup, one identity check and one extra call frame (and
 one extra async-generator hop per streamed message); see the micro-benchmark
 in tests/test_api_errors.py.
 
-What it does not cover: handlers that are not coroutine or async-generator
-functions (sync handlers run in a thread pool; none on this server) pass
-through unchanged, and a servicer reading its request stream with
-`context.read()` instead of the request iterator would receive the marker
-itself (none here does).
+Every handler kind grpc.aio runs is covered: coroutine, async generator and
+sync (run in a thread pool: Health's List is one), for all four shapes. Not
+covered: a servicer reading its request stream with `context.read()`
+instead of the request iterator would receive the marker itself (none here
+does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeAlias, TypeVar, cast
 
 import grpc
@@ -66,11 +66,27 @@ def _guarded(deserializer: Callable[[bytes], object]) -> Callable[[bytes], objec
     return deserialize
 
 
+def _malformed(method: str, request: _Malformed) -> grpc.Status:
+    return errors.to_status(
+        MalformedRequest(f"{method}: the request is not a valid protobuf message: {request.error}")
+    )
+
+
 async def _reject(context: Context, method: str, request: _Malformed) -> NoReturn:
     """End the call with INVALID_ARGUMENT `MALFORMED_REQUEST`. Never returns."""
-    await errors.abort(
-        context, MalformedRequest(f"{method}: the request is not a valid protobuf message: {request.error}")
-    )
+    status = _malformed(method, request)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _reject_sync(context: grpc.ServicerContext, method: str, request: _Malformed) -> NoReturn:
+    """`_reject` for a sync behaviour (run in grpc.aio's thread pool, with a sync context)."""
+    status = _malformed(method, request)
+    # Set apart: the sync context's abort (in the stubs) takes no trailers;
+    # grpc.aio's abort sends the ones set when it is given none.
+    context.set_trailing_metadata(status.trailing_metadata)
+    context.abort(status.code, status.details)
+    raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 async def _checked(requests: AsyncIterator[object], context: Context, method: str) -> AsyncIterator[object]:
@@ -81,58 +97,97 @@ async def _checked(requests: AsyncIterator[object], context: Context, method: st
         yield request
 
 
+def _checked_sync(requests: Iterator[object], context: grpc.ServicerContext, method: str) -> Iterator[object]:
+    """`_checked` for the sync request iterator grpc.aio hands a sync behaviour."""
+    for request in requests:
+        if type(request) is _Malformed:
+            _reject_sync(context, method, request)
+        yield request
+
+
+def _guard_async(behaviour: Callable[..., Any], method: str, request_streaming: bool) -> Callable[..., Any]:
+    """A coroutine function that rejects a malformed request, then runs `behaviour` (a coroutine function)."""
+    if request_streaming:
+
+        async def stream_request(requests: AsyncIterator[object], context: Context) -> Any:
+            return await behaviour(_checked(requests, context, method), context)
+
+        return stream_request
+
+    async def unary_request(request: object, context: Context) -> Any:
+        if type(request) is _Malformed:
+            await _reject(context, method, request)
+        return await behaviour(request, context)
+
+    return unary_request
+
+
+def _guard_async_generator(
+    behaviour: Callable[..., Any], method: str, request_streaming: bool
+) -> Callable[..., AsyncIterator[object]]:
+    """An async generator function that rejects a malformed request, then yields `behaviour`'s responses."""
+    if request_streaming:
+
+        async def stream_request(requests: AsyncIterator[object], context: Context) -> AsyncIterator[object]:
+            async with contextlib.aclosing(behaviour(_checked(requests, context, method), context)) as rs:
+                async for response in rs:
+                    yield response
+
+        return stream_request
+
+    async def unary_request(request: object, context: Context) -> AsyncIterator[object]:
+        if type(request) is _Malformed:
+            await _reject(context, method, request)
+        # aclosing: closing this generator closes the servicer's at once, not at garbage collection.
+        async with contextlib.aclosing(behaviour(request, context)) as responses:
+            async for response in responses:
+                yield response
+
+    return unary_request
+
+
+def _guard_sync(
+    behaviour: Callable[..., Any], method: str, request_streaming: bool, response_streaming: bool
+) -> Callable[..., Any]:
+    """A sync function (a generator function for a response stream) that rejects a malformed request."""
+
+    def checked(request: object, context: grpc.ServicerContext) -> object:
+        if request_streaming:
+            return _checked_sync(cast(Iterator[object], request), context, method)
+        if type(request) is _Malformed:
+            _reject_sync(context, method, request)
+        return request
+
+    if response_streaming:
+
+        def stream_response(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+            yield from behaviour(checked(request, context), context)
+
+        return stream_response
+
+    def unary_response(request: object, context: grpc.ServicerContext) -> Any:
+        return behaviour(checked(request, context), context)
+
+    return unary_response
+
+
 def _guard_behaviour(handler: Handler, method: str) -> Callable[..., Any] | None:
-    """`handler`'s behaviour wrapped to reject a malformed request; None when it cannot be wrapped."""
+    """`handler`'s behaviour wrapped to reject a malformed request; None when it has none."""
     if handler.request_streaming:
         found = handler.stream_stream if handler.response_streaming else handler.stream_unary
     else:
         found = handler.unary_stream if handler.response_streaming else handler.unary_unary
     if found is None:
         return None
-    # grpc's stubs type behaviours for the sync server; under grpc.aio they are async.
-    behaviour = cast(Callable[..., Any], found)
-    is_coroutine = inspect.iscoroutinefunction(behaviour)
-    is_generator = inspect.isasyncgenfunction(behaviour)
-    # grpc.aio picks how to run a behaviour by its kind (coroutine: returns a
-    # response or uses context.write; async generator: yields responses), so
-    # each wrapper is of the same kind as what it wraps.
-    if handler.request_streaming:
-        if is_coroutine:
-
-            async def stream_request(requests: AsyncIterator[object], context: Context) -> Any:
-                return await behaviour(_checked(requests, context, method), context)
-
-            return stream_request
-        if is_generator:
-
-            async def stream_request_stream(
-                requests: AsyncIterator[object], context: Context
-            ) -> AsyncIterator[object]:
-                async with contextlib.aclosing(behaviour(_checked(requests, context, method), context)) as rs:
-                    async for response in rs:
-                        yield response
-
-            return stream_request_stream
-        return None
-    if is_coroutine:
-
-        async def unary_request(request: object, context: Context) -> Any:
-            if type(request) is _Malformed:
-                await _reject(context, method, request)
-            return await behaviour(request, context)
-
-        return unary_request
-    if is_generator:
-
-        async def unary_request_stream(request: object, context: Context) -> AsyncIterator[object]:
-            if type(request) is _Malformed:
-                await _reject(context, method, request)
-            async with contextlib.aclosing(behaviour(request, context)) as responses:
-                async for response in responses:
-                    yield response
-
-        return unary_request_stream
-    return None
+    behaviour = cast(Callable[..., Any], found)  # the stubs type behaviours for the sync server
+    # grpc.aio picks how to run a behaviour by its kind (coroutine, async
+    # generator, or sync in a thread pool), so each wrapper is of the kind of
+    # what it wraps. Health's List, for one, is a sync method.
+    if inspect.iscoroutinefunction(behaviour):
+        return _guard_async(behaviour, method, handler.request_streaming)
+    if inspect.isasyncgenfunction(behaviour):
+        return _guard_async_generator(behaviour, method, handler.request_streaming)
+    return _guard_sync(behaviour, method, handler.request_streaming, handler.response_streaming)
 
 
 _CONSTRUCTORS = {
@@ -146,8 +201,8 @@ _CONSTRUCTORS = {
 def guard(handler: Handler, method: str) -> Handler:
     """`handler` with a deserializer that cannot raise and a behaviour that rejects what it could not decode.
 
-    A handler without a deserializer (raw bytes) or whose behaviour is not
-    async is returned unchanged.
+    A handler without a deserializer (it takes raw bytes) or without a
+    behaviour is returned unchanged.
     """
     if handler.request_deserializer is None:
         return handler
