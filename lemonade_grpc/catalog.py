@@ -25,7 +25,13 @@ class Recipe(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """A catalog entry. `command` is the argv template of the `command` recipe."""
+    """A catalog entry.
+
+    `command` is the argv template of the `command` recipe. `args` are the
+    operator's backend arguments, always passed; `allowed_args` the flags a
+    client may add with `options.backend_args` (none unless the operator
+    says so).
+    """
 
     name: str
     recipe: Recipe
@@ -33,3 +39,5 @@ class ModelSpec:
     type: ModelType
     defaults: EffectiveOptions
     command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    allowed_args: frozenset[str] = frozenset()

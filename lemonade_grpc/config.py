@@ -14,18 +14,21 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lemonade_grpc import bounds
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.options import RESERVED_BACKEND_ARGS, EffectiveOptions
-from lemonade_grpc.pool.pool import PoolSettings
+from lemonade_grpc.pool import options as opts
+from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.provision.paths import default_state_dir
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MODEL = "tiny"
 DEFAULT_CTX_SIZE = 4096
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 5.0
 ENV_PREFIX = "LEMONADE_GRPC_"
 COMMAND_PLACEHOLDERS = frozenset({"port", "path", "ctx_size"})
 
@@ -46,7 +49,8 @@ class Config:
     state_dir: Path
     pool: PoolSettings
     models: Mapping[str, ModelSpec]
-    shutdown_grace_seconds: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     source: Path | None = None
     builtin_catalog: bool = False
 
@@ -77,7 +81,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError("config", f"file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
-    _only_keys(data, "", {"server", "pool", "models"})
+    _only_keys(data, "", {"server", "pool", "limits", "models"})
     server = _table(data, "server")
     _only_keys(server, "server.", {"listen", "state_dir", "shutdown_grace_seconds"})
     base_dir = path.parent if path is not None else Path.cwd()
@@ -91,15 +95,21 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         state_dir_value = base_dir / _str(server, "server.state_dir", "")
     state_dir = state_dir_value or default_state_dir()
 
-    pool = _pool(_table(data, "pool"), env)
+    pool, pool_allowed = _pool(_table(data, "pool"), env)
     models_table = _table(data, "models")
-    models = {name: _model(name, _table(models_table, name, "models."), base_dir) for name in models_table}
-    grace = _number(server, "server.shutdown_grace_seconds", 5.0, minimum=0.0)
+    models = {
+        name: _model(name, _table(models_table, name, "models."), base_dir, pool_allowed)
+        for name in models_table
+    }
+    grace = _number(
+        server, "server.shutdown_grace_seconds", DEFAULT_SHUTDOWN_GRACE_SECONDS, bounds.GRACE_SECONDS, float
+    )
     return Config(
         listen=listen,
         state_dir=state_dir,
         pool=pool,
         models=models,
+        limits=_limits(_table(data, "limits")),
         shutdown_grace_seconds=grace,
         source=path,
         builtin_catalog=not models,
@@ -119,60 +129,86 @@ def builtin_catalog(tiny_model: Path) -> dict[str, ModelSpec]:
     }
 
 
-def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> PoolSettings:
-    _only_keys(
-        table,
-        "pool.",
-        {
-            "max_loaded",
-            "idle_unload_seconds",
-            "health_timeout_seconds",
-            "stop_grace_seconds",
-            "evict_grace_seconds",
-            "memory_reserve_mb",
-            "memory_check_seconds",
-            "health_check_seconds",
-            "health_check_failures",
-            "restart_backoff_seconds",
-            "restart_backoff_max_seconds",
-            "max_restarts",
-            "restart_window_seconds",
-        },
-    )
-    max_loaded = {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
+# Each numeric field of [pool] and [limits]: its range and whether it must be
+# a whole number. Defaults are the dataclasses' (PoolSettings, Limits).
+_POOL_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
+    "idle_unload_seconds": (bounds.IDLE_UNLOAD_SECONDS, int),
+    "health_timeout_seconds": (bounds.HEALTH_TIMEOUT_SECONDS, float),
+    "stop_grace_seconds": (bounds.GRACE_SECONDS, float),
+    "evict_grace_seconds": (bounds.GRACE_SECONDS, float),
+    "memory_reserve_mb": (bounds.MEMORY_RESERVE_MB, int),
+    "memory_check_seconds": (bounds.CHECK_SECONDS, float),
+    "health_check_seconds": (bounds.CHECK_SECONDS, float),
+    "health_check_timeout_seconds": (bounds.HEALTH_CHECK_TIMEOUT_SECONDS, float),
+    "health_check_failures": (bounds.HEALTH_CHECK_FAILURES, int),
+    "restart_backoff_seconds": (bounds.BACKOFF_SECONDS, float),
+    "restart_backoff_max_seconds": (bounds.BACKOFF_SECONDS, float),
+    "max_restarts": (bounds.MAX_RESTARTS, int),
+    "restart_window_seconds": (bounds.RESTART_WINDOW_SECONDS, float),
+}
+_LIMITS_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
+    "max_streams": (bounds.MAX_STREAMS, int),
+    "max_streams_per_model": (bounds.MAX_STREAMS, int),
+    "max_queued_streams": (bounds.MAX_QUEUED_STREAMS, int),
+    "max_queued_loads": (bounds.MAX_QUEUED_LOADS, int),
+    "watch_queue_events": (bounds.WATCH_QUEUE_EVENTS, int),
+}
+
+
+def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> tuple[PoolSettings, frozenset[str]]:
+    """The [pool] table: its settings, and the backend flags every model lets clients pass."""
+    _only_keys(table, "pool.", {"max_loaded", "allowed_args", *_POOL_NUMBERS})
+    defaults = PoolSettings()
+    max_loaded = dict(defaults.max_loaded)
     slots = _table(table, "max_loaded", "pool.")
     for key in slots:
         model_type = _model_type(f"pool.max_loaded.{key}", key)
-        max_loaded[model_type] = _int(slots, f"pool.max_loaded.{key}", 1, minimum=1)
+        max_loaded[model_type] = int(_number(slots, f"pool.max_loaded.{key}", 1, bounds.MAX_LOADED, int))
     for model_type in ModelType:
         env_key = f"{ENV_PREFIX}MAX_LOADED_{model_type.value.upper()}"
         if env_key in env:
-            max_loaded[model_type] = _parse_env_int(env_key, env[env_key], minimum=1)
-    idle = _int(table, "pool.idle_unload_seconds", 0, minimum=0)
+            max_loaded[model_type] = _parse_env_int(env_key, env[env_key], bounds.MAX_LOADED)
+    values: dict[str, Any] = {
+        key: _number(table, f"pool.{key}", getattr(defaults, key), valid, kind)
+        for key, (valid, kind) in _POOL_NUMBERS.items()
+    }
     env_idle = ENV_PREFIX + "IDLE_UNLOAD_SECONDS"
     if env_idle in env:
-        idle = _parse_env_int(env_idle, env[env_idle], minimum=0)
-    return PoolSettings(
-        max_loaded=max_loaded,
-        idle_unload_seconds=idle,
-        health_timeout_seconds=_number(table, "pool.health_timeout_seconds", 120.0, minimum=0.1),
-        stop_grace_seconds=_number(table, "pool.stop_grace_seconds", 5.0, minimum=0.0),
-        evict_grace_seconds=_number(table, "pool.evict_grace_seconds", 10.0, minimum=0.0),
-        memory_reserve_bytes=_int(table, "pool.memory_reserve_mb", 512, minimum=0) << 20,
-        memory_check_seconds=_number(table, "pool.memory_check_seconds", 5.0, minimum=0.0),
-        health_check_seconds=_number(table, "pool.health_check_seconds", 5.0, minimum=0.0),
-        health_check_failures=_int(table, "pool.health_check_failures", 3, minimum=1),
-        restart_backoff_seconds=_number(table, "pool.restart_backoff_seconds", 1.0, minimum=0.0),
-        restart_backoff_max_seconds=_number(table, "pool.restart_backoff_max_seconds", 60.0, minimum=0.0),
-        max_restarts=_int(table, "pool.max_restarts", 5, minimum=0),
-        restart_window_seconds=_number(table, "pool.restart_window_seconds", 600.0, minimum=0.0),
-    )
+        values["idle_unload_seconds"] = _parse_env_int(env_idle, env[env_idle], bounds.IDLE_UNLOAD_SECONDS)
+    allowed = _allowed_args(table, "pool.allowed_args", Recipe.LLAMACPP)
+    return PoolSettings(max_loaded=max_loaded, **values), allowed
 
 
-def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelSpec:
+def _limits(table: Mapping[str, Any]) -> Limits:
+    _only_keys(table, "limits.", set(_LIMITS_NUMBERS))
+    defaults = Limits()
+    values = {
+        key: _number(table, f"limits.{key}", getattr(defaults, key), valid, kind)
+        for key, (valid, kind) in _LIMITS_NUMBERS.items()
+    }
+    return Limits(**values)
+
+
+def _allowed_args(table: Mapping[str, Any], field_name: str, recipe: Recipe) -> frozenset[str]:
+    """Flags clients may pass (`allowed_args`): each a flag, never one lemonade-grpc owns."""
+    flags = _str_list(table, field_name)
+    for flag in flags:
+        if opts.flag_of(flag) != flag:
+            raise ConfigError(field_name, f"{flag!r} is not a flag (like --threads): list flags, not values")
+        if recipe is Recipe.LLAMACPP and flag in opts.RESERVED_BACKEND_ARGS:
+            raise ConfigError(field_name, f"{flag!r} is set by lemonade-grpc and cannot be allowed")
+    return frozenset(flags)
+
+
+def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: frozenset[str]) -> ModelSpec:
     prefix = f"models.{name}."
+    problem = bounds.model_name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"models.{bounds.echo(name)}", f"the model name {problem}")
     _only_keys(
-        table, prefix, {"recipe", "path", "type", "ctx_size", "args", "command", "idle_unload_seconds"}
+        table,
+        prefix,
+        {"recipe", "path", "type", "ctx_size", "args", "allowed_args", "command", "idle_unload_seconds"},
     )
     recipe_name = _str(table, prefix + "recipe", Recipe.LLAMACPP.value)
     try:
@@ -202,22 +238,34 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path) -> ModelSpec:
     elif "command" in table:
         raise ConfigError(prefix + "command", 'is only for recipe = "command"')
     args = _str_list(table, prefix + "args")
-    for arg in args:
-        if arg.split("=", 1)[0] in RESERVED_BACKEND_ARGS:
-            raise ConfigError(prefix + "args", f"{arg!r} is set by lemonade-grpc and cannot be overridden")
+    if recipe is Recipe.LLAMACPP:
+        for arg in args:
+            if opts.flag_of(arg) in opts.RESERVED_BACKEND_ARGS:
+                raise ConfigError(
+                    prefix + "args", f"{arg!r} is set by lemonade-grpc and cannot be overridden"
+                )
+    allowed = _allowed_args(table, prefix + "allowed_args", recipe)
+    if recipe is Recipe.LLAMACPP:
+        pool_allowed = pool_allowed - opts.RESERVED_BACKEND_ARGS
     idle_value = table.get("idle_unload_seconds")
-    idle = None if idle_value is None else _int(table, prefix + "idle_unload_seconds", 0, minimum=0)
+    idle = (
+        None
+        if idle_value is None
+        else int(_number(table, prefix + "idle_unload_seconds", 0, bounds.IDLE_UNLOAD_SECONDS, int))
+    )
     return ModelSpec(
         name=name,
         recipe=recipe,
         path=path,
         type=_model_type(prefix + "type", _str(table, prefix + "type", ModelType.LLM.value)),
         defaults=EffectiveOptions(
-            ctx_size=_int(table, prefix + "ctx_size", DEFAULT_CTX_SIZE, minimum=1),
+            ctx_size=int(_number(table, prefix + "ctx_size", DEFAULT_CTX_SIZE, bounds.CTX_SIZE, int)),
             idle_unload_seconds=idle,
-            backend_args=args,
+            backend_args=(),
         ),
         command=command,
+        args=args,
+        allowed_args=allowed | pool_allowed,
     )
 
 
@@ -269,27 +317,25 @@ def _str_list(table: Mapping[str, Any], field_name: str, *, required: bool = Fal
     return tuple(value)
 
 
-def _int(table: Mapping[str, Any], field_name: str, default: int, *, minimum: int) -> int:
+def _number(
+    table: Mapping[str, Any], field_name: str, default: float, valid: bounds.Range, kind: type
+) -> Any:
+    """The number at `field_name` (its last part is the key in `table`), checked against `valid`."""
     value = table.get(field_name.rsplit(".", 1)[-1], default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(field_name, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+    whole = kind is int
+    if (whole and not isinstance(value, int)) or value not in valid:
+        what = "an integer" if whole else "a number"
+        raise ConfigError(field_name, f"must be {what} in {valid}, got {value!r}")
+    return int(value) if whole else float(value)
 
 
-def _number(table: Mapping[str, Any], field_name: str, default: float, *, minimum: float) -> float:
-    value = table.get(field_name.rsplit(".", 1)[-1], default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(field_name, f"must be a number >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _parse_env_int(name: str, raw: str, *, minimum: int) -> int:
+def _parse_env_int(name: str, raw: str, valid: bounds.Range) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(name, f"must be an integer >= {minimum}, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(name, f"must be an integer >= {minimum}, got {raw!r}")
+        raise ConfigError(name, f"must be an integer in {valid}, got {raw!r}") from None
+    if value not in valid:
+        raise ConfigError(name, f"must be an integer in {valid}, got {raw!r}")
     return value
 
 

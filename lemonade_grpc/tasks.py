@@ -45,6 +45,16 @@ async def settle(work: asyncio.Future[T]) -> T:
         return result
 
 
+async def wait_for_any(events: list[asyncio.Event], seconds: float) -> None:
+    """Return when one of `events` is set or `seconds` have passed, whichever comes first."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class TaskOwner:
     """Owns background tasks: keeps a reference, reads every exception, cancels on close.
 

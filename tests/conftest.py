@@ -28,7 +28,12 @@ import pytest
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.backends.backend import Backend
+from lemonade_grpc.catalog import ModelSpec
+from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.pool.pool import BackendLauncher
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
+from lemonade_grpc.tasks import settle
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 TAG_VAR = "LEMONADE_TEST_TAG"
@@ -194,6 +199,22 @@ def llama_model(name: str, model_file: Path, *, ctx_size: int = 2048, args: list
     """A catalog entry (TOML) running the real llama-server on `model_file`."""
     extra = f"args = {json.dumps(args)}\n" if args else ""
     return f'[models.{name}]\nrecipe = "llamacpp"\npath = "{model_file}"\nctx_size = {ctx_size}\n{extra}'
+
+
+def launcher(log_dir: Path, *, health_timeout: float = 30.0, stop_grace: float = 2.0) -> BackendLauncher:
+    """How in-process pools in tests start backends: the real launcher, logs under `log_dir`."""
+
+    async def launch(spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None]) -> Backend:
+        backend = await Backend.start(spec, options, log_dir=log_dir)
+        on_spawned(backend)
+        try:
+            await backend.wait_healthy(health_timeout)
+        except BaseException:
+            await settle(asyncio.ensure_future(backend.stop(stop_grace)))
+            raise
+        return backend
+
+    return launch
 
 
 def pids_in(pid_log: Path) -> list[int]:

@@ -52,7 +52,8 @@ command = ["srv", "--port", "{port}", "--model", "{path}"]
     a, b = config.models["a"], config.models["b"]
     assert a.path == tmp_path / "m.gguf"
     assert a.defaults.ctx_size == 512
-    assert a.defaults.backend_args == ("--threads", "1")
+    assert a.args == ("--threads", "1")  # the operator's, always passed
+    assert a.defaults.backend_args == ()  # a client's extra arguments: none by default
     assert b.recipe is Recipe.COMMAND
     assert b.type is ModelType.EMBEDDING
     assert b.command[2] == "{port}"

@@ -63,7 +63,7 @@ async def test_pins_and_their_options_survive_a_restart_lemonade_2310(
     servers: ServerFactory, tiny_model: Path, stop_signal: signal.Signals
 ) -> None:
     config = (
-        "[pool]\nmax_loaded = { llm = 2 }\n"
+        '[pool]\nmax_loaded = { llm = 2 }\nallowed_args = ["--x"]\n'
         + llama_model("tiny", tiny_model)
         + fake_model("fake", tiny_model, "--load-seconds", "0.2")
     )

@@ -8,20 +8,19 @@ eviction gives memory back as it would on a real host.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, is_gone
-from lemonade_grpc.backends.backend import Backend
+from conftest import FAKE_BACKEND, eventually, is_gone, launcher
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import InsufficientMemory
 from lemonade_grpc.pool.events import Envelope, ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
-from lemonade_grpc.pool.pool import Pool, PoolSettings
+from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.settings import PoolSettings
 
 MIB = 1 << 20
 RESERVE = 100 * MIB
@@ -69,11 +68,11 @@ async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker
             {name: spec(name, tiny_model) for name in needs},
             PoolSettings(
                 max_loaded={ModelType.LLM: len(needs)},
-                memory_reserve_bytes=RESERVE,
+                memory_reserve_mb=RESERVE // MIB,
                 memory_check_seconds=memory_check_seconds,
                 evict_grace_seconds=0,
             ),
-            functools.partial(Backend.start, log_dir=tmp_path / "logs"),
+            launcher(tmp_path / "logs"),
             memory=memory,
             estimate=lambda spec, options: needs[spec.name],
         )

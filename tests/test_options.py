@@ -34,21 +34,59 @@ def test_idle_timeout_is_not_part_of_the_process() -> None:
     assert changed_ctx.process_key() != RUNNING.process_key()
 
 
+ALLOWED = frozenset({"--threads", "--flash-attn", "--temp"})
+
+
 @pytest.mark.parametrize(
     ("requested", "field"),
     [
         (RequestedOptions(ctx_size=0), "options.ctx_size"),
+        (RequestedOptions(ctx_size=(1 << 24) + 1), "options.ctx_size"),
         (RequestedOptions(idle_unload_seconds=-1), "options.idle_unload_seconds"),
+        (RequestedOptions(idle_unload_seconds=7_900_000_000), "options.idle_unload_seconds"),
         (RequestedOptions(backend_args=("--port", "9")), "options.backend_args.args"),
         (RequestedOptions(backend_args=("--model=/etc/passwd",)), "options.backend_args.args"),
         (RequestedOptions(backend_args=("-c", "9")), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("4",)), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("--threads", "a\0b")), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("--threads", "1") * 33), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("--threads", "x" * 1025)), "options.backend_args.args"),
+        (RequestedOptions(backend_args=("--threads", *["x" * 1000] * 5)), "options.backend_args.args"),
     ],
 )
 def test_invalid_options_name_the_field(requested: RequestedOptions, field: str) -> None:
     with pytest.raises(InvalidOptions) as raised:
-        validate(requested)
+        validate(requested, "m", ALLOWED)
     assert raised.value.field == field
 
 
-def test_ordinary_backend_args_pass() -> None:
-    validate(RequestedOptions(ctx_size=1, backend_args=("--threads", "4", "--flash-attn=on")))
+def test_allowed_flags_with_values_pass() -> None:
+    validate(RequestedOptions(ctx_size=1, backend_args=("--threads", "4", "--flash-attn=on")), "m", ALLOWED)
+    validate(RequestedOptions(backend_args=("--temp", "-0.5")), "m", ALLOWED)  # a negative value, not a flag
+    validate(RequestedOptions(backend_args=()), "m", frozenset())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--tools", "all"),  # llama-server's shell endpoint
+        ("--log-file", "/any/path"),  # overwrites any file
+        ("--po", "9"),  # an argparse program takes a prefix for --port
+        ("--threads=4", "--tools=all"),
+        ("--Threads", "4"),  # flags match exactly
+    ],
+)
+def test_client_flags_the_operator_did_not_allow_are_refused_issue_9_finding_2(args: tuple[str, ...]) -> None:
+    with pytest.raises(InvalidOptions) as raised:
+        validate(RequestedOptions(backend_args=args), "tiny", ALLOWED)
+    assert raised.value.field == "options.backend_args.args"
+    # The refusal names the flag and the config keys that would allow it.
+    flag = next(a for a in args if a.split("=")[0] not in ALLOWED).split("=")[0]
+    assert repr(flag) in raised.value.message
+    assert "models.tiny.allowed_args" in raised.value.message
+    assert "pool.allowed_args" in raised.value.message
+
+
+def test_by_default_no_client_flag_is_allowed() -> None:
+    with pytest.raises(InvalidOptions, match=r"allowed: none"):
+        validate(RequestedOptions(backend_args=("--threads", "4")), "tiny", frozenset())

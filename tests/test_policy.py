@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.policy import (
     EvictionPlan,
+    LoadPlan,
     MemoryPlan,
     NoRoom,
     NotEnoughMemory,
+    PressurePlan,
     Resident,
+    changes_nothing,
     choose_victims,
+    drops_pin_after_failure,
     fit_pins,
+    plan_load,
     plan_memory,
+    relieve_pressure,
     restart_delay,
+    reuses_process,
 )
 
 
@@ -98,3 +108,57 @@ def test_restart_delay_doubles_up_to_the_cap_then_gives_up() -> None:
     assert delay([0, 1, 2, 3], 3) == 5.0  # capped
     assert delay([0, 1, 2, 3, 4], 4) is None  # a fifth crash within the window: give up
     assert delay([0, 1, 2, 3, 200], 200) == 1.0  # old crashes are forgiven
+
+
+def typed(name: str, last_used: float, size: int = 10, *, type_: str = "llm", **kw: Any) -> Resident:
+    return Resident(name, kw.get("pinned", False), kw.get("in_flight", 0), last_used, size, type_)
+
+
+def test_plan_load_takes_slot_and_memory_victims_in_one_decision() -> None:
+    residents = [typed("a", 1), typed("b", 2), typed("e", 3, type_="embedding")]
+    plan = plan_load("c", "llm", 15, residents, 2, available=10, reserve=0)
+    # A slot: a (least recent); memory: 10 + a's 10 = 20 >= 15, nothing more.
+    assert plan == LoadPlan(reload=False, slot_victims=("a",), memory_victims=())
+    plan = plan_load("c", "llm", 35, residents, 2, available=10, reserve=0)
+    assert plan == LoadPlan(reload=False, slot_victims=("a",), memory_victims=("b", "e"))
+
+
+def test_a_reload_that_cannot_fit_stops_nothing_issue_9_finding_17() -> None:
+    # The model runs with other options: its own memory counts as freed, but
+    # when even that is not enough the plan fails and nothing is stopped.
+    residents = [typed("m", 1, 100), typed("p", 2, 500, pinned=True)]
+    assert plan_load("m", "llm", 150, residents, 2, available=60, reserve=0) == LoadPlan(
+        reload=True, slot_victims=(), memory_victims=()
+    )
+    assert isinstance(plan_load("m", "llm", 150, residents, 2, available=10, reserve=0), NotEnoughMemory)
+
+
+def test_plan_load_never_chooses_pinned_or_busy_models_for_memory() -> None:
+    residents = [typed("p", 1, 50, pinned=True), typed("busy", 2, 50, in_flight=1)]
+    plan = plan_load("c", "llm", 60, residents, 3, available=20, reserve=0)
+    assert plan == NotEnoughMemory(need=60, available=20, reserve=0, freeable=0)
+    assert plan_load("c", "llm", 1, [typed("p", 1, pinned=True)], 1, available=9, reserve=0) == NoRoom(("p",))
+
+
+def test_pressure_evicts_everything_unpinned_when_even_that_is_short() -> None:
+    residents = [typed("p", 1, 50, pinned=True), typed("busy", 2, 10, in_flight=3), typed("idle", 3, 10)]
+    plan = relieve_pressure(available=0, reserve=100, residents=residents)
+    assert plan.victims == ("idle", "busy")
+    assert plan.short == NotEnoughMemory(need=0, available=0, reserve=100, freeable=20)
+    assert relieve_pressure(available=95, reserve=100, residents=residents) == PressurePlan(("idle",), None)
+
+
+def test_reuse_and_no_op_rules() -> None:
+    running = EffectiveOptions(512, None, ("--threads", "2"))
+    assert reuses_process(running, EffectiveOptions(512, 60, ("--threads", "2")))
+    assert not reuses_process(running, EffectiveOptions(1024, None, ("--threads", "2")))
+    assert changes_nothing(running, True, running, None)
+    assert changes_nothing(running, True, running, True)
+    assert not changes_nothing(running, True, running, False)
+    assert not changes_nothing(running, False, EffectiveOptions(512, 60, ("--threads", "2")), None)
+
+
+def test_only_a_failed_ordinary_load_drops_its_pin() -> None:
+    assert drops_pin_after_failure(restart=False, cancelled=False)
+    assert not drops_pin_after_failure(restart=True, cancelled=False)
+    assert not drops_pin_after_failure(restart=False, cancelled=True)

@@ -1,44 +1,55 @@
-"""Property: whatever sequence of Load/Unload/Pin, the pool's invariants hold.
+"""Property: whatever clients do, and however they give up, the pool keeps its promises.
 
 Runs the real Pool in process with real backend processes (tests/fake_backend.py
 through the command recipe). Each model's backend writes its pid to its own
-log, so "one process per model" is checked against the operating system.
+log, so "one process per model" and "no more processes than slots" are
+checked against the operating system, not against our own bookkeeping.
+
+Hypothesis generates rounds of concurrent operations (Load with options and
+pins, Unload of one model or all, Pin, inference streams), each started after
+a random delay and abandoned by its client after a random time or never (a
+cancel, a short deadline, lesson 9). While they run, a sampler checks the
+process table every few milliseconds; after each round, at quiescence, it
+checks that no model is transitional, every live backend is in Status, and
+the pins on disk are the pins in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FAKE_BACKEND, is_gone, pids_in
-from lemonade_grpc.backends.backend import Backend
+from conftest import FAKE_BACKEND, is_gone, launcher, pids_in
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.errors import ModelNotLoaded, SlotsPinned
+from lemonade_grpc.pool.errors import InternalError, PoolError
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
-from lemonade_grpc.pool.pool import Pool, PoolSettings
+from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.settings import PoolSettings
+from lemonade_grpc.pool.state import PinStore
 
 MODELS = ("m0", "m1", "m2")
-SLOTS = 2
 
+model = st.sampled_from(MODELS)
+# When the client gives up: never, or after this many seconds (0: at once).
+give_up = st.sampled_from([None, None, None, 0.0, 0.005, 0.05, 0.3])
+start_delay = st.sampled_from([0.0, 0.0, 0.01, 0.05, 0.15])
 load_op = st.tuples(
-    st.just("load"),
-    st.sampled_from(MODELS),
-    st.sampled_from([None, None, 512, 1024]),
-    st.sampled_from([None, True, True, False]),
+    st.just("load"), model, st.sampled_from([None, None, 512, 1024]), st.sampled_from([None, True, False])
 )
 unload_op = st.tuples(st.just("unload"), st.sampled_from((*MODELS, "")))
-pin_op = st.tuples(st.just("pin"), st.sampled_from(MODELS), st.booleans())
-# Weighted towards loads and pins: an unload wipes out the state that makes
-# interesting cases (full slots, pinned models), so it is the rarest step.
-operations = st.lists(
-    st.one_of(load_op, load_op, load_op, pin_op, pin_op, unload_op), min_size=3, max_size=12
-)
+pin_op = st.tuples(st.just("pin"), model, st.booleans())
+stream_op = st.tuples(st.just("stream"), model, st.sampled_from([3, 40, 100]))
+operation = st.tuples(st.one_of(load_op, load_op, pin_op, unload_op, stream_op, stream_op), start_delay, give_up)
+rounds = st.lists(st.lists(operation, min_size=1, max_size=6), min_size=1, max_size=3)
 
 
 def catalog(tmp: Path, model_file: Path) -> dict[str, ModelSpec]:
@@ -51,68 +62,160 @@ def catalog(tmp: Path, model_file: Path) -> dict[str, ModelSpec]:
             defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
             command=(
                 *(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}"),
-                *("--pid-log", str(tmp / f"{name}.pids")),
+                *("--pid-log", str(tmp / f"{name}.pids"), "--token-seconds", "0.005"),
             ),
         )
         for name in MODELS
     }
 
 
-def check_invariants(pool: Pool, tmp: Path) -> None:
-    live = {name: [p for p in pids_in(tmp / f"{name}.pids") if not is_gone(p)] for name in MODELS}
-    assert all(len(pids) <= 1 for pids in live.values()), f"two processes for one model: {live}"
-    assert sum(len(pids) for pids in live.values()) <= SLOTS, f"more processes than slots: {live}"
+class Sampler:
+    """Checks the process table every few milliseconds while operations run."""
+
+    def __init__(self, tmp: Path, slots: int) -> None:
+        self.tmp = tmp
+        self.slots = slots
+        self.samples = 0
+        self.violations: list[str] = []
+
+    def live(self) -> dict[str, list[int]]:
+        return {name: [p for p in pids_in(self.tmp / f"{name}.pids") if not is_gone(p)] for name in MODELS}
+
+    async def run(self) -> None:
+        while True:
+            live = self.live()
+            self.samples += 1
+            if any(len(pids) > 1 for pids in live.values()):
+                self.violations.append(f"two processes for one model: {live}")
+            if sum(len(pids) for pids in live.values()) > self.slots:
+                self.violations.append(f"more processes than slots: {live}")
+            await asyncio.sleep(0.003)
+
+
+class Errors(logging.Handler):
+    """Collects the pool's error log lines (a background task that died, say)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def client(pool: Pool, op: tuple[Any, ...], delay: float, patience: float | None) -> None:
+    """One client doing `op`, giving up after `patience` seconds (None: waits to the end)."""
+    await asyncio.sleep(delay)
+    work: Awaitable[Any]
+    match op:
+        case ("load", str(name), ctx, pinned):
+            work = pool.load(name, RequestedOptions(ctx_size=ctx), pinned).outcome()
+        case ("unload", str(name)):
+            # As the Unload RPC does: the unload is the pool's, the client only waits.
+            work = asyncio.shield(pool.unload(name))
+        case ("pin", str(name), bool(pinned)):
+            work = pool.pin(name, pinned)
+        case ("stream", str(name), int(tokens)):
+            work = stream(pool, name, tokens)
+        case _:
+            raise AssertionError(op)
+    try:
+        if patience is None:
+            await work
+        else:
+            await asyncio.wait_for(work, patience)
+    except TimeoutError:
+        pass  # the client gave up: cancelled its call
+    except InternalError:
+        raise
+    except PoolError:
+        pass  # refused or ended with a reason (SLOTS_PINNED, MODEL_EVICTED, LOAD_CANCELLED ...)
+
+
+async def stream(pool: Pool, name: str, tokens: int) -> None:
+    async with pool.lease(name) as lease:
+        try:
+            async for _ in lease.backend.client.stream("/v1/completions", {"prompt": "p", "max_tokens": tokens}):
+                pass
+        except aiohttp.ClientError:
+            # The pool broke the stream (eviction after the grace period):
+            # it says why, as the Inference servicer reports it.
+            assert lease.revoked is not None, "a stream broke without a reason"
+
+
+async def quiescent(pool: Pool, seconds: float = 20.0) -> None:
+    """Wait until no load runs or waits and no model is transitional; fail after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        view = pool.snapshot()
+        states = {m.name: m.state for m in view.models}
+        if view.load_in_flight is None and not view.queue and all(
+            s in (ModelState.READY, ModelState.FAILED) for s in states.values()
+        ):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not quiescent after {seconds:g} s: {states}, queue {view.queue}")
+        await asyncio.sleep(0.01)
+
+
+async def check_at_rest(pool: Pool, sampler: Sampler, store: PinStore) -> None:
+    await quiescent(pool)
+    await pool._pins.flush()
     views = {v.name: v for v in pool.views()}
     assert all(v.state is ModelState.READY for v in views.values()), views
-    # Status equals reality: exactly the READY models have a live process, the one status names.
-    assert {name: pids for name, pids in live.items() if pids} == {name: [v.pid] for name, v in views.items()}
+    # Every live backend is in Status, and Status names no dead one.
+    live = {name: pids for name, pids in sampler.live().items() if pids}
+    assert live == {name: [v.pid] for name, v in views.items()}, (live, views)
+    saved, problem = store.read()
+    assert problem is None
+    assert saved == {v.name: v.options for v in views.values() if v.pinned}
 
 
-async def run(ops: list[tuple[object, ...]], tmp: Path, model_file: Path) -> None:
+async def run(ops_rounds: list[list[tuple[Any, ...]]], slots: int, tmp: Path, model_file: Path) -> None:
     for name in MODELS:
         (tmp / f"{name}.pids").unlink(missing_ok=True)
+    store = PinStore(tmp / "pins.json")
+    store.path.unlink(missing_ok=True)
     pool = Pool(
         catalog(tmp, model_file),
-        PoolSettings(max_loaded={ModelType.LLM: SLOTS}, stop_grace_seconds=2, evict_grace_seconds=0),
-        functools.partial(Backend.start, log_dir=tmp / "logs"),
+        PoolSettings(
+            max_loaded={ModelType.LLM: slots},
+            stop_grace_seconds=2,
+            # Streams of 40 and 100 tokens run 0.2 and 0.5 s: evictions both
+            # wait for some and revoke others.
+            evict_grace_seconds=0.3,
+            health_check_seconds=0,
+            memory_check_seconds=0,
+        ),
+        launcher(tmp / "logs"),
+        pin_store=store,
     )
+    errors = Errors()
+    logging.getLogger("lemonade_grpc").addHandler(errors)
+    sampler = Sampler(tmp, slots)
+    sampling = asyncio.create_task(sampler.run())
     try:
-        for op in ops:
-            pinned_before = {v.name: v.pid for v in pool.views() if v.pinned}
-            unloaded: set[str] = set()
-            match op:
-                case ("load", str(name), ctx, pinned):
-                    requested = RequestedOptions(ctx_size=ctx if isinstance(ctx, int) else None)
-                    try:
-                        await pool.load(
-                            name, requested, pinned if isinstance(pinned, bool) else None
-                        ).outcome()
-                    except SlotsPinned:
-                        assert len(pinned_before) == SLOTS
-                    if ctx is not None and name in pinned_before and pool.model_view(name):
-                        unloaded.add(name)  # a reload of a pinned model is asked for, not an eviction
-                case ("unload", str(name)):
-                    await pool.unload(name)
-                    unloaded = {name} if name else set(MODELS)
-                case ("pin", str(name), bool(pinned)):
-                    try:
-                        pool.pin(name, pinned)
-                    except ModelNotLoaded:
-                        assert pool.model_view(name) is None
-            check_invariants(pool, tmp)
-            for name, pid in pinned_before.items():
-                view = pool.model_view(name)
-                if name not in unloaded:
-                    assert view is not None, f"pinned {name} was evicted by {op}"
-                    assert view.pid == pid, f"pinned {name} was restarted by {op}"
+        for ops in ops_rounds:
+            clients = asyncio.gather(*(client(pool, op, delay, patience) for op, delay, patience in ops))
+            try:
+                # Every client ends: a stream or load never hangs (the fake
+                # backends need well under a second for any of these).
+                await asyncio.wait_for(clients, 30)
+            except TimeoutError:
+                raise AssertionError(f"clients still waiting after 30 s: {pool.snapshot()}") from None
+            await check_at_rest(pool, sampler, store)
     finally:
         await pool.shutdown()
-    check_invariants(pool, tmp)
+        sampling.cancel()
+        logging.getLogger("lemonade_grpc").removeHandler(errors)
+    assert not sampler.violations, sampler.violations[:3]
+    assert not errors.records, [r.getMessage() for r in errors.records]
+    assert all(not pids for pids in sampler.live().values()), "a backend outlived the pool"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=operations)
-def test_pool_invariants_hold_for_any_sequence(
-    ops: list[tuple[object, ...]], tmp_path: Path, tiny_model: Path
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops_rounds=rounds, slots=st.sampled_from([1, 2]))
+def test_pool_promises_hold_whatever_clients_do_and_however_they_give_up(
+    ops_rounds: list[list[tuple[Any, ...]]], slots: int, tmp_path: Path, tiny_model: Path
 ) -> None:
-    asyncio.run(run(ops, tmp_path, tiny_model))
+    asyncio.run(run(ops_rounds, slots, tmp_path, tiny_model))

@@ -9,9 +9,10 @@ from google.protobuf import timestamp_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool import events
+from lemonade_grpc.pool.jobs import LoadResult
 from lemonade_grpc.pool.model import ModelState, ModelView
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
-from lemonade_grpc.pool.pool import LoadResult, LoadView, PoolView
+from lemonade_grpc.pool.views import LoadView, PoolView
 
 MODEL_TYPES = {ModelType.LLM: pb.MODEL_TYPE_LLM, ModelType.EMBEDDING: pb.MODEL_TYPE_EMBEDDING}
 MODEL_STATES = {
@@ -19,6 +20,7 @@ MODEL_STATES = {
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.UNLOADING: pb.MODEL_STATE_UNLOADING,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.STOPPED: pb.MODEL_STATE_UNSPECIFIED,  # never shown: a stopped model has left the pool
 }
 LOAD_PHASES = {
     events.LoadPhase.QUEUED: pb.LOAD_PHASE_QUEUED,
@@ -38,12 +40,22 @@ UNLOAD_REASONS = {
 }
 
 
+# What a google.protobuf.Timestamp can hold: 0001-01-01 to 9999-12-31.
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
 def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for epoch `seconds`; None stays None (the field is left unset)."""
+    """A Timestamp for epoch `seconds`; None stays None (the field is left unset).
+
+    Clamped to what a Timestamp can hold: a status must never fail to
+    serialise (issue #9 finding 4 made every Status answer UNKNOWN "Timestamp
+    is not valid"; the bounds on options are the fix, this is the backstop).
+    """
     if seconds is None:
         return None
+    low, high = _TIMESTAMP_SECONDS
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
+    stamp.FromNanoseconds(int(min(max(seconds, low), high) * 1e9))
     return stamp
 
 
@@ -60,10 +72,9 @@ def requested_options(options: pb.LoadOptions, has_options: bool) -> RequestedOp
 
 def load_options(options: EffectiveOptions, server_idle_default: int) -> pb.LoadOptions:
     """Effective options with every field present (the server default filled in)."""
-    idle = server_idle_default if options.idle_unload_seconds is None else options.idle_unload_seconds
     return pb.LoadOptions(
         ctx_size=options.ctx_size,
-        idle_unload_seconds=idle,
+        idle_unload_seconds=options.idle_seconds(server_idle_default),
         backend_args=pb.BackendArgs(args=options.backend_args),
     )
 
@@ -171,6 +182,15 @@ def watch_event(envelope: events.Envelope, server_idle_default: int) -> pb.Watch
         )
     elif isinstance(event, events.PinChanged):
         response.pin_changed.CopyFrom(pb.PinChanged(model=event.model, pinned=event.pinned))
+    elif isinstance(event, events.ModelStateChanged):
+        response.model_state_changed.CopyFrom(
+            pb.ModelStateChanged(
+                model=event.model,
+                state=MODEL_STATES[event.state],
+                reason=UNLOAD_REASONS[event.reason] if event.reason else pb.UNLOAD_REASON_UNSPECIFIED,
+                message=event.message,
+            )
+        )
     elif isinstance(event, events.LoadFailed):
         response.load_failed.CopyFrom(
             pb.LoadFailed(model=event.model, reason=event.reason, message=event.message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -29,8 +30,6 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def Load(
         self, request: pb.LoadRequest, context: Context[pb.LoadRequest, pb.LoadResponse]
     ) -> AsyncIterator[pb.LoadResponse]:
-        if not request.model:
-            raise InvalidRequest("model is required", field="model")
         job = self._pool.load(
             request.model,
             convert.requested_options(request.options, request.HasField("options")),
@@ -44,7 +43,9 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def Unload(
         self, request: pb.UnloadRequest, context: Context[pb.UnloadRequest, pb.UnloadResponse]
     ) -> pb.UnloadResponse:
-        return pb.UnloadResponse(unloaded=await self._pool.unload(request.model))
+        # The unload is the pool's: a client that gives up waiting (cancelled,
+        # deadline) does not cut it half-way (issue #9 finding 1).
+        return pb.UnloadResponse(unloaded=await asyncio.shield(self._pool.unload(request.model)))
 
     @errors.unary
     async def Status(
@@ -67,11 +68,9 @@ class ModelControl(pb_grpc.ModelControlServicer):
     async def Pin(
         self, request: pb.PinRequest, context: Context[pb.PinRequest, pb.PinResponse]
     ) -> pb.PinResponse:
-        if not request.model:
-            raise InvalidRequest("model is required", field="model")
         if not request.HasField("pinned"):
             raise InvalidRequest("pinned is required (true or false)", field="pinned")
-        view = self._pool.pin(request.model, request.pinned)
+        view = await self._pool.pin(request.model, request.pinned)
         return pb.PinResponse(status=convert.model_status(view, self._idle_default))
 
     @errors.stream
@@ -95,6 +94,8 @@ class ModelControl(pb_grpc.ModelControlServicer):
                     yield convert.watch_event(envelope, self._idle_default)
             while True:
                 await subscription.wait()
+                if getattr(subscription, "closed", None) is not None:  # TEMPORARY (lead)
+                    raise subscription.closed  # type: ignore[attr-defined]  # the server is shutting down
                 if subscription.overflowed:
                     # We fell behind and events were dropped for us: a fresh
                     # snapshot, never a blocked pool.

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.model import ModelView
+from lemonade_grpc.pool.model import ModelState, ModelView
 
 
 class UnloadReason(enum.Enum):
@@ -82,7 +82,20 @@ class PoolWarning:
     models: tuple[str, ...] = ()
 
 
-Event = LoadProgress | ModelLoaded | ModelUnloaded | PinChanged | LoadFailed | PoolWarning
+@dataclass(frozen=True, slots=True)
+class ModelStateChanged:
+    """A model moved to a state no other event reports: LOADING, UNLOADING, or FAILED while loading.
+
+    `reason` is set for UNLOADING (why it is being stopped).
+    """
+
+    model: str
+    state: ModelState
+    reason: UnloadReason | None = None
+    message: str = ""
+
+
+Event = LoadProgress | ModelLoaded | ModelUnloaded | PinChanged | LoadFailed | PoolWarning | ModelStateChanged
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,16 @@
 """A model's lifecycle: a handful of named states and the valid moves between them.
 
 Only `Pool._set_state` changes `Model.state`; it checks `is_valid_transition`
-and publishes the event, so no state changes unseen (the habit of
-llama-swap's `internal/process`).
+and publishes the event of the change, so no state changes unseen (the habit
+of llama-swap's `internal/process`).
+
+    LOADING ──> READY ──> UNLOADING ──> STOPPED
+       │  └──────────────────┘  ▲          ▲
+       ├──> FAILED ─────────────┘          │
+       └───────────────────────────────────┘   (a load cancelled before READY)
+    READY ──> FAILED                             (its backend crashed or hung)
+
+STOPPED is terminal: the model is out of the pool, its process gone.
 """
 
 from __future__ import annotations
@@ -22,13 +30,15 @@ class ModelState(enum.Enum):
     READY = "ready"
     UNLOADING = "unloading"
     FAILED = "failed"
+    STOPPED = "stopped"
 
 
 _TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
-    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.FAILED}),
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPED}),
     ModelState.READY: frozenset({ModelState.UNLOADING, ModelState.FAILED}),
-    ModelState.UNLOADING: frozenset(),
+    ModelState.UNLOADING: frozenset({ModelState.STOPPED}),
     ModelState.FAILED: frozenset({ModelState.UNLOADING}),
+    ModelState.STOPPED: frozenset(),
 }
 
 
@@ -41,9 +51,9 @@ class Lease:
     """One request's hold on a READY model (the Ollama habit: a request is its lease).
 
     When the pool must take the model away while the request still runs
-    (eviction after the grace period, a crash), it sets `revoked` before it
-    stops the backend; the request, seeing its stream break, ends with that
-    error instead of guessing.
+    (eviction after the grace period, a crash, shutdown), it sets `revoked`
+    before it stops the backend; the request, seeing its stream break, ends
+    with that error instead of guessing.
     """
 
     __slots__ = ("backend", "revoked")
@@ -78,6 +88,9 @@ class Model:
     idle_unload_at: float | None = None
     # A pinned model's restart after a crash, while it waits out its backoff.
     restart_timer: asyncio.TimerHandle | None = None
+    # The pool-owned task stopping it, once it is UNLOADING: every stop of
+    # the same model joins it (stopping twice is one stop).
+    stopping: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.no_leases.set()
@@ -85,6 +98,10 @@ class Model:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def type(self) -> ModelType:
+        return self.spec.type
 
 
 @dataclass(frozen=True, slots=True)

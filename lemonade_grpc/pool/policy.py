@@ -1,8 +1,9 @@
-"""Pure decisions of the pool: which models to evict to make room.
+"""Pure decisions of the pool: reuse or reload, which models to evict, what survives a failure.
 
 Nothing here logs, sleeps or touches a process: each function takes a view
 of the pool and returns a plan, and the pool carries it out (the scheduler /
-effects split of llama-swap's `internal/router/scheduler`).
+effects split of llama-swap's `internal/router/scheduler`). The pool asks
+these functions and nothing else, so a decision is written once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,27 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from lemonade_grpc.pool.options import EffectiveOptions
+
 K = TypeVar("K", bound=Hashable)
+
+
+def reuses_process(running: EffectiveOptions, wanted: EffectiveOptions) -> bool:
+    """Whether a READY model running with `running` serves a load that wants `wanted`.
+
+    Only options baked into the process (context size, backend arguments)
+    need a new one; the rest (idle timeout) change in place. A load for
+    inference asks for nothing (`wanted` resolves to `running`), so it never
+    reloads a model that is up (DESIGN.md item 2, Lemonade #1604).
+    """
+    return running.process_key() == wanted.process_key()
+
+
+def changes_nothing(
+    running: EffectiveOptions, running_pinned: bool, wanted: EffectiveOptions, pinned: bool | None
+) -> bool:
+    """Whether a load of a READY model would change nothing at all: the no-op, answered at once."""
+    return running == wanted and (pinned is None or pinned == running_pinned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +44,7 @@ class Resident:
     in_flight: int
     last_used_at: float
     rss_bytes: int = 0
+    type: Hashable = "llm"  # the slot pool it occupies
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +129,85 @@ def plan_memory(
         return MemoryPlan(tuple(victims))
     freeable = sum(r.rss_bytes for r in candidates if not r.pinned)
     return NotEnoughMemory(need=need, available=available + freed, reserve=reserve, freeable=freeable)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    """What a load must stop before it starts its process, in one decision.
+
+    `reload`: the model's own running process (other options). Slot victims
+    go with reason EVICTED_LRU, memory victims with MEMORY_PRESSURE.
+    """
+
+    reload: bool
+    slot_victims: tuple[str, ...]
+    memory_victims: tuple[str, ...]
+
+
+def plan_load(
+    name: str,
+    slot_type: Hashable,
+    need: int,
+    residents: Sequence[Resident],
+    max_loaded: int,
+    *,
+    available: int,
+    reserve: int,
+) -> LoadPlan | NoRoom | NotEnoughMemory:
+    """Plan every stop a load of `name` needs (reload, slots, memory) before any is carried out.
+
+    `residents` are the READY models (all types; `name` among them when it
+    runs with other options and must be reloaded). A plan that cannot be
+    carried out evicts nothing (`NoRoom`: pinned models fill the slots;
+    `NotEnoughMemory`: even evicting every idle unpinned model would not
+    free `need` bytes). A reload's old process counts as freed memory and
+    frees its own slot, but is stopped only if the plan succeeds (issue #9
+    finding 17: a reload that then failed INSUFFICIENT_MEMORY had already
+    stopped the working model).
+    """
+    own = next((r for r in residents if r.name == name), None)
+    others = [r for r in residents if r.name != name]
+    slot = choose_victims([r for r in others if r.type == slot_type], max_loaded)
+    if isinstance(slot, NoRoom):
+        return slot
+    freed = sum(r.rss_bytes for r in others if r.name in slot.victims) + (own.rss_bytes if own else 0)
+    idle = [r for r in others if r.name not in slot.victims and r.in_flight == 0]
+    memory = plan_memory(need, available, reserve, idle, freed=freed)
+    if isinstance(memory, NotEnoughMemory):
+        return memory
+    return LoadPlan(reload=own is not None, slot_victims=slot.victims, memory_victims=memory.victims)
+
+
+@dataclass(frozen=True, slots=True)
+class PressurePlan:
+    """What memory pressure stops. `short`: even that leaves less than the reserve free."""
+
+    victims: tuple[str, ...]
+    short: NotEnoughMemory | None
+
+
+def relieve_pressure(available: int, reserve: int, residents: Sequence[Resident]) -> PressurePlan:
+    """Plan the evictions that bring free memory back above `reserve`.
+
+    Unpinned models go, idle before busy, least recently used first (busy
+    ones too: an OOM kill would end their requests anyway). When even all of
+    them would not be enough, all of them go and `short` says by how much.
+    """
+    plan = plan_memory(0, available, reserve, residents)
+    if isinstance(plan, NotEnoughMemory):
+        return PressurePlan(tuple(r.name for r in _eviction_order(residents)), plan)
+    return PressurePlan(plan.victims, None)
+
+
+def drops_pin_after_failure(*, restart: bool, cancelled: bool) -> bool:
+    """Whether a model whose load failed loses its pin.
+
+    A pin is kept only while its model is loaded: a model that fails to
+    load must not be retried at every boot (DESIGN.md item 5). A restart
+    after a crash keeps it (its backoff decides), and a cancelled load says
+    nothing about the model.
+    """
+    return not restart and not cancelled
 
 
 def fit_pins(pins: Sequence[tuple[str, K]], max_loaded: Mapping[K, int]) -> tuple[list[str], list[str]]:

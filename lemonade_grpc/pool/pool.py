@@ -6,35 +6,50 @@ two processes for one model (Unsloth Studio #5161/#5401: an orphaned 86 GB
 server OOM-killed the host), and the already-loaded decision can never race a
 reload (Lemonade #1603/#1604: check-then-act reloaded a 68 GB model).
 
-Reads (`snapshot`) and inference on a READY model (`lease`) never take the
-lock. The pool never imports grpc.
+Pool work belongs to the pool, not to the request that asked (DESIGN.md
+lesson 9). Loads run in pool-owned jobs; a stop runs in a pool-owned task
+started, with the model marked UNLOADING, in the same step as the decision
+to stop it. A client's cancellation or deadline detaches that client only:
+nothing is cut half-way, nothing is left transitional (issue #9 finding 1:
+an Unload cancelling a load that was evicting a busy model left that model
+UNLOADING forever beside a second process in a one-slot pool).
+
+Stops need no lock: they only remove. The load path waits for every stop
+in flight before it starts a process, so live processes never outnumber the
+slots. Reads (`snapshot`) and inference on a READY model (`lease`) never
+take the lock. The pool never imports grpc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol
 
+from lemonade_grpc import bounds
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.catalog import ModelSpec
 from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool import policy
+from lemonade_grpc.pool.admission import Admission
 from lemonade_grpc.pool.errors import (
     BackendCrashed,
     InsufficientMemory,
+    InternalError,
+    InvalidRequest,
+    LoadAbortedByShutdown,
     LoadCancelled,
     ModelEvicted,
     ModelNotFound,
     ModelNotLoaded,
+    Overloaded,
     PoolError,
     ShuttingDown,
     SlotsPinned,
+    StateWriteFailed,
 )
 from lemonade_grpc.pool.events import (
     EventBus,
@@ -42,20 +57,38 @@ from lemonade_grpc.pool.events import (
     LoadPhase,
     LoadProgress,
     ModelLoaded,
+    ModelStateChanged,
     ModelUnloaded,
     PinChanged,
     PoolWarning,
     UnloadReason,
 )
+from lemonade_grpc.pool.jobs import JobKey, LoadJob, LoadOrigin, LoadResult
 from lemonade_grpc.pool.memory import MemoryProbe, SystemMemory, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.pins import Pins
+from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.pool.views import MemoryView, PoolView, load_view, model_view, slot_views
+from lemonade_grpc.pool.watchdog import CrashHistory, Watchdog
+from lemonade_grpc.tasks import TaskOwner, settle, wait_for_any
 
 log = logging.getLogger(__name__)
 
-BackendStarter = Callable[[ModelSpec, EffectiveOptions], Awaitable[Backend]]
 MemoryEstimator = Callable[[ModelSpec, EffectiveOptions], int]
+
+
+class BackendLauncher(Protocol):
+    """Starts a backend and returns it once healthy (`Backend.launch` with its settings bound).
+
+    Calls `on_spawned` with each process it spawns. On failure or
+    cancellation it stops whatever it spawned before raising.
+    """
+
+    def __call__(
+        self, spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None]
+    ) -> Awaitable[Backend]: ...
 
 
 def file_size(spec: ModelSpec, options: EffectiveOptions) -> int:
@@ -64,182 +97,6 @@ def file_size(spec: ModelSpec, options: EffectiveOptions) -> int:
         return spec.path.stat().st_size
     except OSError:
         return 0
-
-
-class LoadOrigin(enum.Enum):
-    """Who asked for a load."""
-
-    REQUEST = "request"  # a Load call
-    INFERENCE = "inference"  # a request for a model that was not loaded
-    RESTORE = "restore"  # a pin saved by the previous run, at boot
-    RESTART = "restart"  # a pinned model, after its backend crashed
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """Pool limits and timings (the `[pool]` table of the config)."""
-
-    max_loaded: Mapping[ModelType, int]
-    idle_unload_seconds: int = 0
-    health_timeout_seconds: float = 120.0
-    stop_grace_seconds: float = 5.0
-    # How long requests still using a model being unloaded may run before
-    # they are ended with MODEL_EVICTED.
-    evict_grace_seconds: float = 10.0
-    # Memory kept free for everything else on the host: a load must fit
-    # above it, and falling below it evicts (MEMORY_PRESSURE).
-    memory_reserve_bytes: int = 512 << 20
-    memory_check_seconds: float = 5.0  # 0 = no periodic check
-    # A READY backend is asked GET /health this often; this many failures in
-    # a row (or its exit, at once) is a crash.
-    health_check_seconds: float = 5.0  # 0 = exits only
-    health_check_failures: int = 3
-    # A crashed pinned model is restarted after base, 2 base, 4 base ... up
-    # to the cap; more than `max_restarts` crashes within the window and it
-    # stays down.
-    restart_backoff_seconds: float = 1.0
-    restart_backoff_max_seconds: float = 60.0
-    max_restarts: int = 5
-    restart_window_seconds: float = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class LoadView:
-    model: str
-    phase: LoadPhase
-    fraction: float
-    started_at: float
-    waiters: int
-
-
-@dataclass(frozen=True, slots=True)
-class SlotView:
-    type: ModelType
-    max_loaded: int
-    used: int
-    pinned: int
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryView:
-    total_bytes: int
-    available_bytes: int
-    backends_rss_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class PoolView:
-    """A snapshot of the whole pool, consistent as of `sequence`."""
-
-    models: tuple[ModelView, ...]
-    slots: tuple[SlotView, ...]
-    memory: MemoryView
-    load_in_flight: LoadView | None
-    queue: tuple[LoadView, ...]
-    sequence: int
-    backends_started: int
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    """How a load ended when it ended well."""
-
-    model: ModelView
-    already_loaded: bool
-    evicted: tuple[str, ...]
-
-
-class LoadJob:
-    """One load, queued or running. Identical concurrent requests share it.
-
-    `follow` replays the progress so far and then streams the rest, so a
-    request that joins late still sees every phase (DESIGN.md item 3).
-    """
-
-    def __init__(
-        self,
-        key: tuple[object, ...],
-        name: str,
-        requested: RequestedOptions,
-        pinned: bool | None,
-        origin: LoadOrigin,
-        started_at: float,
-    ) -> None:
-        self.key = key
-        self.name = name
-        self.requested = requested
-        self.pinned = pinned
-        self.origin = origin
-        self.started_at = started_at
-        self.waiters = 1
-        self.history: list[LoadProgress] = []
-        self.evicted: list[str] = []
-        self.task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._result: LoadResult | None = None
-        self._error: PoolError | None = None
-        self._done = False
-
-    @classmethod
-    def settled(cls, name: str, result: LoadResult) -> LoadJob:
-        """A job that is over before it began: the request needed nothing done."""
-        job = cls((name,), name, RequestedOptions(), None, LoadOrigin.REQUEST, 0.0)
-        job._finish(result, None)
-        return job
-
-    @property
-    def from_inference(self) -> bool:
-        return self.origin is LoadOrigin.INFERENCE
-
-    @property
-    def phase(self) -> LoadPhase:
-        return self.history[-1].phase if self.history else LoadPhase.QUEUED
-
-    @property
-    def fraction(self) -> float:
-        return self.history[-1].fraction if self.history else -1.0
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def _emit(self, progress: LoadProgress) -> None:
-        self.history.append(progress)
-        self._wake_all()
-
-    def _finish(self, result: LoadResult | None, error: PoolError | None) -> None:
-        self._result, self._error, self._done = result, error, True
-        self._wake_all()
-
-    def _wake_all(self) -> None:
-        # Every settled state wakes every waiter: replace the event so that
-        # followers waiting on the old one all run.
-        wake, self._wake = self._wake, asyncio.Event()
-        wake.set()
-
-    async def follow(self) -> AsyncIterator[LoadProgress]:
-        """Yield every progress message, from the first, until the load ends.
-
-        Does not yield the READY message: call `outcome` after the iteration.
-        """
-        index = 0
-        while True:
-            wake = self._wake
-            while index < len(self.history):
-                yield self.history[index]
-                index += 1
-            if self._done:
-                return
-            await wake.wait()
-
-    async def outcome(self) -> LoadResult:
-        """Wait for the load to end; return its result or raise its `PoolError`."""
-        while not self._done:
-            await self._wake.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
 
 
 class Pool:
@@ -252,8 +109,9 @@ class Pool:
         self,
         catalog: Mapping[str, ModelSpec],
         settings: PoolSettings,
-        start_backend: BackendStarter,
+        launch: BackendLauncher,
         *,
+        limits: Limits | None = None,
         bus: EventBus | None = None,
         clock: Callable[[], float] = time.time,
         pin_store: PinStore | None = None,
@@ -262,26 +120,40 @@ class Pool:
     ) -> None:
         self.catalog = dict(catalog)
         self.settings = settings
+        self.limits = limits or Limits()
         self.bus = bus or EventBus(clock=clock)
-        self._start_backend = start_backend
+        self._launch = launch
         self._clock = clock
-        self._store = pin_store
         self._memory: MemoryProbe = memory or SystemMemory()
         self._estimate = estimate
-        # Pinned models and their options, in the order they were pinned:
-        # what `_store` holds once `_save_pins` has run.
-        self._pins: dict[str, EffectiveOptions] = {}
-        self._saved_pins: dict[str, EffectiveOptions] | None = None
-        self._crashes: dict[str, list[float]] = {}
+        # Loads and stops: never cancelled by a client, awaited at shutdown.
+        self._work = TaskOwner("pool")
+        # Watchers and followers: cancelled at shutdown.
+        self._background = TaskOwner("pool watchers")
+        self._pins = Pins(pin_store, self._work, lambda problem: self._warn("STATE_WRITE_FAILED", problem))
+        self._watchdog = Watchdog(settings, self._background, self._crashed)
+        self._crashes = CrashHistory(settings, clock)
+        self._admission = Admission(
+            max_streams=self.limits.max_streams,
+            max_streams_per_model=self.limits.max_streams_per_model,
+            max_queued=self.limits.max_queued_streams,
+        )
         self._memory_low = False
         self._lock = asyncio.Lock()
         self._models: dict[str, Model] = {}
-        self._jobs: dict[tuple[object, ...], LoadJob] = {}
+        self._jobs: dict[JobKey, LoadJob] = {}
         self._waiting: list[LoadJob] = []
         self._current: LoadJob | None = None
+        # Every task stopping a backend: the load path waits for all of them
+        # before it starts a process.
+        self._teardowns: set[asyncio.Task[Any]] = set()
+        self._streams = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
+        # Set by `shutdown`: stops still giving requests their grace period end it now.
+        self._hurry = asyncio.Event()
         self._backends_started = 0
         self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- loads
 
@@ -295,44 +167,46 @@ class Pool:
     ) -> LoadJob:
         """Ensure `name` is loaded with `requested`; return the job to follow.
 
-        Raises `ModelNotFound`, `InvalidOptions` or `ShuttingDown` at once;
-        every other failure is raised by `LoadJob.outcome`. An identical
-        request already queued or running is joined instead of repeated.
-        The job runs to its end even if nobody follows it; only `unload` or
-        `shutdown` cancel it.
+        Raises at once `InvalidRequest`, `ModelNotFound`, `InvalidOptions`,
+        `ShuttingDown`, or `Overloaded` when `limits.max_queued_loads` loads
+        already wait; every other failure is raised by `LoadJob.outcome`. An
+        identical request already queued or running is joined instead of
+        repeated. A request that would change nothing is answered at once,
+        without queueing. The job runs to its end even if nobody follows it;
+        only `unload` and shutdown cancel it.
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         spec = self._spec(name)
-        opts.validate(requested)
-        from_inference = origin is LoadOrigin.INFERENCE
-        running = self._models.get(name)
-        if (
-            running is not None
-            and running.state is ModelState.READY
-            and (from_inference or opts.resolve(requested, running.options, spec.defaults) == running.options)
-            and (pinned is None or pinned == running.pinned)
-        ):
-            # Nothing to change: answer at once, without queueing behind another
-            # model's load. Nothing is acted on, so no lock is needed; like any
-            # status, the answer may go stale the moment it is sent.
-            return LoadJob.settled(name, LoadResult(self._view(running), already_loaded=True, evicted=()))
-        key = (name, requested, pinned, from_inference)
-        job = self._jobs.get(key)
-        if job is not None and not job.done:
-            job.waiters += 1
-            return job
-        job = LoadJob(key, name, requested, pinned, origin, self._clock())
-        self._jobs[key] = job
+        opts.validate(requested, name, spec.allowed_args)
+        running = self._ready(name)
+        if running is not None:
+            wanted = opts.resolve(requested, running.options, spec.defaults)
+            if policy.changes_nothing(running.options, running.pinned, wanted, pinned):
+                # Nothing is acted on, so no lock is needed; like any status,
+                # the answer may go stale the moment it is sent.
+                return LoadJob.settled(name, LoadResult(model_view(running), already_loaded=True, evicted=()))
+        job = LoadJob(name, requested, pinned, origin, self._clock())
+        joined = self._jobs.get(job.key)
+        if joined is not None and not joined.done:
+            return joined
+        if len(self._waiting) >= self.limits.max_queued_loads:
+            raise Overloaded(
+                f"{len(self._waiting)} loads are already waiting for the load lock"
+                f" ([limits] max_queued_loads = {self.limits.max_queued_loads}); try again later"
+            )
+        self._jobs[job.key] = job
         self._waiting.append(job)
         self._progress(job, LoadPhase.QUEUED, queue_position=self._queue_position(job))
-        job.task = asyncio.create_task(self._run(job), name=f"load {name}")
+        job.task = self._work.spawn(self._run(job), f"load {name}")
+        job.task.add_done_callback(lambda task: self._job_ended(job, task))
         return job
 
     def _queue_position(self, job: LoadJob) -> int:
         return self._waiting.index(job) + (self._current is not None)
 
     async def _run(self, job: LoadJob) -> None:
+        """A job's task: wait for the lock, load, settle the job with its result or error."""
         try:
             async with self._lock:
                 self._waiting.remove(job)
@@ -341,31 +215,43 @@ class Pool:
                 result = await self._load_locked(job)
         except PoolError as error:
             self._fail(job, error)
-        except asyncio.CancelledError:
-            # Unload or shutdown cancelled us; the spawned process, if any, is
-            # already stopped by _load_locked.
-            if job in self._waiting:
-                self._waiting.remove(job)
-            self._fail(job, LoadCancelled(f"load of {job.name} was cancelled"))
+        except Exception as error:
+            # A bug of ours must not leave the job's followers waiting forever
+            # (issue #9 finding 16): the job ends, the traceback is logged.
+            log.exception("load of %s failed unexpectedly", job.name)
+            self._fail(job, InternalError(f"load of {job.name} failed: internal error ({type(error).__name__})"))
         else:
-            job._finish(result, None)
-        finally:
-            if self._current is job:
-                self._current = None
-            if self._jobs.get(job.key) is job:
-                del self._jobs[job.key]
+            job.finish(result, None)
+
+    def _job_ended(self, job: LoadJob, task: asyncio.Task[None]) -> None:
+        """The job's task is over, however it ended: forget the job, settle it if `_run` could not.
+
+        A done callback, not a `finally` in `_run`: a task cancelled before
+        its first step never runs its coroutine at all, and would leave the
+        job queued forever, its followers waiting.
+        """
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._announce_queue()
+        if self._current is job:
+            self._current = None
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+        if not job.done:
+            # Unload or shutdown cancelled it; what the load spawned is
+            # stopped already (the launcher's contract), and the stops it
+            # started have run to their end (`settle`).
+            self._fail(job, job.cancel_error or LoadCancelled(f"load of {job.name} was cancelled"))
 
     def _fail(self, job: LoadJob, error: PoolError) -> None:
-        job._finish(None, error)
+        job.finish(None, error)
         self.bus.publish(LoadFailed(job.name, error.reason, error.message))
-        # A pin is kept only while its model is loaded: a model that fails to
-        # load must not be retried at every boot (DESIGN.md item 5). A restart
-        # after a crash has its own rules (`_schedule_restart`), and a
-        # cancelled load says nothing about the model.
-        if job.origin is not LoadOrigin.RESTART and not isinstance(error, LoadCancelled):
-            model = self._models.get(job.name)
-            if model is None or model.state is not ModelState.READY:
-                self._forget_pin(job.name)
+        cancelled = isinstance(error, LoadCancelled | LoadAbortedByShutdown)
+        if (
+            policy.drops_pin_after_failure(restart=job.origin is LoadOrigin.RESTART, cancelled=cancelled)
+            and self._ready(job.name) is None
+        ):
+            self._pins.drop(job.name)
 
     def _announce_queue(self) -> None:
         """Tell each waiting load its new place in the queue."""
@@ -384,114 +270,166 @@ class Pool:
         queue_position: int = 0,
     ) -> None:
         progress = LoadProgress(job.name, phase, fraction, message, queue_position, tuple(job.evicted))
-        job._emit(progress)
+        job.emit(progress)
         self.bus.publish(progress)
 
     async def _load_locked(self, job: LoadJob) -> LoadResult:
-        """The load path proper. Runs under the lock; every decision is taken here."""
-        spec = self._spec(job.name)
-        current = self._models.get(job.name)
-        running = current if current is not None and current.state is ModelState.READY else None
-        wanted = opts.resolve(job.requested, running.options if running else None, spec.defaults)
-        if running is not None and (
-            job.from_inference or running.options.process_key() == wanted.process_key()
-        ):
-            # Same process: only settings that need no restart change. A load
-            # triggered by inference never reloads a model that is up.
-            if not job.from_inference:
-                running.options = wanted
-            self._set_pin(running, job.pinned)
-            self._arm_idle(running)
-            self._remember_pin(running)
-            return LoadResult(self._view(running), already_loaded=True, evicted=())
+        """The load path proper. Runs under the lock; every decision is taken here.
 
-        pinned = job.pinned if job.pinned is not None else bool(running and running.pinned)
-        if current is not None:
-            reason = UnloadReason.RELOAD if running is not None else UnloadReason.REQUESTED
-            await self._stop_models([current], reason)
+        Decisions are taken and acted on with no `await` between them, so no
+        Pin, lease, stop or crash can slip in between a plan and its first
+        step (issue #9 finding 15: memory victims were marked UNLOADING only
+        after the slot victims had stopped, and a Pin in between was lost).
+        """
+        spec = self.catalog[job.name]
+        await self._teardowns_done()
+        while True:
+            running = self._ready(job.name)
+            wanted = opts.resolve(job.requested, running.options if running else None, spec.defaults)
+            if running is not None and policy.reuses_process(running.options, wanted):
+                result = self._reuse(job, running, wanted)
+                await self._pins.flush()  # a pin set by this load is on disk when it answers
+                return result
+            need = await asyncio.to_thread(self._estimate, spec, wanted)  # reads the file's header
+            await self._teardowns_done()  # stops that began meanwhile
+            if self._ready(job.name) is running:
+                break  # nothing this decision rests on changed while we waited
 
-        # Plan every eviction (slots, then memory) before carrying any out:
-        # a load that cannot happen must not have evicted anything.
-        need = await asyncio.to_thread(self._estimate, spec, wanted)  # reads the file's header
-        residents = {
-            m.name: self._resident(m)
-            for m in self._models.values()
-            if m.state in (ModelState.READY, ModelState.LOADING)
-        }
-        plan = policy.choose_victims(
-            [r for r in residents.values() if self._models[r.name].spec.type is spec.type],
-            self.settings.max_loaded.get(spec.type, 1),
+        residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
+        plan = policy.plan_load(
+            job.name,
+            spec.type,
+            need,
+            residents,
+            self.settings.slots(spec.type),
+            available=self._memory.available_bytes(),
+            reserve=self.settings.memory_reserve_bytes,
         )
         if isinstance(plan, policy.NoRoom):
             raise SlotsPinned(
                 f"every {spec.type.value} slot is held by a pinned model ({', '.join(plan.pinned)});"
                 f" unpin one to load {job.name}"
             )
-        memory_victims = self._plan_memory(job.name, need, residents, plan.victims)
-        for victims, reason in (
-            (plan.victims, UnloadReason.EVICTED_LRU),
-            (memory_victims, UnloadReason.MEMORY_PRESSURE),
-        ):
-            if victims:
-                job.evicted.extend(victims)
-                self._progress(job, LoadPhase.EVICTING, f"evicting {', '.join(victims)} ({reason.value})")
-                await self._stop_models([self._models[v] for v in victims], reason)
-
-        model = Model(spec, wanted, ModelState.LOADING, pinned=pinned)
-        self._models[job.name] = model
-        self._progress(job, LoadPhase.STARTING, "starting backend")
-        try:
-            model.backend = await self._start_backend(spec, wanted)
-            self._backends_started += 1
-            self._progress(job, LoadPhase.LOADING, f"backend pid {model.backend.pid}: waiting for /health")
-            await model.backend.wait_healthy(self.settings.health_timeout_seconds)
-        except BaseException as error:
-            # Whatever ends the load (failure, Unload, shutdown), what it
-            # spawned must not outlive it.
-            if model.backend is not None:
-                await model.backend.stop(self.settings.stop_grace_seconds)
-            if isinstance(error, PoolError):
-                self._set_state(model, ModelState.FAILED)
-            else:
-                del self._models[job.name]
-            raise
-        now = self._clock()
-        model.loaded_at = model.last_used_at = now
-        self._set_state(model, ModelState.READY)
-        self._arm_idle(model)
-        self._remember_pin(model)
-        self.bus.publish(ModelLoaded(self._view(model)))
-        self._watch_backend(model)
-        return LoadResult(self._view(model), already_loaded=False, evicted=tuple(job.evicted))
-
-    def _resident(self, model: Model) -> policy.Resident:
-        """What the eviction policy needs to know of `model`."""
-        rss = model.backend.process.rss_bytes() if model.backend is not None else 0
-        return policy.Resident(model.name, model.pinned, len(model.leases), model.last_used_at or 0.0, rss)
-
-    def _plan_memory(
-        self, name: str, need: int, residents: Mapping[str, policy.Resident], slot_victims: tuple[str, ...]
-    ) -> tuple[str, ...]:
-        """The idle models to stop so that `need` bytes fit; raise `InsufficientMemory` if none do."""
-        reserve = self.settings.memory_reserve_bytes
-        available = self._memory.available_bytes()
-        idle = [
-            resident
-            for resident in residents.values()
-            if resident.name not in slot_victims
-            and resident.in_flight == 0
-            and self._models[resident.name].state is ModelState.READY
-        ]
-        freed = sum(residents[v].rss_bytes for v in slot_victims)
-        plan = policy.plan_memory(need, available, reserve, idle, freed=freed)
         if isinstance(plan, policy.NotEnoughMemory):
             raise InsufficientMemory(
-                f"{name} needs about {mib(plan.need)} ({plan.need:,} bytes: model file and context);"
+                f"{job.name} needs about {mib(plan.need)} ({plan.need:,} bytes: model file and context);"
                 f" {mib(plan.available)} is available, {mib(plan.reserve)} is kept in reserve"
                 f" ([pool] memory_reserve_mb), and evicting every idle unpinned model would free"
                 f" only {mib(plan.freeable)}"
             )
-        return plan.victims
+        pinned = job.pinned if job.pinned is not None else bool(running and running.pinned)
+        previous = self._models.get(job.name)
+        if previous is not None and previous.state in (ModelState.READY, ModelState.FAILED):
+            self._stop(previous, UnloadReason.RELOAD)
+        for victims, reason in (
+            (plan.slot_victims, UnloadReason.EVICTED_LRU),
+            (plan.memory_victims, UnloadReason.MEMORY_PRESSURE),
+        ):
+            if victims:
+                job.evicted.extend(victims)
+                self._progress(job, LoadPhase.EVICTING, f"evicting {', '.join(victims)} ({reason.value})")
+                for victim in victims:
+                    self._stop(self._models[victim], reason)
+        await self._teardowns_done()
+        return await self._start(job, spec, wanted, pinned)
+
+    async def _start(
+        self, job: LoadJob, spec: ModelSpec, wanted: EffectiveOptions, pinned: bool
+    ) -> LoadResult:
+        """Start `spec`'s process and commit it READY. Under the lock, every stop settled."""
+        model = Model(spec, wanted, ModelState.LOADING, pinned=pinned)
+        self._enter(model)
+        self._progress(job, LoadPhase.STARTING, "starting backend")
+
+        def spawned(backend: Backend) -> None:
+            model.backend = backend
+            self._backends_started += 1
+            self._progress(job, LoadPhase.LOADING, f"backend pid {backend.pid}: waiting for /health")
+
+        try:
+            backend = await self._launch(spec, wanted, on_spawned=spawned)
+        except asyncio.CancelledError:
+            shutdown = isinstance(job.cancel_error, LoadAbortedByShutdown)
+            self._set_state(
+                model,
+                ModelState.STOPPED,
+                reason=UnloadReason.SHUTDOWN if shutdown else UnloadReason.REQUESTED,
+            )
+            raise
+        except PoolError as error:
+            self._set_state(model, ModelState.FAILED, message=error.message)
+            raise
+        except BaseException as error:
+            self._set_state(model, ModelState.FAILED, message=f"internal error ({type(error).__name__})")
+            raise
+        model.backend = backend
+        model.loaded_at = model.last_used_at = self._clock()
+        self._set_state(model, ModelState.READY)
+        self._arm_idle(model)
+        self._remember_pin(model)
+        self._watchdog.watch(model)
+        await self._pins.flush()  # a pinned load answers once its pin is on disk
+        return LoadResult(model_view(model), already_loaded=False, evicted=tuple(job.evicted))
+
+    def _reuse(self, job: LoadJob, running: Model, wanted: EffectiveOptions) -> LoadResult:
+        """Same process: only settings that need no restart change."""
+        running.options = wanted
+        self._set_pin(running, job.pinned)
+        self._arm_idle(running)
+        self._remember_pin(running)
+        return LoadResult(model_view(running), already_loaded=True, evicted=())
+
+    def _resident(self, model: Model) -> policy.Resident:
+        """What the eviction policy needs to know of `model`."""
+        rss = model.backend.process.rss_bytes() if model.backend is not None else 0
+        return policy.Resident(
+            model.name, model.pinned, len(model.leases), model.last_used_at or 0.0, rss, model.type
+        )
+
+    async def _teardowns_done(self) -> None:
+        """Wait until no backend is being stopped (cancellation waits too: `settle`)."""
+        while self._teardowns:
+            await settle(asyncio.ensure_future(asyncio.wait(set(self._teardowns))))
+
+    # ----------------------------------------------------------- the states
+
+    def _ready(self, name: str) -> Model | None:
+        model = self._models.get(name)
+        return model if model is not None and model.state is ModelState.READY else None
+
+    def _enter(self, model: Model) -> None:
+        """Put a new LOADING `model` in the pool (its name must be free) and say so."""
+        assert model.state is ModelState.LOADING
+        assert model.name not in self._models
+        self._models[model.name] = model
+        log.info("%s: loading", model.name)
+        self.bus.publish(ModelStateChanged(model.name, ModelState.LOADING))
+
+    def _set_state(
+        self, model: Model, state: ModelState, *, reason: UnloadReason | None = None, message: str = ""
+    ) -> None:
+        """The one place a model's state changes; publishes the event of the change.
+
+        READY: ModelLoaded. A READY model's FAILED: ModelUnloaded (CRASHED).
+        STOPPED: ModelUnloaded (`reason`), and the model leaves the pool.
+        UNLOADING, and FAILED while loading: ModelStateChanged.
+        """
+        old = model.state
+        if not is_valid_transition(old, state):
+            raise AssertionError(f"{model.name}: invalid transition {old} -> {state}")
+        model.state = state
+        pid = model.backend.pid if model.backend is not None else 0
+        log.info("%s: %s -> %s%s", model.name, old.value, state.value, f" ({reason.value})" if reason else "")
+        if state is ModelState.READY:
+            self.bus.publish(ModelLoaded(model_view(model)))
+        elif state is ModelState.FAILED and old is ModelState.READY:
+            self.bus.publish(ModelUnloaded(model.name, UnloadReason.CRASHED, pid, message))
+        elif state is ModelState.STOPPED:
+            if self._models.get(model.name) is model:
+                del self._models[model.name]
+            self.bus.publish(ModelUnloaded(model.name, reason or UnloadReason.REQUESTED, pid, message))
+        else:
+            self.bus.publish(ModelStateChanged(model.name, state, reason, message))
 
     def _set_pin(self, model: Model, pinned: bool | None) -> None:
         """Apply a tri-state pin (None keeps it); publish when it changes."""
@@ -500,45 +438,67 @@ class Pool:
             self.bus.publish(PinChanged(model.name, pinned))
             self._arm_idle(model)
 
-    def _set_state(self, model: Model, state: ModelState) -> None:
-        """The one place a model's state changes."""
-        if not is_valid_transition(model.state, state):
-            raise AssertionError(f"{model.name}: invalid transition {model.state} -> {state}")
-        log.info("%s: %s -> %s", model.name, model.state.value, state.value)
-        model.state = state
+    def _remember_pin(self, model: Model) -> None:
+        """Keep READY `model`'s pin and options in the state file, or drop it when unpinned."""
+        if model.pinned and model.state is ModelState.READY:
+            self._pins.keep(model.name, model.options)
+        else:
+            self._pins.drop(model.name)
 
-    async def _stop_models(self, models: list[Model], reason: UnloadReason) -> None:
-        """Stop `models` together and drop them from the pool; publish why. Under the lock.
+    # ---------------------------------------------------------------- stops
 
-        Every one is marked UNLOADING before anything is awaited, so no lease,
-        pin or decision taken meanwhile sees it READY. Requests still using a
-        model get `evict_grace_seconds` to finish, then end with MODEL_EVICTED.
+    def _stop(
+        self, model: Model, reason: UnloadReason, *, lease_grace: float | None = None
+    ) -> asyncio.Task[None]:
+        """Stop READY or FAILED `model`: UNLOADING now, the process gone when the returned task ends.
+
+        Idempotent: a model already being stopped returns the stop in
+        flight (and keeps its first reason). The task is the pool's: no
+        caller's cancellation cuts it. Requests still using the model get
+        `lease_grace` (default `evict_grace_seconds`) to finish, then end
+        with MODEL_EVICTED (SHUTTING_DOWN at shutdown).
         """
-        was_running = {m for m in models if m.state is ModelState.READY}
-        for model in models:
-            self._set_state(model, ModelState.UNLOADING)
-            self._cancel_idle(model)
-            if model.restart_timer is not None:
-                model.restart_timer.cancel()
-                model.restart_timer = None
-        await asyncio.gather(*(self._stop_one(m, reason, m in was_running) for m in models))
+        if model.stopping is not None:
+            return model.stopping
+        self._set_state(model, ModelState.UNLOADING, reason=reason)
+        self._cancel_idle(model)
+        if model.restart_timer is not None:
+            model.restart_timer.cancel()
+            model.restart_timer = None
+        grace = self.settings.evict_grace_seconds if lease_grace is None else lease_grace
+        model.stopping = self._teardown(self._finish_stop(model, reason, grace), f"stop {model.name}")
+        return model.stopping
 
-    async def _stop_one(self, model: Model, reason: UnloadReason, was_running: bool) -> None:
-        if model.leases:
-            try:
-                await asyncio.wait_for(model.no_leases.wait(), self.settings.evict_grace_seconds)
-            except TimeoutError:
-                self._revoke(
-                    model, ModelEvicted(f"{model.name} was unloaded ({reason.value}) during the request")
+    def _teardown(self, work: Any, name: str) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = self._work.spawn(work, name)
+        self._teardowns.add(task)
+        task.add_done_callback(self._teardowns.discard)
+        return task
+
+    async def _finish_stop(self, model: Model, reason: UnloadReason, grace: float) -> None:
+        try:
+            if model.leases:
+                await wait_for_any([model.no_leases, self._hurry], grace)
+                if model.leases:
+                    error: PoolError = (
+                        ShuttingDown("the server is shutting down")
+                        if reason is UnloadReason.SHUTDOWN
+                        else ModelEvicted(f"{model.name} was unloaded ({reason.value}) during the request")
+                    )
+                    self._revoke(model, error)
+            if model.backend is not None:
+                status = await model.backend.stop(self.settings.stop_grace_seconds)
+                log.info(
+                    "%s: stopped pid %d (%s), exit status %d",
+                    model.name,
+                    model.backend.pid,
+                    reason.value,
+                    status,
                 )
-        pid = model.backend.pid if model.backend else 0
-        if model.backend is not None:
-            status = await model.backend.stop(self.settings.stop_grace_seconds)
-            log.info("%s: stopped pid %d (%s), exit status %d", model.name, pid, reason.value, status)
-        if self._models.get(model.name) is model:
-            del self._models[model.name]
-        if was_running:  # a FAILED model's end was reported when it failed
-            self.bus.publish(ModelUnloaded(model.name, reason, pid))
+        finally:
+            # Whatever happened above, the model leaves the pool: never
+            # UNLOADING for good.
+            self._set_state(model, ModelState.STOPPED, reason=reason)
 
     @staticmethod
     def _revoke(model: Model, error: PoolError) -> None:
@@ -546,74 +506,37 @@ class Pool:
         for lease in model.leases:
             lease.revoked = lease.revoked or error
 
-    # -------------------------------------------------------------- watchdog
+    # -------------------------------------------------------------- crashes
 
-    def _watch_backend(self, model: Model) -> None:
-        """Report a READY backend that exits (at once) or stops answering /health (DESIGN.md item 8)."""
-        backend = model.backend
-        assert backend is not None
-
-        async def watch_exit() -> None:
-            status = await backend.process.wait()
-            if self._crashed(model, f"exited with status {status}"):
-                await backend.stop(0)  # what is left of its group; closes the client
-
-        async def watch_health() -> None:
-            interval = self.settings.health_check_seconds
-            failures = 0
-            while self._models.get(model.name) is model and model.state is ModelState.READY:
-                await asyncio.sleep(interval)
-                failures = 0 if await backend.is_healthy(interval) else failures + 1
-                if failures >= self.settings.health_check_failures:
-                    message = f"stopped answering /health ({failures} checks in a row, {interval:g} s apart)"
-                    if self._crashed(model, message):
-                        await backend.stop(0)  # hung: no grace
-                    return
-
-        self._spawn(watch_exit(), f"watch exit {model.name}")
-        if self.settings.health_check_seconds > 0:
-            self._spawn(watch_health(), f"watch health {model.name}")
-
-    def _crashed(self, model: Model, message: str) -> bool:
+    def _crashed(self, model: Model, message: str) -> None:
         """Mark READY `model` crashed: its requests end BACKEND_CRASHED; a pinned one is restarted.
 
-        Returns False, doing nothing, when `model` is no longer the READY one
-        (a stale watcher: it was reloaded, unloaded or is being stopped).
+        Does nothing when `model` is no longer the current READY one (a
+        stale watcher: it was reloaded, unloaded or is being stopped).
         """
         if self._models.get(model.name) is not model or model.state is not ModelState.READY:
-            return False
-        assert model.backend is not None
-        pid = model.backend.pid
-        self._set_state(model, ModelState.FAILED)
-        self._cancel_idle(model)
+            return
+        backend = model.backend
+        assert backend is not None
         self._revoke(model, BackendCrashed(f"the backend of {model.name} {message}"))
-        log.warning("%s: backend pid %d %s", model.name, pid, message)
-        self.bus.publish(ModelUnloaded(model.name, UnloadReason.CRASHED, pid, message))
+        self._cancel_idle(model)
+        log.warning("%s: backend pid %d %s", model.name, backend.pid, message)
+        self._set_state(model, ModelState.FAILED, message=message)
+        backend.process.kill_group()  # exited: its group's leftovers; hung: no grace
+        self._teardown(backend.stop(0), f"clean up {model.name}")
         if model.pinned and not self._closing:
             self._schedule_restart(model)
-        return True
 
     def _schedule_restart(self, model: Model) -> None:
         """Restart pinned `model` after its backoff, or give up when it keeps crashing."""
-        now = self._clock()
-        crashes = self._crashes.setdefault(model.name, [])
-        crashes.append(now)
-        del crashes[: -(self.settings.max_restarts + 1)]
-        delay = policy.restart_delay(
-            crashes,
-            now,
-            base=self.settings.restart_backoff_seconds,
-            cap=self.settings.restart_backoff_max_seconds,
-            max_restarts=self.settings.max_restarts,
-            window=self.settings.restart_window_seconds,
-        )
+        count, delay = self._crashes.record(model.name)
         if delay is None:
             self._set_pin(model, False)
-            self._forget_pin(model.name)
+            self._pins.drop(model.name)
             window = self.settings.restart_window_seconds
             self._warn(
                 "RESTARTS_EXHAUSTED",
-                f"{model.name} crashed {len(crashes)} times within {window:g} s:"
+                f"{model.name} crashed {count} times within {window:g} s:"
                 " it is not restarted again and is no longer pinned; Load it to try again",
                 model.name,
             )
@@ -629,12 +552,16 @@ class Pool:
         model.restart_timer = None
         if self._closing or self._models.get(model.name) is not model or model.state is not ModelState.FAILED:
             return  # unloaded or loaded again meanwhile
-        job = self.load(model.name, _requested(model.options), True, origin=LoadOrigin.RESTART)
+        try:
+            job = self.load(model.name, opts.requesting(model.options), True, origin=LoadOrigin.RESTART)
+        except PoolError as error:
+            self._restart_failed(model.name, error)
+            return
 
         async def follow() -> None:
             try:
                 await job.outcome()
-            except LoadCancelled:
+            except (LoadCancelled, LoadAbortedByShutdown):
                 pass
             except PoolError as error:
                 failed = self._models.get(job.name)
@@ -642,21 +569,20 @@ class Pool:
                     log.warning("%s: restart failed: %s", job.name, error.message)
                     self._schedule_restart(failed)
                 else:
-                    self._forget_pin(job.name)
-                    self._warn(
-                        "RESTART_FAILED", f"{job.name} could not be restarted: {error.message}", job.name
-                    )
+                    self._restart_failed(job.name, error)
 
-        self._spawn(follow(), f"restart {model.name}")
+        self._background.spawn(follow(), f"restart {model.name}")
+
+    def _restart_failed(self, name: str, error: PoolError) -> None:
+        self._pins.drop(name)
+        self._warn("RESTART_FAILED", f"{name} could not be restarted: {error.message}", name)
 
     # ------------------------------------------------------------ idle unload
 
     def _arm_idle(self, model: Model) -> None:
         """(Re)start `model`'s idle countdown if it may be idle-unloaded, else stop it (DESIGN.md item 6)."""
         self._cancel_idle(model)
-        seconds = model.options.idle_unload_seconds
-        if seconds is None:
-            seconds = self.settings.idle_unload_seconds
+        seconds = model.options.idle_seconds(self.settings.idle_unload_seconds)
         if seconds <= 0 or model.pinned or model.leases or model.state is not ModelState.READY:
             return
         model.idle_unload_at = self._clock() + seconds
@@ -670,18 +596,11 @@ class Pool:
         model.idle_unload_at = None
 
     def _idle_expired(self, model: Model) -> None:
-        timer = model.idle_timer
-
-        async def unload_idle() -> None:
-            async with self._lock:
-                # A request, a pin or a reload while we waited for the lock
-                # cancelled or re-armed the countdown: then it is not ours to act on.
-                if model.idle_timer is not timer or self._models.get(model.name) is not model:
-                    return
-                model.idle_timer = None
-                await self._stop_models([model], UnloadReason.IDLE)
-
-        self._spawn(unload_idle(), f"idle unload {model.name}")
+        # A cancelled timer never fires: a request, a pin or a stop since it
+        # was armed replaced or cancelled it. Checked again all the same.
+        model.idle_timer = None
+        if self._ready(model.name) is model and not model.leases and not model.pinned:
+            self._stop(model, UnloadReason.IDLE)
 
     # ---------------------------------------------------------------- memory
 
@@ -689,33 +608,31 @@ class Pool:
         """Every `memory_check_seconds`, evict unpinned models while memory is below the reserve."""
         while True:
             await asyncio.sleep(self.settings.memory_check_seconds)
-            if self._memory.available_bytes() >= self.settings.memory_reserve_bytes:
+            available = self._memory.available_bytes()
+            if available >= self.settings.memory_reserve_bytes:
                 self._memory_low = False
-                continue
-            async with self._lock:
-                await self._relieve_memory()
+            else:
+                self._relieve_memory(available)
 
-    async def _relieve_memory(self) -> None:
+    def _relieve_memory(self, available: int) -> None:
         """Stop unpinned models, idle before busy, least recently used first, until the reserve is free."""
-        available = self._memory.available_bytes()
         reserve = self.settings.memory_reserve_bytes
         ready = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
-        plan = policy.plan_memory(0, available, reserve, ready)
-        if isinstance(plan, policy.NotEnoughMemory):
-            victims = tuple(r.name for r in ready if not r.pinned)
-            if not self._memory_low:
-                self._memory_low = True
-                self._warn(
-                    "MEMORY_LOW",
-                    f"{mib(available)} available, below the reserve of {mib(reserve)}, and unpinned models"
-                    f" free only {mib(plan.freeable)}; pinned models are kept",
-                    *victims,
-                )
-        else:
-            victims = plan.victims
-        if victims:
-            log.warning("memory: %s available, below %s: evicting %s", mib(available), mib(reserve), victims)
-            await self._stop_models([self._models[v] for v in victims], UnloadReason.MEMORY_PRESSURE)
+        plan = policy.relieve_pressure(available, reserve, ready)
+        if plan.short is not None and not self._memory_low:
+            self._warn(
+                "MEMORY_LOW",
+                f"{mib(available)} available, below the reserve of {mib(reserve)}, and unpinned models"
+                f" free only {mib(plan.short.freeable)}; pinned models are kept",
+                *plan.victims,
+            )
+        self._memory_low = plan.short is not None
+        if plan.victims:
+            log.warning(
+                "memory: %s available, below %s: evicting %s", mib(available), mib(reserve), plan.victims
+            )
+        for victim in plan.victims:
+            self._stop(self._models[victim], UnloadReason.MEMORY_PRESSURE)
 
     # ----------------------------------------------------------- persistence
 
@@ -726,13 +643,12 @@ class Pool:
         through the same locked path as any Load, and Status shows them.
         """
         if self.settings.memory_check_seconds > 0:
-            self._spawn(self._watch_memory(), "memory check")
-        if restore and self._store is not None:
-            self._restore_pins(self._store)
+            self._background.spawn(self._watch_memory(), "memory check")
+        if restore:
+            self._restore_pins()
 
-    def _restore_pins(self, store: PinStore) -> None:
-        saved, problem = store.read()
-        self._saved_pins = dict(saved)
+    def _restore_pins(self) -> None:
+        saved, problem = self._pins.read_saved()
         if problem is not None:
             log.warning("pins: %s", problem)
             self._warn("STATE_FILE_CORRUPT", problem)
@@ -741,12 +657,13 @@ class Pool:
             [(name, self.catalog[name].type) for name in saved if name in self.catalog],
             self.settings.max_loaded,
         )
-        self._pins = {name: saved[name] for name in fit}
-        self._save_pins()
+        for name in fit:
+            self._pins.keep(name, saved[name])
         if unknown or left_out:
-            reasons = [f"{name}: not in the catalog" for name in unknown] + [
+            self._pins.drop(*unknown, *left_out)
+            reasons = [f"{bounds.echo(name)}: not in the catalog" for name in unknown] + [
                 f"{name}: no free {self.catalog[name].type.value} slot"
-                f" (max_loaded {self.settings.max_loaded.get(self.catalog[name].type, 1)})"
+                f" (max_loaded {self.settings.slots(self.catalog[name].type)})"
                 for name in left_out
             ]
             self._warn(
@@ -756,64 +673,42 @@ class Pool:
                 *left_out,
             )
         for name in fit:
-            job = self.load(name, _requested(saved[name]), True, origin=LoadOrigin.RESTORE)
-
-            async def report(job: LoadJob = job) -> None:
-                try:
-                    await job.outcome()
-                except PoolError as error:
-                    self._warn(
-                        "PIN_NOT_RESTORED",
-                        f"{job.name} could not be loaded again ({error.reason}): {error.message}",
-                        job.name,
-                    )
-
-            self._spawn(report(), f"restore {name}")
+            try:
+                job = self.load(name, opts.requesting(saved[name]), True, origin=LoadOrigin.RESTORE)
+            except PoolError as error:
+                # A saved pin the config no longer accepts (its backend args
+                # are no longer allowed, say) must not stop the server from
+                # starting (issue #9 finding 18).
+                self._pins.drop(name)
+                self._warn_not_restored(name, error)
+                continue
+            self._background.spawn(self._report_restore(job), f"restore {name}")
         log.info("pins: restoring %s", ", ".join(fit) or "none")
 
-    def _remember_pin(self, model: Model) -> None:
-        """Keep READY `model`'s pin and options in the state file, or drop it when unpinned."""
-        if model.pinned and model.state is ModelState.READY:
-            self._pins[model.name] = model.options
-            self._save_pins()
-        else:
-            self._forget_pin(model.name)
-
-    def _forget_pin(self, name: str) -> None:
-        if self._pins.pop(name, None) is not None:
-            self._save_pins()
-
-    def _save_pins(self) -> None:
-        """Write the pins if they changed. A failed write is reported, never raised."""
-        if self._store is None or self._pins == self._saved_pins:
-            return
+    async def _report_restore(self, job: LoadJob) -> None:
         try:
-            self._store.write(self._pins)
-        except OSError as error:
-            log.error("pins: cannot write %s: %s", self._store.path, error)
-            self._warn("STATE_WRITE_FAILED", f"cannot save pins to {self._store.path}: {error}")
-            return
-        self._saved_pins = dict(self._pins)
+            await job.outcome()
+        except PoolError as error:
+            self._warn_not_restored(job.name, error)
 
-    # ----------------------------------------------------------------- tasks
-
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        """Run `work` in the background; shutdown cancels it."""
-        task = asyncio.create_task(work, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _warn_not_restored(self, name: str, error: PoolError) -> None:
+        self._warn(
+            "PIN_NOT_RESTORED", f"{name} could not be loaded again ({error.reason}): {error.message}", name
+        )
 
     def _warn(self, code: str, message: str, *models: str) -> None:
         self.bus.publish(PoolWarning(code, message, tuple(models)))
 
     # ------------------------------------------------------------------ pins
 
-    def pin(self, name: str, pinned: bool) -> ModelView:
-        """Set the pin of a READY model; return its state. Safe to repeat.
+    async def pin(self, name: str, pinned: bool) -> ModelView:
+        """Set the pin of a READY model; return its state once the pin is on disk. Safe to repeat.
 
         Takes no lock: the check and the change happen with no await between
-        them, and a model chosen for eviction is already UNLOADING. Raises
-        `ModelNotFound`, or `ModelNotLoaded` when the model is not READY.
+        them, and a model chosen for eviction or unloading is already
+        UNLOADING. Raises `ModelNotFound`, `ModelNotLoaded` when the model is
+        not READY, or `StateWriteFailed` when the pin holds but could not be
+        saved.
         """
         self._spec(name)
         model = self._models.get(name)
@@ -822,62 +717,99 @@ class Pool:
             raise ModelNotLoaded(f"{name} is {state}; Load it with pinned = true to pin it once loaded")
         self._set_pin(model, pinned)
         self._remember_pin(model)
-        return self._view(model)
+        problem = await self._pins.flush()
+        if problem is not None:
+            raise StateWriteFailed(
+                f"{name} is {'pinned' if pinned else 'unpinned'} until the server stops, but {problem}"
+            )
+        return model_view(model)
 
     # --------------------------------------------------------------- unloads
 
-    async def unload(self, name: str = "") -> list[str]:
-        """Stop `name` (every model when empty); return the names that were stopped.
+    def unload(self, name: str = "") -> asyncio.Task[list[str]]:
+        """Stop `name` (every model when empty); the returned task gives the names stopped.
 
-        A load of that model queued or in flight is cancelled first, which kills
-        what it spawned. Unloading a model that is not loaded is not an error:
-        the result is then empty. An unloaded model is no longer pinned. Raises
-        `ModelNotFound` for an unknown name.
+        Everything is decided now, with no await: the models are marked
+        UNLOADING and their pins dropped at once (so a Pin arriving later
+        fails instead of bringing the pin back, issue #9 findings 6 and 19),
+        and loads of them, queued or running, are cancelled (what they
+        spawned is killed). The returned task is the pool's: a caller that
+        stops waiting for it (cancelled, deadline) does not stop the unload.
+        Unloading a model that is not loaded is not an error: the result is
+        then empty. Raises `InvalidRequest` or `ModelNotFound` for a bad name.
         """
         if name:
             self._spec(name)
         names = {name} if name else set(self.catalog)
-        for unpinned in names:
-            self._pins.pop(unpinned, None)
-        self._save_pins()  # once, however many were unpinned
-        cancelled = await self._cancel_jobs(names)
-        stopped = {job.name for job in cancelled}
-        async with self._lock:
-            targets = self._stoppable(names)
-            await self._stop_models(targets, UnloadReason.REQUESTED)
-        return sorted(stopped | {m.name for m in targets})
-
-    def _stoppable(self, names: set[str]) -> list[Model]:
-        """The models of `names` in the pool and not already being stopped."""
-        return [m for m in self._models.values() if m.name in names and m.state is not ModelState.UNLOADING]
-
-    async def _cancel_jobs(self, names: set[str]) -> list[LoadJob]:
-        """Cancel the loads of `names` and wait until each has cleaned up."""
-        jobs = [
-            job
-            for job in self._jobs.values()
-            if job.name in names and job.task is not None and not job.task.done()
-        ]
+        self._pins.drop(*sorted(names))
+        jobs = [job for job in self._jobs.values() if job.name in names and job.task and not job.task.done()]
         for job in jobs:
+            job.cancel_error = LoadCancelled(f"load of {job.name} was cancelled by an Unload")
             assert job.task is not None
             job.task.cancel()
-        await asyncio.gather(*(job.task for job in jobs if job.task), return_exceptions=True)
-        return jobs
+        models = [m for m in self._models.values() if m.name in names and m.state is not ModelState.LOADING]
+        stops = [self._stop(m, UnloadReason.REQUESTED) for m in models]
+        unloaded = sorted({job.name for job in jobs} | {m.name for m in models})
+        waits = {job.task for job in jobs if job.task is not None} | set(stops)
+
+        async def done() -> list[str]:
+            if waits:
+                await asyncio.wait(waits)
+            await self._pins.flush()
+            return unloaded
+
+        return self._work.spawn(done(), f"unload {name or 'all'}")
+
+    # -------------------------------------------------------------- shutdown
+
+    def begin_shutdown(self) -> None:
+        """At the stop signal: refuse new work, end loads (ABORTED, SHUTTING_DOWN) and Watch streams.
+
+        Inference streams running go on (see `drain`). Idempotent.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        for job in list(self._jobs.values()):
+            if job.task is not None and not job.task.done():
+                job.cancel_error = LoadAbortedByShutdown(
+                    f"load of {job.name} stopped: the server is shutting down"
+                )
+                job.task.cancel()
+        for model in self._models.values():
+            self._cancel_idle(model)
+            if model.restart_timer is not None:
+                model.restart_timer.cancel()
+                model.restart_timer = None
+        close = getattr(self.bus, "close", None)  # TEMPORARY (lead): until EventBus.close lands
+        if close is not None:
+            close(ShuttingDown("the server is shutting down"))
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the inference streams running to end."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_streams.wait(), seconds)
 
     async def shutdown(self) -> None:
-        """Cancel every load and stop every backend (reason SHUTDOWN). Idempotent.
+        """End every load and stream and stop every backend (reason SHUTDOWN). Idempotent.
 
-        After it, `load` raises `ShuttingDown`. Pins stay saved: the next
-        start loads them again.
+        Streams still running end with SHUTTING_DOWN. Pins stay saved: the
+        next start loads them again.
         """
-        self._closing = True
-        await self._cancel_jobs(set(self.catalog))
-        async with self._lock:
-            await self._stop_models(self._stoppable(set(self.catalog)), UnloadReason.SHUTDOWN)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.begin_shutdown()
+        self._hurry.set()
+        while True:
+            for model in list(self._models.values()):
+                if model.state in (ModelState.READY, ModelState.FAILED):
+                    self._stop(model, UnloadReason.SHUTDOWN, lease_grace=0)
+            jobs = {job.task for job in self._jobs.values() if job.task is not None and not job.task.done()}
+            pending = jobs | self._teardowns
+            if not pending:
+                break
+            await asyncio.wait(pending)
+        await self._background.close()
+        await self._pins.flush()
+        await self._work.close()
 
     def kill_now(self) -> None:
         """SIGKILL every backend's process group at once, without waiting. For a forced exit."""
@@ -891,99 +823,85 @@ class Pool:
     async def lease(self, name: str) -> AsyncIterator[Lease]:
         """Hold `name` for one request; load it first (catalog options) if needed.
 
-        A READY model is leased without the lock. A model that is not READY
-        is loaded through the locked path, joining a load in flight; a
-        loaded model is never reloaded for inference. Raises what `load`
-        and `LoadJob.outcome` raise, or `ModelNotLoaded` if the model went
-        away between its load and the lease.
+        Waits for a stream slot first (`[limits]`; `Overloaded` when the
+        queue is full). A READY model is leased without the lock. A model
+        that is not READY is loaded through the locked path, joining a load
+        in flight; a loaded model is never reloaded for inference. Raises
+        what `load` and `LoadJob.outcome` raise, `ShuttingDown`, or
+        `ModelNotLoaded` if the model went away between its load and the lease.
         """
-        model = self._models.get(name)
-        if model is None or model.state is not ModelState.READY:
-            await self.load(name, RequestedOptions(), None, origin=LoadOrigin.INFERENCE).outcome()
-            model = self._models.get(name)
-            if model is None or model.state is not ModelState.READY or model.backend is None:
-                raise ModelNotLoaded(f"{name} was unloaded before the request could start")
-        assert model.backend is not None
-        lease = Lease(model.backend)
-        model.leases.add(lease)
-        model.no_leases.clear()
-        self._cancel_idle(model)
-        model.last_used_at = self._clock()
-        try:
-            yield lease
-        finally:
-            model.leases.discard(lease)
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        self._spec(name)
+        async with self._admission.admit(name):
+            model = self._ready(name)
+            if model is None:
+                try:
+                    await self.load(name, RequestedOptions(), None, origin=LoadOrigin.INFERENCE).outcome()
+                except LoadAbortedByShutdown as error:
+                    raise ShuttingDown(error.message) from None
+                model = self._ready(name)
+                if model is None:
+                    raise ModelNotLoaded(f"{name} was unloaded before the request could start")
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            assert model.backend is not None
+            lease = Lease(model.backend)
+            model.leases.add(lease)
+            model.no_leases.clear()
+            self._streams += 1
+            self._no_streams.clear()
+            self._cancel_idle(model)
             model.last_used_at = self._clock()
-            if not model.leases:
-                model.no_leases.set()
-                self._arm_idle(model)
+            try:
+                yield lease
+            finally:
+                model.leases.discard(lease)
+                model.last_used_at = self._clock()
+                self._streams -= 1
+                if not self._streams:
+                    self._no_streams.set()
+                if not model.leases:
+                    model.no_leases.set()
+                    self._arm_idle(model)
 
     # ---------------------------------------------------------------- status
 
     def snapshot(self) -> PoolView:
         """The pool's state now. Never waits for the lock."""
-        models = tuple(self._view(m) for m in sorted(self._models.values(), key=lambda m: m.name))
-        slots = []
-        for model_type, limit in sorted(self.settings.max_loaded.items(), key=lambda kv: kv[0].value):
-            holding = [
-                m
-                for m in models
-                if m.type is model_type and m.state in (ModelState.READY, ModelState.LOADING)
-            ]
-            slots.append(SlotView(model_type, limit, len(holding), sum(m.pinned for m in holding)))
-        memory = MemoryView(
-            self._memory.total_bytes(), self._memory.available_bytes(), sum(m.rss_bytes for m in models)
-        )
+        models = tuple(model_view(m) for m in sorted(self._models.values(), key=lambda m: m.name))
         return PoolView(
             models=models,
-            slots=tuple(slots),
-            memory=memory,
-            load_in_flight=self._load_view(self._current) if self._current else None,
-            queue=tuple(self._load_view(job) for job in self._waiting),
+            slots=slot_views(models, self.settings.max_loaded),
+            memory=self._memory_view(models),
+            load_in_flight=load_view(self._current) if self._current else None,
+            queue=tuple(load_view(job) for job in self._waiting),
             sequence=self.bus.last_sequence,
             backends_started=self._backends_started,
+        )
+
+    def _memory_view(self, models: tuple[ModelView, ...]) -> MemoryView:
+        return MemoryView(
+            self._memory.total_bytes(), self._memory.available_bytes(), sum(m.rss_bytes for m in models)
         )
 
     def model_view(self, name: str) -> ModelView | None:
         """The state of `name`, or None when it is not in the pool."""
         model = self._models.get(name)
-        return self._view(model) if model is not None else None
+        return model_view(model) if model is not None else None
 
     def views(self) -> Iterator[ModelView]:
         """Every model in the pool."""
-        return (self._view(m) for m in list(self._models.values()))
-
-    def _view(self, model: Model) -> ModelView:
-        backend = model.backend if model.state is not ModelState.FAILED else None
-        return ModelView(
-            name=model.name,
-            type=model.spec.type,
-            recipe=model.spec.recipe.value,
-            state=model.state,
-            pinned=model.pinned,
-            options=model.options,
-            pid=backend.pid if backend else 0,
-            port=backend.port if backend else 0,
-            loaded_at=model.loaded_at,
-            last_used_at=model.last_used_at,
-            in_flight=len(model.leases),
-            idle_unload_at=model.idle_unload_at,
-            rss_bytes=backend.process.rss_bytes() if backend else 0,
-        )
-
-    @staticmethod
-    def _load_view(job: LoadJob) -> LoadView:
-        return LoadView(job.name, job.phase, job.fraction, job.started_at, job.waiters)
+        return (model_view(m) for m in list(self._models.values()))
 
     def _spec(self, name: str) -> ModelSpec:
+        """The catalog entry of `name`; `InvalidRequest` for a malformed name, else `ModelNotFound`."""
+        problem = bounds.model_name_problem(name)
+        if problem is not None:
+            raise InvalidRequest(f"model {problem}", field="model")
         try:
             return self.catalog[name]
         except KeyError:
-            raise ModelNotFound(
-                f"no model named {name!r} in the catalog (known: {', '.join(sorted(self.catalog))})"
-            ) from None
-
-
-def _requested(options: EffectiveOptions) -> RequestedOptions:
-    """A request for exactly `options` (every field present)."""
-    return RequestedOptions(options.ctx_size, options.idle_unload_seconds, options.backend_args)
+            known = sorted(self.catalog)
+            listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+            raise ModelNotFound(f"no model named {name!r} in the catalog (known: {listed})") from None

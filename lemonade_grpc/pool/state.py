@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lemonade_grpc import bounds
 from lemonade_grpc.files import write_atomically
 from lemonade_grpc.pool.options import EffectiveOptions
 
@@ -93,19 +94,34 @@ def decode(text: str) -> dict[str, EffectiveOptions]:
     pinned = data.get("pinned")
     if not isinstance(pinned, dict):
         raise StateCorrupt("'pinned' must be an object")
-    return {str(name): _options(name, entry) for name, entry in pinned.items()}
+    for name in pinned:
+        problem = bounds.model_name_problem(name)
+        if problem is not None:
+            raise StateCorrupt(f"pinned: the model name {problem}")
+    return {name: _options(name, entry) for name, entry in pinned.items()}
 
 
 def _options(name: str, entry: Any) -> EffectiveOptions:
+    # The same bounds as a request's: a file that decodes but holds what no
+    # request could ask for is corrupt, moved aside, never a boot failure
+    # (issue #9 finding 18: ctx_size > 2^24 made `serve` fail at every boot).
     if not isinstance(entry, dict):
         raise StateCorrupt(f"pinned.{name} must be an object")
     ctx_size = entry.get("ctx_size")
     idle = entry.get("idle_unload_seconds")
     args = entry.get("backend_args")
-    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 1:
-        raise StateCorrupt(f"pinned.{name}.ctx_size must be a positive integer")
-    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int) or idle < 0):
-        raise StateCorrupt(f"pinned.{name}.idle_unload_seconds must be null or an integer >= 0")
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise StateCorrupt(f"pinned.{name}.backend_args must be a list of strings")
+    if not isinstance(ctx_size, int) or ctx_size not in bounds.CTX_SIZE:
+        raise StateCorrupt(f"pinned.{name}.ctx_size must be an integer in {bounds.CTX_SIZE}")
+    if idle is not None and (not isinstance(idle, int) or idle not in bounds.IDLE_UNLOAD_SECONDS):
+        raise StateCorrupt(
+            f"pinned.{name}.idle_unload_seconds must be null or an integer in {bounds.IDLE_UNLOAD_SECONDS}"
+        )
+    if (
+        not isinstance(args, list)
+        or not all(isinstance(a, str) for a in args)
+        or len(args) > bounds.BACKEND_ARGS_COUNT
+    ):
+        raise StateCorrupt(
+            f"pinned.{name}.backend_args must be a list of at most {bounds.BACKEND_ARGS_COUNT} strings"
+        )
     return EffectiveOptions(ctx_size=ctx_size, idle_unload_seconds=idle, backend_args=tuple(args))

@@ -172,9 +172,13 @@ class BackendArgs(_message.Message):
     ARGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The arguments, passed to the backend in order after the ones the recipe
-        sets. Arguments that would break control (port, host, model path, API
-        key) are refused with INVALID_ARGUMENT.
+        """The arguments, passed to the backend in order after the recipe's and the
+        operator's (`models.<name>.args`). Each flag (an argument starting with
+        `-` that is not a negative number; `--flag=value` is `--flag`) must be
+        one the operator allowed for the model (`models.<name>.allowed_args` or
+        `pool.allowed_args`; none by default); a value must follow a flag. At
+        most 64 arguments, 1,024 bytes each, 4,096 bytes in all. Anything else
+        is INVALID_ARGUMENT, reason INVALID_OPTIONS, naming the flag.
         """
 
     def __init__(
@@ -204,10 +208,11 @@ class LoadOptions(_message.Message):
     IDLE_UNLOAD_SECONDS_FIELD_NUMBER: _builtins.int
     BACKEND_ARGS_FIELD_NUMBER: _builtins.int
     ctx_size: _builtins.int
-    """Context size in tokens. Must be at least 1 when present."""
+    """Context size in tokens, 1..16777216."""
     idle_unload_seconds: _builtins.int
-    """Seconds without requests before the model is unloaded. 0: never. Absent:
-    the server's `[pool] idle_unload_seconds`. Negative is INVALID_ARGUMENT.
+    """Seconds without requests before the model is unloaded, 0..31536000 (a
+    year). 0: never. Absent: the server's `[pool] idle_unload_seconds`.
+    Out of range is INVALID_ARGUMENT, reason INVALID_OPTIONS.
     """
     @_builtins.property
     def backend_args(self) -> Global___BackendArgs:
@@ -245,7 +250,10 @@ class LoadRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Catalog name of the model. Required."""
+    """Catalog name of the model. Required. Every model name is 1 to 128 of
+    letters, digits and `._:-`, starting with a letter or digit; another is
+    INVALID_ARGUMENT.
+    """
     pinned: _builtins.bool
     """Absent: keep the current pin (unpinned for a model that is not loaded).
     true / false: set the pin once the model is loaded.
@@ -747,6 +755,7 @@ class WatchResponse(_message.Message):
     PIN_CHANGED_FIELD_NUMBER: _builtins.int
     LOAD_FAILED_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
+    MODEL_STATE_CHANGED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Sequence number. A snapshot carries the sequence of the last event it
     reflects; the next event has that number + 1.
@@ -787,6 +796,12 @@ class WatchResponse(_message.Message):
     def warning(self) -> Global___Warning:
         """Something an operator should know about."""
 
+    @_builtins.property
+    def model_state_changed(self) -> Global___ModelStateChanged:
+        """A model moved to a state no other event reports (LOADING, UNLOADING,
+        FAILED while loading).
+        """
+
     def __init__(
         self,
         *,
@@ -800,12 +815,13 @@ class WatchResponse(_message.Message):
         pin_changed: Global___PinChanged | None = ...,
         load_failed: Global___LoadFailed | None = ...,
         warning: Global___Warning | None = ...,
+        model_state_changed: Global___ModelStateChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "resync", b"resync", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "resync", b"resync", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "load_progress", "model_loaded", "model_unloaded", "pin_changed", "load_failed", "warning"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "load_progress", "model_loaded", "model_unloaded", "pin_changed", "load_failed", "warning", "model_state_changed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -902,6 +918,45 @@ class ModelUnloaded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelUnloaded: _TypeAlias = ModelUnloaded  # noqa: Y015
+
+@_typing.final
+class ModelStateChanged(_message.Message):
+    """ModelStateChanged reports a model's move to a state that no other event
+    reports: LOADING (a backend is being started), UNLOADING (being stopped;
+    requests still using it get the eviction grace period), FAILED (its load
+    failed). READY is ModelLoaded; leaving the pool, or a READY model's crash,
+    is ModelUnloaded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    state: Global___ModelState.ValueType
+    """The state it moved to."""
+    reason: Global___UnloadReason.ValueType
+    """For UNLOADING: why it is being stopped."""
+    message: _builtins.str
+    """Human-readable detail, e.g. why a load failed."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: Global___UnloadReason.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model", b"model", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStateChanged: _TypeAlias = ModelStateChanged  # noqa: Y015
 
 @_typing.final
 class PinChanged(_message.Message):

@@ -1,0 +1,78 @@
+"""The pool's limits and timings: the `[pool]` and `[limits]` tables of the config.
+
+The defaults written here are the only ones: the config reads them from
+these dataclasses, and each field's range is in `lemonade_grpc.bounds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lemonade_grpc.catalog import ModelType
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Pool limits and timings (the `[pool]` table of the config)."""
+
+    max_loaded: Mapping[ModelType, int] = field(
+        default_factory=lambda: {ModelType.LLM: 1, ModelType.EMBEDDING: 1}
+    )
+    idle_unload_seconds: int = 0  # 0 = never
+    health_timeout_seconds: float = 120.0
+    stop_grace_seconds: float = 5.0
+    # How long requests still using a model being unloaded may run before
+    # they are ended with MODEL_EVICTED.
+    evict_grace_seconds: float = 10.0
+    # Memory kept free for everything else on the host: a load must fit
+    # above it, and falling below it evicts (MEMORY_PRESSURE).
+    memory_reserve_mb: int = 512
+    memory_check_seconds: float = 5.0  # 0 = no periodic check
+    # A READY backend is asked GET /health every `health_check_seconds`,
+    # each check given `health_check_timeout_seconds`; this many failures in
+    # a row (or its exit, at once) is a crash. With the defaults a stopped
+    # (SIGSTOP) backend is declared hung within about 8 s (issue #9 finding
+    # 13: 31 s before). A check that fails while the backend is streaming
+    # bytes to a request does not count: it is busy, not hung.
+    health_check_seconds: float = 2.0  # 0 = exits only
+    health_check_timeout_seconds: float = 2.0
+    health_check_failures: int = 3
+    # A crashed pinned model is restarted after base, 2 base, 4 base ... up
+    # to the cap; more than `max_restarts` crashes within the window and it
+    # stays down.
+    restart_backoff_seconds: float = 1.0
+    restart_backoff_max_seconds: float = 60.0
+    max_restarts: int = 5
+    restart_window_seconds: float = 600.0
+
+    def slots(self, model_type: ModelType) -> int:
+        """How many models of `model_type` may be resident at once."""
+        return self.max_loaded.get(model_type, 1)
+
+    @property
+    def memory_reserve_bytes(self) -> int:
+        return self.memory_reserve_mb << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much concurrent work the server takes on (the `[limits]` table of the config).
+
+    Beyond the running limits work waits in a bounded queue; beyond the
+    queue it is refused with RESOURCE_EXHAUSTED, reason OVERLOADED (issue #9
+    finding 7: 1,100 concurrent streams ran the server out of file
+    descriptors and were reported as backend crashes).
+    """
+
+    # Inference streams running at once, in all and per model. Each holds a
+    # connection (a file descriptor) to its backend; llama-server runs a few
+    # slots per model and queues the rest itself.
+    max_streams: int = 256
+    max_streams_per_model: int = 64
+    # Streams waiting for one of those.
+    max_queued_streams: int = 1024
+    # Distinct loads waiting for the load lock (identical ones join).
+    max_queued_loads: int = 64
+    # Events a Watch subscriber may fall behind by before it is resynced.
+    watch_queue_events: int = 1024
