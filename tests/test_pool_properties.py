@@ -48,7 +48,9 @@ load_op = st.tuples(
 unload_op = st.tuples(st.just("unload"), st.sampled_from((*MODELS, "")))
 pin_op = st.tuples(st.just("pin"), model, st.booleans())
 stream_op = st.tuples(st.just("stream"), model, st.sampled_from([3, 40, 100]))
-operation = st.tuples(st.one_of(load_op, load_op, pin_op, unload_op, stream_op, stream_op), start_delay, give_up)
+operation = st.tuples(
+    st.one_of(load_op, load_op, pin_op, unload_op, stream_op, stream_op), start_delay, give_up
+)
 rounds = st.lists(st.lists(operation, min_size=1, max_size=6), min_size=1, max_size=3)
 
 
@@ -135,7 +137,9 @@ async def client(pool: Pool, op: tuple[Any, ...], delay: float, patience: float 
 async def stream(pool: Pool, name: str, tokens: int) -> None:
     async with pool.lease(name) as lease:
         try:
-            async for _ in lease.backend.client.stream("/v1/completions", {"prompt": "p", "max_tokens": tokens}):
+            async for _ in lease.backend.client.stream(
+                "/v1/completions", {"prompt": "p", "max_tokens": tokens}
+            ):
                 pass
         except aiohttp.ClientError:
             # The pool broke the stream (eviction after the grace period):
@@ -149,8 +153,10 @@ async def quiescent(pool: Pool, seconds: float = 20.0) -> None:
     while True:
         view = pool.snapshot()
         states = {m.name: m.state for m in view.models}
-        if view.load_in_flight is None and not view.queue and all(
-            s in (ModelState.READY, ModelState.FAILED) for s in states.values()
+        if (
+            view.load_in_flight is None
+            and not view.queue
+            and all(s in (ModelState.READY, ModelState.FAILED) for s in states.values())
         ):
             return
         if asyncio.get_running_loop().time() > deadline:

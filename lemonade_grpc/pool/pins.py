@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
+from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.pool import options as opts
+from lemonade_grpc.pool import policy
+from lemonade_grpc.pool.errors import PoolError
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.tasks import TaskOwner, settle
@@ -96,3 +101,44 @@ class Pins:
         if self._writer is not None and not self._writer.done():
             await settle(self._writer)
         return self._failure if self._pins != self._written and self._store is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    """Which saved pins to load again at boot, in pin order, and why the others are dropped."""
+
+    restore: list[str]
+    dropped: dict[str, str]
+
+
+def plan_restore(
+    saved: Mapping[str, EffectiveOptions],
+    catalog: Mapping[str, ModelSpec],
+    max_loaded: Mapping[ModelType, int],
+) -> RestorePlan:
+    """Split saved pins into those to restore and those to drop, with the reason. Pure.
+
+    A pin is dropped when its model left the catalog, when the config no
+    longer accepts its options (its backend flags are no longer allowed,
+    say: a saved pin must never stop the server from starting, issue #9
+    finding 18), or when the slots are full of earlier pins. Checked in
+    that order, so a pin that could not be restored never takes a slot.
+    """
+    dropped: dict[str, str] = {}
+    candidates: list[tuple[str, ModelType]] = []
+    for name, options in saved.items():
+        spec = catalog.get(name)
+        if spec is None:
+            dropped[name] = "not in the catalog"
+            continue
+        try:
+            opts.validate(opts.requesting(options), name, spec.allowed_args)
+        except PoolError as error:
+            dropped[name] = f"its options are no longer accepted ({error.message})"
+            continue
+        candidates.append((name, spec.type))
+    restore, left_out = policy.fit_pins(candidates, max_loaded)
+    for name in left_out:
+        slot_type = catalog[name].type
+        dropped[name] = f"no free {slot_type.value} slot (max_loaded {max_loaded.get(slot_type, 1)})"
+    return RestorePlan(restore, dropped)

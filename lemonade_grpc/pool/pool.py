@@ -67,7 +67,7 @@ from lemonade_grpc.pool.jobs import JobKey, LoadJob, LoadOrigin, LoadResult
 from lemonade_grpc.pool.memory import MemoryProbe, SystemMemory, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
-from lemonade_grpc.pool.pins import Pins
+from lemonade_grpc.pool.pins import Pins, plan_restore
 from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.pool.views import MemoryView, PoolView, load_view, model_view, slot_views
@@ -219,7 +219,9 @@ class Pool:
             # A bug of ours must not leave the job's followers waiting forever
             # (issue #9 finding 16): the job ends, the traceback is logged.
             log.exception("load of %s failed unexpectedly", job.name)
-            self._fail(job, InternalError(f"load of {job.name} failed: internal error ({type(error).__name__})"))
+            self._fail(
+                job, InternalError(f"load of {job.name} failed: internal error ({type(error).__name__})")
+            )
         else:
             job.finish(result, None)
 
@@ -652,38 +654,21 @@ class Pool:
         if problem is not None:
             log.warning("pins: %s", problem)
             self._warn("STATE_FILE_CORRUPT", problem)
-        unknown = [name for name in saved if name not in self.catalog]
-        fit, left_out = policy.fit_pins(
-            [(name, self.catalog[name].type) for name in saved if name in self.catalog],
-            self.settings.max_loaded,
-        )
-        for name in fit:
+        plan = plan_restore(saved, self.catalog, self.settings.max_loaded)
+        for name in plan.restore:
             self._pins.keep(name, saved[name])
-        if unknown or left_out:
-            self._pins.drop(*unknown, *left_out)
-            reasons = [f"{bounds.echo(name)}: not in the catalog" for name in unknown] + [
-                f"{name}: no free {self.catalog[name].type.value} slot"
-                f" (max_loaded {self.settings.slots(self.catalog[name].type)})"
-                for name in left_out
-            ]
+        if plan.dropped:
+            self._pins.drop(*plan.dropped)
             self._warn(
                 "PINS_NOT_RESTORED",
-                "not loaded again, and no longer pinned: " + "; ".join(reasons),
-                *unknown,
-                *left_out,
+                "not loaded again, and no longer pinned: "
+                + "; ".join(f"{bounds.echo(name)}: {why}" for name, why in plan.dropped.items()),
+                *plan.dropped,
             )
-        for name in fit:
-            try:
-                job = self.load(name, opts.requesting(saved[name]), True, origin=LoadOrigin.RESTORE)
-            except PoolError as error:
-                # A saved pin the config no longer accepts (its backend args
-                # are no longer allowed, say) must not stop the server from
-                # starting (issue #9 finding 18).
-                self._pins.drop(name)
-                self._warn_not_restored(name, error)
-                continue
+        for name in plan.restore:
+            job = self.load(name, opts.requesting(saved[name]), True, origin=LoadOrigin.RESTORE)
             self._background.spawn(self._report_restore(job), f"restore {name}")
-        log.info("pins: restoring %s", ", ".join(fit) or "none")
+        log.info("pins: restoring %s", ", ".join(plan.restore) or "none")
 
     async def _report_restore(self, job: LoadJob) -> None:
         try:

@@ -1,0 +1,343 @@
+"""Issue #9: the pool keeps its promises under cancellation and hostile input.
+
+Each test is named after the finding it pins down and was checked to fail on
+the code before the fix. They run the real server; fake backends write their
+pid to a log when they start, so "how many processes ran" is the operating
+system's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from conftest import (
+    Client,
+    Events,
+    ServerFactory,
+    connect,
+    eventually,
+    fake_model,
+    is_gone,
+    llama_model,
+    next_message,
+    pids_in,
+    read_all,
+    warning,
+)
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from rpc_errors import bad_fields, error_info
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if not is_gone(pid)]
+
+
+async def states(client: Client) -> dict[str, int]:
+    status = await client.control.Status(pb.StatusRequest())
+    return {m.name: m.state for m in status.pool.models}
+
+
+async def settled(client: Client, seconds: float = 20.0) -> dict[str, int]:
+    """The models' states once none is LOADING or UNLOADING; fails after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        now = await states(client)
+        if all(s in (pb.MODEL_STATE_READY, pb.MODEL_STATE_FAILED) for s in now.values()):
+            return now
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"models still transitional after {seconds:g} s: {now}")
+        await asyncio.sleep(0.02)
+
+
+class ProcessSampler:
+    """Counts live backend processes (from pid logs) every few milliseconds while it runs."""
+
+    def __init__(self, *pid_logs: Path) -> None:
+        self.pid_logs = pid_logs
+        self.most = 0
+        self._task = asyncio.create_task(self._run())
+
+    def live(self) -> list[int]:
+        return alive([pid for log in self.pid_logs for pid in pids_in(log)])
+
+    async def _run(self) -> None:
+        while True:
+            self.most = max(self.most, len(self.live()))
+            await asyncio.sleep(0.005)
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return self.most
+
+
+# ------------------------------------------------------------------ finding 1
+
+
+def one_slot_a_streaming_b_waiting(tmp_path: Path, tiny_model: Path, grace: float = 3.0) -> str:
+    return (
+        f"[pool]\nmax_loaded = {{ llm = 1 }}\nevict_grace_seconds = {grace}\n"
+        + fake_model("a", tiny_model, "--token-seconds", "0.05", "--pid-log", str(tmp_path / "a.pids"))
+        + fake_model("b", tiny_model, "--pid-log", str(tmp_path / "b.pids"))
+    )
+
+
+async def test_unload_of_an_evicting_load_leaves_no_model_unloading(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    server = servers.start(one_slot_a_streaming_b_waiting(tmp_path, tiny_model))
+    async with connect(server.address) as client:
+        a = await client.ready("a")
+        sampler = ProcessSampler(tmp_path / "a.pids", tmp_path / "b.pids")
+        stream = client.inference.Complete(
+            inference_pb2.CompleteRequest(model="a", prompt="x", max_tokens=400)
+        )
+        await next_message(stream)
+        load_b = asyncio.ensure_future(client.load("b"))
+        await eventually_state(client, "a", pb.MODEL_STATE_UNLOADING)
+        # B's load is now evicting busy A (grace period): unload B.
+        await asyncio.sleep(0.5)
+        unloaded = await client.control.Unload(pb.UnloadRequest(model="b"))
+        assert list(unloaded.unloaded) == ["b"]
+        with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+            await load_b
+        assert cancelled.value.code() == grpc.StatusCode.ABORTED
+        assert error_info(cancelled.value).reason == "LOAD_CANCELLED"
+        # A was chosen for eviction: the eviction completes, it does not hang.
+        with pytest.raises(grpc.aio.AioRpcError) as evicted:
+            await read_all(stream)
+        assert error_info(evicted.value).reason == "MODEL_EVICTED"
+        assert await settled(client) == {}
+        await eventually(lambda: is_gone(a.pid), 10, "the evicted backend to exit")
+        # The pool works: A loads again, and Unload("") leaves nothing.
+        again = await client.ready("a")
+        assert again.pid != a.pid
+        await client.control.Unload(pb.UnloadRequest())
+        assert await settled(client) == {}
+        assert sampler.stop() <= 1, "two processes with one slot"
+        assert sampler.live() == []
+
+
+async def eventually_state(client: Client, name: str, state: int, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (await states(client)).get(name) != state:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{name} never reached state {pb.ModelState.Name(state)}")
+        await asyncio.sleep(0.01)
+
+
+async def test_an_unload_whose_deadline_expires_still_completes(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    # The client's deadline passes while the model's stream gets its grace
+    # period: the client gets DEADLINE_EXCEEDED, the unload goes on to its end.
+    server = servers.start(one_slot_a_streaming_b_waiting(tmp_path, tiny_model, grace=2.0))
+    async with connect(server.address) as client:
+        a = await client.ready("a")
+        stream = client.inference.Complete(
+            inference_pb2.CompleteRequest(model="a", prompt="x", max_tokens=400)
+        )
+        await next_message(stream)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await client.control.Unload(pb.UnloadRequest(model="a"), timeout=1.0)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await settled(client) == {}
+        await eventually(lambda: is_gone(a.pid), 10, "the unloaded backend to exit")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await read_all(stream)
+
+        # The same with 5 ms deadlines, over and over, while loads and streams run.
+        sampler = ProcessSampler(tmp_path / "a.pids", tmp_path / "b.pids")
+        for round_ in range(20):
+            name = "ab"[round_ % 2]
+            load = asyncio.ensure_future(client.load(name))
+            streamer = client.inference.Complete(
+                inference_pb2.CompleteRequest(model=name, prompt="x", max_tokens=5)
+            )
+            for _ in range(3):
+                # Quick enough, it answers; mostly the deadline passes first.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await client.control.Unload(pb.UnloadRequest(model=name), timeout=0.005)
+            await asyncio.gather(load, read_all(streamer), return_exceptions=True)
+        await settled(client)
+        await client.control.Unload(pb.UnloadRequest())
+        assert await settled(client) == {}
+        assert sampler.stop() <= 1, "two processes with one slot"
+        await eventually(lambda: not sampler.live(), 10, "every backend to exit")
+
+
+# ------------------------------------------------------------------ finding 2
+
+
+async def test_client_backend_flags_are_refused_unless_the_operator_allowed_them(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    # llama-server's `--tools all` exposes a shell endpoint; `--log-file`
+    # overwrites any file. A client may pass neither, nor any other flag the
+    # operator did not allow.
+    victim = tmp_path / "overwritten.txt"
+    victim.write_text("precious")
+    server = servers.start(llama_model("tiny", tiny_model))
+    async with connect(server.address) as client:
+        for args in (["--tools", "all"], ["--log-file", str(victim)], ["--threads", "1"]):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.load("tiny", options=pb.LoadOptions(backend_args=pb.BackendArgs(args=args)))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(refused.value).reason == "INVALID_OPTIONS"
+            assert bad_fields(refused.value) == ["options.backend_args.args"]
+            details = refused.value.details() or ""
+            assert repr(args[0]) in details
+            assert "models.tiny.allowed_args" in details
+        status = await client.control.Status(pb.StatusRequest())
+        assert status.pool.backends_started == 0, "a refused load starts nothing"
+        assert victim.read_text() == "precious"
+
+
+async def test_flags_the_operator_allowed_reach_the_backend(servers: ServerFactory, tiny_model: Path) -> None:
+    server = servers.start(llama_model("tiny", tiny_model) + 'allowed_args = ["--threads"]\n')
+    async with connect(server.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.load(
+                "tiny",
+                options=pb.LoadOptions(backend_args=pb.BackendArgs(args=["--threads", "1", "--tools=all"])),
+            )
+        assert error_info(refused.value).reason == "INVALID_OPTIONS"
+        ready = await client.ready(
+            "tiny", options=pb.LoadOptions(backend_args=pb.BackendArgs(args=["--threads", "1"]))
+        )
+        assert psutil.Process(ready.pid).cmdline()[-2:] == ["--threads", "1"]
+        assert list(ready.options.backend_args.args) == ["--threads", "1"]
+
+
+# ------------------------------------------------------------------ finding 4
+
+
+async def test_an_idle_timeout_that_would_overflow_is_refused_and_status_keeps_working(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    server = servers.start(fake_model("m", tiny_model))
+    async with connect(server.address) as client:
+        watch = Events(client.control)
+        await watch.wait_for(lambda m: m.HasField("snapshot"), 5, "the snapshot")
+        await client.ready("m")
+        for seconds in (7_900_000_000, 31_536_001, -1):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.load("m", options=pb.LoadOptions(idle_unload_seconds=seconds))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad_fields(refused.value) == ["options.idle_unload_seconds"]
+        year = await client.ready("m", options=pb.LoadOptions(idle_unload_seconds=31_536_000))
+        assert year.HasField("idle_unload_at")
+        status = await client.control.Status(pb.StatusRequest())
+        assert [m.options.idle_unload_seconds for m in status.pool.models] == [31_536_000]
+        await client.control.Pin(pb.PinRequest(model="m", pinned=True))
+        await watch.wait_for(lambda m: m.HasField("pin_changed"), 5, "the pin after the refused loads")
+        watch.close()
+
+
+# --------------------------------------------------------------- findings 6, 19
+
+
+async def test_unload_racing_pin_does_not_bring_the_pin_back(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    config = (
+        "[pool]\nmax_loaded = { llm = 2 }\n"
+        + fake_model("tiny", tiny_model)
+        + fake_model("slow", tiny_model, "--load-seconds", "1.5")
+    )
+    server = servers.start(config)
+    async with connect(server.address) as client:
+        await client.ready("tiny")
+        slow = asyncio.ensure_future(client.load("slow"))  # holds the load lock
+        await eventually_state(client, "slow", pb.MODEL_STATE_LOADING)
+        unload = asyncio.ensure_future(client.control.Unload(pb.UnloadRequest(model="tiny")))
+        await asyncio.sleep(0.05)  # the Unload is in; then the Pin arrives
+        try:
+            await client.control.Pin(pb.PinRequest(model="tiny", pinned=True))
+        except grpc.aio.AioRpcError as error:
+            assert error_info(error).reason == "MODEL_NOT_LOADED"
+        assert list((await unload).unloaded) == ["tiny"]
+        await slow
+        pins = server.state_dir / "pins.json"
+        assert not pins.exists() or "tiny" not in json.loads(pins.read_text())["pinned"]
+    server.stop()
+    again = servers.start(config, state_dir=server.state_dir)
+    async with connect(again.address) as client:
+        await asyncio.sleep(0.5)  # time for a restored pin to show up, were there one
+        assert "tiny" not in await states(client)
+
+
+# ------------------------------------------------------------------ finding 18
+
+
+async def test_a_saved_pin_that_fails_validation_does_not_stop_the_server(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    pins = state_dir / "pins.json"
+    entry = {"ctx_size": 256, "idle_unload_seconds": None, "backend_args": []}
+    config = fake_model("m", tiny_model) + fake_model("n", tiny_model)
+    # A context no request could ask for: the file is corrupt, moved aside.
+    pins.write_text(json.dumps({"version": 1, "pinned": {"m": {**entry, "ctx_size": (1 << 24) + 1}}}))
+    server = servers.start(config, state_dir=state_dir)
+    async with connect(server.address) as client:
+        events = Events(client.control, since=0)
+        await events.wait_for(warning("STATE_FILE_CORRUPT"), 5, "the corrupt state warning")
+        assert await states(client) == {}
+        events.close()
+    server.stop()
+    assert list(state_dir.glob("pins.json.corrupt-*"))
+    # Backend arguments the operator no longer allows: that pin is dropped, the other restored.
+    pins.write_text(
+        json.dumps({"version": 1, "pinned": {"m": {**entry, "backend_args": ["--tools", "all"]}, "n": entry}})
+    )
+    server = servers.start(config, state_dir=state_dir)
+    async with connect(server.address) as client:
+        events = Events(client.control, since=0)
+        _, not_restored = await events.wait_for(warning("PINS_NOT_RESTORED"), 5, "the pin not restored")
+        assert list(not_restored.warning.models) == ["m"]
+        assert "'--tools' is not allowed" in not_restored.warning.message
+        await eventually_state(client, "n", pb.MODEL_STATE_READY)
+        events.close()
+        saved = json.loads(pins.read_text())
+        assert list(saved["pinned"]) == ["n"]
+
+
+# ------------------------------------------------------------------ finding 20
+
+
+async def test_waiters_count_the_clients_still_following_a_load(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    server = servers.start(fake_model("slow", tiny_model, "--load-seconds", "2"))
+    async with connect(server.address) as client:
+        calls = [client.control.Load(pb.LoadRequest(model="slow")) for _ in range(3)]
+        for call in calls:
+            await next_message(call)
+
+        async def waiters() -> int:
+            flight = (await client.control.Status(pb.StatusRequest())).pool.load_in_flight
+            return flight.waiters
+
+        await poll_until(waiters, 3)
+        calls[0].cancel()
+        calls[1].cancel()
+        await poll_until(waiters, 1)
+        assert (await read_all(calls[2]))[-1].phase == pb.LOAD_PHASE_READY
+
+
+async def poll_until(read: object, wanted: int, seconds: float = 5.0) -> None:
+    assert callable(read)
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (value := await read()) != wanted:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"expected {wanted}, still {value} after {seconds:g} s")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,159 @@
+"""Issue #9 findings 15-17, found by reading the pool: each pinned down in process.
+
+The pool runs in process with real backend processes (the fake backend via
+the command recipe); memory figures and the memory estimate are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_BACKEND, is_gone, launcher
+from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded
+from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
+from lemonade_grpc.pool.model import ModelState
+from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.pool import MemoryEstimator, Pool
+from lemonade_grpc.pool.settings import PoolSettings
+from lemonade_grpc.pool.state import PinStore
+
+GIB = 1 << 30
+
+
+class FixedMemory:
+    """A host whose available memory the test sets."""
+
+    def __init__(self, available: int) -> None:
+        self.available = available
+
+    def total_bytes(self) -> int:
+        return 64 * GIB
+
+    def available_bytes(self) -> int:
+        return self.available
+
+
+def spec(name: str, model_file: Path, *flags: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        recipe=Recipe.COMMAND,
+        path=model_file,
+        type=ModelType.LLM,
+        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
+        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags),
+    )
+
+
+PoolMaker = Callable[[dict[str, ModelSpec], MemoryEstimator, FixedMemory], Pool]
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path) -> AsyncIterator[PoolMaker]:
+    pools: list[Pool] = []
+
+    def make(catalog: dict[str, ModelSpec], estimate: MemoryEstimator, memory: FixedMemory) -> Pool:
+        pool = Pool(
+            catalog,
+            PoolSettings(
+                max_loaded={ModelType.LLM: 2},
+                memory_reserve_mb=0,
+                memory_check_seconds=0,
+                health_check_seconds=0,
+                evict_grace_seconds=0,
+                stop_grace_seconds=1.5,
+            ),
+            launcher(tmp_path / "logs"),
+            memory=memory,
+            estimate=estimate,
+            pin_store=PinStore(tmp_path / "pins.json"),
+        )
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pids = [view.pid for view in pool.views()]
+        await pool.shutdown()
+        assert all(is_gone(pid) for pid in pids)
+
+
+async def test_a_model_chosen_for_eviction_cannot_be_pinned_meanwhile_issue_9_finding_15(
+    make_pool: PoolMaker, tiny_model: Path, tmp_path: Path
+) -> None:
+    # x is the slot victim and is slow to stop (it ignores SIGTERM); y is the
+    # memory victim. Before the fix, y stayed READY until x had stopped: a Pin
+    # in between succeeded, was saved, and then the pinned y was evicted.
+    memory = FixedMemory(GIB)
+    catalog = {
+        "x": spec("x", tiny_model, "--ignore-sigterm"),
+        "y": spec("y", tiny_model),
+        "c": spec("c", tiny_model),
+    }
+    pool = make_pool(catalog, lambda s, o: {"x": 1, "y": 1, "c": GIB + 1}[s.name], memory)
+    for name in ("x", "y"):
+        await pool.load(name, RequestedOptions()).outcome()
+    y_view = pool.model_view("y")
+    assert y_view is not None
+    memory.available = GIB + 1 - pool.model_view("x").rss_bytes - 1  # type: ignore[union-attr]
+    subscription = pool.bus.subscribe()
+    load_c = asyncio.ensure_future(pool.load("c", RequestedOptions()).outcome())
+    while pool.model_view("x") is None or pool.model_view("x").state is not ModelState.UNLOADING:  # type: ignore[union-attr]
+        await asyncio.sleep(0.005)
+    # x is still stopping (its grace period): y must already be on its way out.
+    with pytest.raises(ModelNotLoaded):
+        await pool.pin("y", True)
+    result = await load_c
+    assert result.evicted == ("x", "y")
+    unloaded = [e.event for e in subscription.drain() if isinstance(e.event, ModelUnloaded)]
+    assert {(u.model, u.reason) for u in unloaded} == {
+        ("x", UnloadReason.EVICTED_LRU),
+        ("y", UnloadReason.MEMORY_PRESSURE),
+    }
+    assert is_gone(y_view.pid)
+    saved, _ = PinStore(tmp_path / "pins.json").read()
+    assert "y" not in saved
+
+
+async def test_a_load_that_fails_unexpectedly_ends_and_leaves_nothing_issue_9_finding_16(
+    make_pool: PoolMaker, tiny_model: Path
+) -> None:
+    broken = True
+
+    def estimate(s: ModelSpec, o: EffectiveOptions) -> int:
+        if broken:
+            raise RuntimeError("a bug in the estimate")
+        return 1
+
+    pool = make_pool({"m": spec("m", tiny_model)}, estimate, FixedMemory(GIB))
+    job = pool.load("m", RequestedOptions())
+    with pytest.raises(InternalError):
+        await asyncio.wait_for(job.outcome(), 10)  # before the fix: waited forever
+    view = pool.snapshot()
+    assert view.load_in_flight is None
+    assert view.queue == ()
+    assert view.models == ()
+    broken = False
+    result = await pool.load("m", RequestedOptions()).outcome()
+    assert result.model.state is ModelState.READY
+
+
+async def test_a_reload_that_cannot_fit_keeps_the_working_model_issue_9_finding_17(
+    make_pool: PoolMaker, tiny_model: Path
+) -> None:
+    memory = FixedMemory(GIB)
+    pool = make_pool({"m": spec("m", tiny_model)}, lambda s, o: o.ctx_size * 1024, memory)
+    before = await pool.load("m", RequestedOptions()).outcome()
+    memory.available = 100 << 20
+    with pytest.raises(InsufficientMemory):
+        # 4 GiB at 4 Mi tokens: more than the 100 MiB available plus what m frees.
+        await pool.load("m", RequestedOptions(ctx_size=4 << 20)).outcome()
+    after = pool.model_view("m")
+    assert after is not None
+    assert after.state is ModelState.READY
+    assert (after.pid, after.options.ctx_size) == (before.model.pid, 256)
