@@ -64,13 +64,22 @@ RESTART_WINDOW_SECONDS = Range(0, YEAR)
 MAX_STREAMS = Range(1, 65_536)  # max_streams, max_streams_per_model
 MAX_QUEUED_STREAMS = Range(0, 1_000_000)
 MAX_QUEUED_LOADS = Range(1, 10_000)
-WATCH_QUEUE_EVENTS = Range(16, 1_000_000)
+WATCH_QUEUE_EVENTS = Range(1, 1_000_000)
 
 # Inference requests.
 MAX_TOKENS = Range(1, 1 << 20)
 TOP_K = Range(0, 1 << 20)
 STOP_STRINGS = 16
-STOP_STRING_BYTES = 256
+STOP_STRING_BYTES = 256  # one stop string, UTF-8
+# The optional sampling floats: (field, low, high, low inclusive); the high end is inclusive.
+SAMPLING_FLOATS: tuple[tuple[str, float, float, bool], ...] = (
+    ("temperature", 0.0, 100.0, True),
+    ("top_p", 0.0, 1.0, False),
+    ("min_p", 0.0, 1.0, True),
+    ("repeat_penalty", 0.0, 10.0, True),
+    ("presence_penalty", -2.0, 2.0, True),
+    ("frequency_penalty", -2.0, 2.0, True),
+)
 
 # A model name: letters, digits and `._:-`, starting with a letter or digit,
 # at most 128 characters. One rule for the catalog and for requests; it is

@@ -35,6 +35,7 @@ from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
 
 log = logging.getLogger("lemonade_grpc")
 
@@ -44,21 +45,92 @@ SERVICE_NAMES = (
 )
 
 
+def server_options(config: Config) -> list[tuple[str, int]]:
+    """gRPC server channel arguments."""
+    # Calls that arrived but that the event loop has not taken up yet. gRPC
+    # cancels those beyond 1,000 by default, without a word ("CANCELLED"):
+    # a burst of 1,100 streams lost a few. Our own admission (`[limits]`)
+    # queues or refuses them with a reason, so gRPC's queue must hold at
+    # least what ours admits and queues.
+    pending = 2 * (config.limits.max_streams + config.limits.max_queued_streams) + 1000
+    return [
+        # SO_REUSEPORT is on by default on Linux: a second server would
+        # silently share the port with the first and get half of its calls.
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+    ]
+
+
+# What a server stop waits for beyond the grace period: the pool's own
+# shutdown ending the streams left (their backends get `stop_grace_seconds`
+# to exit) before gRPC cancels whatever call is still open, without a reason.
+SHUTDOWN_MARGIN_SECONDS = 2.0
+
+
+async def shut_down(
+    server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, pool: Pool, config: Config
+) -> None:
+    """The graceful stop (issue 9, finding 12), in this order.
+
+    1. Health answers NOT_SERVING and the server takes no new calls (gRPC
+       refuses them UNAVAILABLE; a load balancer sends them elsewhere).
+    2. Loads queued or running end ABORTED, reason SHUTTING_DOWN; no backend
+       is started from here on; Watch streams end UNAVAILABLE SHUTTING_DOWN.
+    3. Inference streams running get `shutdown_grace_seconds` to finish.
+    4. The pool stops every backend; streams still running end UNAVAILABLE
+       SHUTTING_DOWN, with ErrorInfo (never gRPC's bare "Cancelling all calls").
+    """
+    await health_servicer.enter_graceful_shutdown()
+    grace = config.shutdown_grace_seconds
+    stopping = asyncio.ensure_future(
+        server.stop(grace + config.pool.stop_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
+    )
+    pool.begin_shutdown()
+    await pool.drain(grace)
+    await pool.shutdown()
+    await stopping
+
+
 class ListenError(RuntimeError):
     """The listen address could not be bound."""
 
 
 async def serve(config: Config) -> int:
-    """Run the server until SIGINT or SIGTERM; return the process exit status."""
+    """Run the server until SIGINT or SIGTERM; return the process exit status.
+
+    Returns `EXIT_STATE_DIR_LOCKED` (2), having touched nothing, when another
+    server holds the state directory.
+    """
+    # Before anything else, reaping above all: a second server on this state
+    # directory must not kill the first one's backends (issue 9, finding 5).
+    # Held until the process exits (the descriptor is never closed here).
+    try:
+        state_lock = StateDirLock.acquire(config.state_dir)
+    except StateDirLocked as error:
+        log.error("%s", error)
+        return EXIT_STATE_DIR_LOCKED
+    except OSError as error:
+        log.error("cannot lock state directory %s: %s", config.state_dir, error)
+        return EXIT_STATE_DIR_LOCKED
+    log.info("state directory %s (locked: %s)", config.state_dir, state_lock.path)
+    # Many concurrent streams need many descriptors (finding 7).
+    log.info("file descriptor limit: %d", raise_fd_limit())
     if config.builtin_catalog:
         config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model()))
-    config.state_dir.mkdir(parents=True, exist_ok=True)
     registry = BackendRegistry(config.state_dir / "backends.json")
-    stale = registry.reap_stale()
+    stale = await registry.reap_stale()
     pool = Pool(
         config.models,
         config.pool,
-        functools.partial(Backend.start, log_dir=config.state_dir / "logs", registry=registry),
+        functools.partial(
+            Backend.launch,
+            log_dir=config.state_dir / "logs",
+            registry=registry,
+            health_timeout=config.pool.health_timeout_seconds,
+            stop_grace=config.pool.stop_grace_seconds,
+        ),
+        limits=config.limits,
         pin_store=PinStore(config.state_dir / "pins.json"),
         estimate=estimate_bytes,
     )
@@ -72,9 +144,7 @@ async def serve(config: Config) -> int:
             )
         )
     log.info("reaped %d stale backend(s)", len(stale))
-    # SO_REUSEPORT is on by default on Linux: a second server would silently
-    # share the port with the first and get half of its calls.
-    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=server_options(config))
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
     inference_grpc.add_InferenceServicer_to_server(Inference(pool), server)
     health_servicer = health.aio.HealthServicer()
@@ -115,9 +185,7 @@ async def serve(config: Config) -> int:
         pool.start()  # after listening: Status and Watch show the pins being restored
         await stop.wait()
     finally:
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.shutdown_grace_seconds)
-        await pool.shutdown()
+        await shut_down(server, health_servicer, pool, config)
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -29,11 +30,8 @@ import pytest
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec
-from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.pool import BackendLauncher
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
-from lemonade_grpc.tasks import settle
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 TAG_VAR = "LEMONADE_TEST_TAG"
@@ -133,12 +131,20 @@ class ServerFactory:
     tmp_path: Path
     servers: list[Server] = field(default_factory=list)
 
-    def start(self, config: str | None = None, *args: str, state_dir: Path | None = None) -> Server:
+    def start(
+        self,
+        config: str | None = None,
+        *args: str,
+        state_dir: Path | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> Server:
+        """Start a server on `config` (TOML), `prefix` before its command (e.g. `prlimit ... --`)."""
         index = len(self.servers)
         tag = uuid.uuid4().hex
         state_dir = state_dir or self.tmp_path / f"state{index}"
         log_path = self.tmp_path / f"server{index}.log"
         command = [
+            *prefix,
             sys.executable,
             "-m",
             "lemonade_grpc",
@@ -202,19 +208,10 @@ def llama_model(name: str, model_file: Path, *, ctx_size: int = 2048, args: list
 
 
 def launcher(log_dir: Path, *, health_timeout: float = 30.0, stop_grace: float = 2.0) -> BackendLauncher:
-    """How in-process pools in tests start backends: the real launcher, logs under `log_dir`."""
-
-    async def launch(spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None]) -> Backend:
-        backend = await Backend.start(spec, options, log_dir=log_dir)
-        on_spawned(backend)
-        try:
-            await backend.wait_healthy(health_timeout)
-        except BaseException:
-            await settle(asyncio.ensure_future(backend.stop(stop_grace)))
-            raise
-        return backend
-
-    return launch
+    """How in-process pools in tests start backends: the real launcher, logs under `log_dir`, no registry."""
+    return functools.partial(
+        Backend.launch, log_dir=log_dir, registry=None, health_timeout=health_timeout, stop_grace=stop_grace
+    )
 
 
 def pids_in(pid_log: Path) -> list[int]:

@@ -9,7 +9,9 @@ Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
 `--crash-after-tokens` (exit mid-stream), `--ignore-sigterm`,
 `--token-seconds` (slow generation), `--exit-after-seconds` (crash on a
 timer, again at every restart), `--token-bytes` (big deltas, to fill
-buffers). Each token's text names the prompt, so concurrent streams can be
+buffers), `--listen-delay-seconds` (bind the port late, after a
+start-up pause), `--busy-health-seconds` (answer /health that much later
+while generating: busy, not hung). Each token's text names the prompt, so concurrent streams can be
 told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
 """
@@ -39,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--exit-after-seconds", type=float, default=-1.0)
     parser.add_argument("--token-bytes", type=int, default=0)
+    parser.add_argument("--listen-delay-seconds", type=float, default=0.0)
+    parser.add_argument("--busy-health-seconds", type=float, default=0.0)
     parser.add_argument("--pid-log", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -68,6 +72,8 @@ class FakeBackend:
 
     async def route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> None:
         if path == "/health":
+            if self.processing and self.args.busy_health_seconds:
+                await asyncio.sleep(self.args.busy_health_seconds)
             loading = time.monotonic() < self.ready_at
             status = (
                 (503, '{"error":{"code":503,"message":"Loading model"}}')
@@ -143,6 +149,8 @@ async def main(argv: list[str]) -> int:
     backend = FakeBackend(args)
     if args.exit_after_seconds >= 0:
         asyncio.get_running_loop().call_later(args.exit_after_seconds, os._exit, 4)
+    if args.listen_delay_seconds:
+        await asyncio.sleep(args.listen_delay_seconds)
     server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
     async with server:
         await server.serve_forever()

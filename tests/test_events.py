@@ -1,30 +1,63 @@
-"""EventBus: gap-free sequence numbers, resume from the ring, overflow never blocks."""
+"""EventBus: gap-free sequence numbers unique across runs, resume from the ring, bounds in bytes, close."""
 
 from __future__ import annotations
 
-from lemonade_grpc.pool.events import EventBus, PinChanged
+import asyncio
+
+from lemonade_grpc.pool.events import EventBus, PinChanged, PoolWarning, weight
 
 
-def test_sequences_start_at_one_without_gaps() -> None:
-    bus = EventBus()
+def test_sequences_are_gap_free_from_the_first() -> None:
+    bus = EventBus(first_sequence=1)
+    assert bus.last_sequence == 0
     sequences = [bus.publish(PinChanged("m", True)).sequence for _ in range(5)]
     assert sequences == [1, 2, 3, 4, 5]
     assert bus.last_sequence == 5
 
 
+def test_each_run_numbers_its_events_above_every_earlier_run() -> None:
+    earlier = EventBus()
+    for _ in range(1000):
+        earlier.publish(PinChanged("m", True))
+    later = EventBus()
+    assert later.first_sequence > earlier.last_sequence
+    # A subscriber of the earlier run resumes against the later one: never replayed wrong events.
+    assert later.since(earlier.last_sequence) is None
+    assert earlier.since(later.first_sequence + 5) is None
+
+
 def test_since_resumes_from_the_ring_or_says_it_cannot() -> None:
-    bus = EventBus(history=3)
+    bus = EventBus(history=3, first_sequence=1)
+    assert bus.since(0) == []  # nothing published yet: nothing missed
     for _ in range(5):
         bus.publish(PinChanged("m", True))
     assert [e.sequence for e in bus.since(3) or []] == [4, 5]
     assert bus.since(5) == []
     assert bus.since(1) is None  # 2 fell out of the ring
+    assert bus.since(0) is None  # so did the run's first events
     assert bus.since(2) is not None
-    assert bus.since(99) is None  # a number from another run of the server
+    assert bus.since(99) is None  # a number never issued
+
+
+def test_since_zero_replays_the_whole_run_while_the_ring_holds_it() -> None:
+    bus = EventBus(first_sequence=500)
+    for _ in range(3):
+        bus.publish(PinChanged("m", True))
+    assert [e.sequence for e in bus.since(0) or []] == [500, 501, 502]
+    assert bus.since(7) is None  # below this run's range
+
+
+def test_the_ring_is_bounded_in_bytes() -> None:
+    big = PoolWarning("X", "x" * 10_000)
+    bus = EventBus(history=1000, history_bytes=3 * weight(big), first_sequence=1)
+    for _ in range(10):
+        bus.publish(big)
+    assert [e.sequence for e in bus.since(7) or []] == [8, 9, 10]
+    assert bus.since(6) is None  # 7 was dropped for its bytes, not its count
 
 
 async def test_full_subscriber_overflows_instead_of_blocking() -> None:
-    bus = EventBus(subscriber_queue=2)
+    bus = EventBus(subscriber_queue=2, first_sequence=1)
     slow = bus.subscribe()
     fast = bus.subscribe()
     for _ in range(2):
@@ -39,3 +72,32 @@ async def test_full_subscriber_overflows_instead_of_blocking() -> None:
     assert [e.sequence for e in slow.drain()] == [4]
     slow.close()
     slow.close()  # idempotent
+
+
+async def test_a_subscriber_queue_overflows_on_bytes_too() -> None:
+    big = PoolWarning("X", "x" * 10_000)
+    bus = EventBus(subscriber_queue=1000, subscriber_bytes=2 * weight(big), first_sequence=1)
+    subscriber = bus.subscribe()
+    bus.publish(big)
+    bus.publish(big)
+    assert not subscriber.overflowed
+    bus.publish(big)
+    assert subscriber.overflowed
+    assert list(subscriber.drain()) == []
+
+
+async def test_close_wakes_every_subscriber_and_ends_later_ones_at_once() -> None:
+    bus = EventBus()
+    subscriber = bus.subscribe()
+    waiting = asyncio.ensure_future(subscriber.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    error = RuntimeError("shutting down")
+    bus.close(error)
+    await asyncio.wait_for(waiting, 5)
+    assert subscriber.closed is error
+    bus.publish(PinChanged("m", True))  # nobody listens any more
+    assert list(subscriber.drain()) == []
+    late = bus.subscribe()
+    assert late.closed is error
+    await asyncio.wait_for(late.wait(), 5)

@@ -273,11 +273,18 @@ FIELD_HINTS: Mapping[str, st.SearchStrategy[Any]] = {
     "prompt": st.sampled_from(("Hello", "Once upon a time", " ")),
     "content": st.sampled_from(("Hello", "Tell me a story")),
 }
+# The same for ordinary requests, which should mostly be accepted.
+ORDINARY_HINTS: Mapping[str, st.SearchStrategy[Any]] = {**FIELD_HINTS, "model": st.sampled_from(CATALOG)}
 VOCABULARY = (*CATALOG, *CHAT_ROLES, *BACKEND_FLAGS)
+ORDINARY_WORDS = ("hello", "world", "\n", "###")
 
 
-def field_values(field: FieldDescriptor, depth: int, allow_huge: bool) -> st.SearchStrategy[Any]:
-    """Values of one element of `field`."""
+def field_values(
+    field: FieldDescriptor, depth: int, allow_huge: bool, hostile: bool
+) -> st.SearchStrategy[Any]:
+    """Values of one element of `field`: anything its type allows when `hostile`, else ordinary ones."""
+    if not hostile:
+        return _ordinary_values(field, depth)
     strategy: st.SearchStrategy[Any]
     if field.type == FieldDescriptor.TYPE_STRING:
         strategy = strings(VOCABULARY, allow_huge)
@@ -293,20 +300,56 @@ def field_values(field: FieldDescriptor, depth: int, allow_huge: bool) -> st.Sea
         strategy = floats(single=False)
     elif field.type == FieldDescriptor.TYPE_ENUM:
         # proto3 enums are open: unknown numbers decode and reach the servicer.
-        assert field.enum_type is not None
-        numbers = [value.number for value in field.enum_type.values]
-        strategy = st.one_of(st.sampled_from(numbers), integers(-(2**31), 2**31 - 1))
+        strategy = st.one_of(st.sampled_from(_enum_numbers(field)), integers(-(2**31), 2**31 - 1))
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
-        strategy = messages(field.message_type, depth + 1, allow_huge)
+        strategy = messages(field.message_type, depth + 1, allow_huge, hostile=True)
     else:  # pragma: no cover - groups are proto2 only
         raise AssertionError(f"unsupported field type {field.type} of {field.full_name}")
     hint = FIELD_HINTS.get(field.name)
-    # Three in four values from the hint: enough requests reach the pool.
-    return st.one_of(hint, hint, hint, strategy) if hint is not None else strategy
+    return st.one_of(hint, strategy) if hint is not None else strategy
+
+
+def _ordinary_values(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+    """Values a well-meaning client would send: short words, small numbers, known enum values."""
+    hint = ORDINARY_HINTS.get(field.name)
+    if hint is not None:
+        return hint
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return st.one_of(st.sampled_from(ORDINARY_WORDS), st.text(st.characters(codec="ascii"), min_size=1))
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=16)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if field.type in _INT_RANGES:
+        low, high = _INT_RANGES[field.type]
+        return st.integers(max(low, 0), min(high, 4096))
+    if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return st.floats(0.0625, 1.0, width=32)  # both ends exact in single precision
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return st.sampled_from(_enum_numbers(field))
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return messages(field.message_type, depth + 1, allow_huge=False, hostile=False)
+    raise AssertionError(f"unsupported field type {field.type} of {field.full_name}")  # pragma: no cover
+
+
+def _enum_numbers(field: FieldDescriptor) -> list[int]:
+    assert field.enum_type is not None
+    return [value.number for value in field.enum_type.values]
+
+
+def requests(descriptor: Descriptor) -> st.SearchStrategy[Message]:
+    """Requests of type `descriptor`: half hostile (anything the type allows), half ordinary.
+
+    Ordinary ones get past validation and reach the pool and the backends,
+    so that what a hostile field does there is tried too.
+    """
+    return st.one_of(messages(descriptor, hostile=True), messages(descriptor, hostile=False))
 
 
 @functools.cache
-def messages(descriptor: Descriptor, depth: int = 0, allow_huge: bool = True) -> st.SearchStrategy[Message]:
+def messages(
+    descriptor: Descriptor, depth: int = 0, allow_huge: bool = True, hostile: bool = True
+) -> st.SearchStrategy[Message]:
     """Messages of type `descriptor`, every field drawn by `field_values`.
 
     Huge strings appear in singular fields only, so a request stays under
@@ -314,6 +357,10 @@ def messages(descriptor: Descriptor, depth: int = 0, allow_huge: bool = True) ->
     servicer runs). Nesting stops at depth 4.
     """
     cls = message_factory.GetMessageClass(descriptor)
+    longest = 24 if hostile else 4
+
+    def values(field: FieldDescriptor, allow_huge: bool) -> st.SearchStrategy[Any]:
+        return field_values(field, depth, allow_huge, hostile)
 
     @st.composite
     def build(draw: st.DrawFn) -> Message:
@@ -328,16 +375,15 @@ def messages(descriptor: Descriptor, depth: int = 0, allow_huge: bool = True) ->
                 oneofs_done.add(oneof.full_name)
                 chosen = draw(st.sampled_from([None, *oneof.fields]))
                 if chosen is not None:
-                    _set(message, chosen, draw(field_values(chosen, depth, allow_huge)))
+                    _set(message, chosen, draw(values(chosen, allow_huge)))
                 continue
             if field.is_repeated:
-                values = draw(st.lists(field_values(field, depth, False), max_size=24))
-                _extend(message, field, values)
+                _extend(message, field, draw(st.lists(values(field, False), max_size=longest)))
             elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 if depth < 4 and draw(st.booleans()):
-                    _set(message, field, draw(field_values(field, depth, allow_huge)))
+                    _set(message, field, draw(values(field, allow_huge)))
             else:
-                _set(message, field, draw(field_values(field, depth, allow_huge)))
+                _set(message, field, draw(values(field, allow_huge)))
         return message
 
     return build()
@@ -753,7 +799,7 @@ FUZZ_SETTINGS = settings(
 async def test_fuzzed_requests_never_get_unknown_or_internal_and_rejections_change_nothing(
     method: Method, fuzz_server: Server, channel: grpc.aio.Channel, data: st.DataObject
 ) -> None:
-    request = data.draw(messages(method.request), label="request")
+    request = data.draw(requests(method.request), label="request")
     await check_call(channel, fuzz_server, method, request)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import grpc
@@ -28,7 +30,9 @@ from conftest import (
     llama_model,
     next_message,
     pids_in,
+    poll,
     read_all,
+    unloaded,
     warning,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
@@ -125,12 +129,13 @@ async def test_unload_of_an_evicting_load_leaves_no_model_unloading(
         assert sampler.live() == []
 
 
-async def eventually_state(client: Client, name: str, state: int, seconds: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while (await states(client)).get(name) != state:
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"{name} never reached state {pb.ModelState.Name(state)}")
-        await asyncio.sleep(0.01)
+async def eventually_state(
+    client: Client, name: str, state: pb.ModelState.ValueType, seconds: float = 10.0
+) -> None:
+    async def reached() -> bool | None:
+        return True if (await states(client)).get(name) == state else None
+
+    await poll(reached, seconds, f"{name} in state {pb.ModelState.Name(state)}")
 
 
 async def test_an_unload_whose_deadline_expires_still_completes(
@@ -258,11 +263,18 @@ async def test_unload_racing_pin_does_not_bring_the_pin_back(
         slow = asyncio.ensure_future(client.load("slow"))  # holds the load lock
         await eventually_state(client, "slow", pb.MODEL_STATE_LOADING)
         unload = asyncio.ensure_future(client.control.Unload(pb.UnloadRequest(model="tiny")))
-        await asyncio.sleep(0.05)  # the Unload is in; then the Pin arrives
-        try:
+
+        async def unloading() -> bool | None:
+            return (
+                True
+                if (await states(client)).get("tiny", pb.MODEL_STATE_UNLOADING) == pb.MODEL_STATE_UNLOADING
+                else None
+            )
+
+        await poll(unloading, 10, "the Unload of tiny to begin")  # then the Pin arrives
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.control.Pin(pb.PinRequest(model="tiny", pinned=True))
-        except grpc.aio.AioRpcError as error:
-            assert error_info(error).reason == "MODEL_NOT_LOADED"
+        assert error_info(refused.value).reason == "MODEL_NOT_LOADED"
         assert list((await unload).unloaded) == ["tiny"]
         await slow
         pins = server.state_dir / "pins.json"
@@ -283,7 +295,7 @@ async def test_a_saved_pin_that_fails_validation_does_not_stop_the_server(
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     pins = state_dir / "pins.json"
-    entry = {"ctx_size": 256, "idle_unload_seconds": None, "backend_args": []}
+    entry: dict[str, object] = {"ctx_size": 256, "idle_unload_seconds": None, "backend_args": []}
     config = fake_model("m", tiny_model) + fake_model("n", tiny_model)
     # A context no request could ask for: the file is corrupt, moved aside.
     pins.write_text(json.dumps({"version": 1, "pinned": {"m": {**entry, "ctx_size": (1 << 24) + 1}}}))
@@ -341,3 +353,155 @@ async def poll_until(read: object, wanted: int, seconds: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"expected {wanted}, still {value} after {seconds:g} s")
         await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------------ finding 7
+
+
+async def test_more_streams_than_file_descriptors_queue_instead_of_crashing(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    # 1,024 descriptors, 1,100 concurrent streams: before the fix 91 of them
+    # ended UNAVAILABLE/BACKEND_CRASHED ("Too many open files") with a
+    # healthy backend, and Status answered UNKNOWN (and gRPC itself
+    # cancelled a few beyond its 1,000 pending calls). Now streams beyond
+    # [limits] max_streams wait their turn, and all of them complete.
+    server = servers.start(fake_model("m", tiny_model), prefix=("prlimit", "--nofile=1024:1024", "--"))
+    async with connect(server.address) as client:
+        await client.ready("m")
+
+        async def complete(index: int) -> str:
+            request = inference_pb2.CompleteRequest(model="m", prompt=f"p{index}", max_tokens=3)
+            try:
+                await read_all(client.inference.Complete(request))
+            except grpc.aio.AioRpcError as error:
+                return f"{error.code().name} {error_info(error).reason}"
+            return "OK"
+
+        streams = asyncio.gather(*(complete(i) for i in range(1100)))
+        # Status answers throughout.
+        while not streams.done():
+            status = await client.control.Status(pb.StatusRequest())
+            assert [m.state for m in status.pool.models] == [pb.MODEL_STATE_READY]
+            await asyncio.sleep(0.05)
+        outcomes = await streams
+        assert {outcome: outcomes.count(outcome) for outcome in set(outcomes)} == {"OK": 1100}
+
+
+async def test_streams_beyond_the_queue_are_refused_overloaded(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    config = "[limits]\nmax_streams = 4\nmax_queued_streams = 4\n" + fake_model(
+        "m", tiny_model, "--token-seconds", "0.05"
+    )
+    server = servers.start(config)
+    async with connect(server.address) as client:
+        await client.ready("m")
+        calls = [
+            client.inference.Complete(inference_pb2.CompleteRequest(model="m", prompt=f"p{i}", max_tokens=20))
+            for i in range(20)
+        ]
+        outcomes: list[str] = []
+        for call in calls:
+            try:
+                await read_all(call)
+                outcomes.append("OK")
+            except grpc.aio.AioRpcError as error:
+                outcomes.append(f"{error.code().name} {error_info(error).reason}")
+        assert outcomes.count("OK") == 8  # four running, four waiting their turn
+        assert outcomes.count("RESOURCE_EXHAUSTED OVERLOADED") == 12
+
+
+# ----------------------------------------------------------------- finding 12
+
+
+async def test_shutdown_aborts_queued_loads_and_ends_streams_with_shutting_down(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    config = (
+        "[server]\nshutdown_grace_seconds = 0.5\n[pool]\nmax_loaded = { llm = 3 }\n"
+        + fake_model("talk", tiny_model, "--token-seconds", "0.05")
+        + fake_model("slow", tiny_model, "--load-seconds", "60", "--pid-log", str(tmp_path / "slow.pids"))
+        + fake_model("queued", tiny_model, "--pid-log", str(tmp_path / "queued.pids"))
+    )
+    server = servers.start(config)
+    async with connect(server.address) as client:
+        await client.ready("talk")
+        stream = client.inference.Complete(
+            inference_pb2.CompleteRequest(model="talk", prompt="t", max_tokens=10_000)
+        )
+        assert await stream.read() is not grpc.aio.EOF
+        watch = client.control.Watch(pb.WatchRequest())
+        assert (await next_message(watch)).WhichOneof("event") == "snapshot"
+        slow = asyncio.ensure_future(client.load("slow"))
+        await eventually_state(client, "slow", pb.MODEL_STATE_LOADING)
+        queued = asyncio.ensure_future(client.load("queued"))
+
+        async def in_queue() -> bool | None:
+            status = await client.control.Status(pb.StatusRequest())
+            return True if [load.model for load in status.pool.queue] == ["queued"] else None
+
+        await poll(in_queue, 10, "the load of queued to wait behind slow")
+        server.process.send_signal(signal.SIGTERM)
+
+        outcomes = {}
+        for name, call in (("slow", slow), ("queued", queued)):
+            with pytest.raises(grpc.aio.AioRpcError) as aborted:
+                await call
+            outcomes[name] = (aborted.value.code(), error_info(aborted.value).reason)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await read_all(stream)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await read_all(watch)
+    assert outcomes == {
+        "slow": (grpc.StatusCode.ABORTED, "SHUTTING_DOWN"),
+        "queued": (grpc.StatusCode.ABORTED, "SHUTTING_DOWN"),
+    }
+    assert (cut.value.code(), error_info(cut.value).reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    assert (closed.value.code(), error_info(closed.value).reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "SHUTTING_DOWN",
+    )
+    assert server.process.wait(30) == 0
+    assert pids_in(tmp_path / "queued.pids") == [], "a load queued at the signal started a backend"
+    assert alive(pids_in(tmp_path / "slow.pids")) == []
+
+
+# ----------------------------------------------------------------- finding 13
+
+
+async def test_a_stopped_backend_is_seen_hung_within_ten_seconds_with_the_defaults(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    server = servers.start(fake_model("m", tiny_model))
+    async with connect(server.address) as client:
+        events = Events(client.control)
+        status = await client.ready("m")
+        os.kill(status.pid, signal.SIGSTOP)  # alive, answering nothing
+        _, crash = await events.wait_for(unloaded("m", pb.UNLOAD_REASON_CRASHED), 10, "m seen hung")
+        events.close()
+    assert "stopped answering /health" in crash.model_unloaded.message
+    assert "Unclosed client session" not in server.log()
+
+
+async def test_a_backend_too_busy_generating_to_answer_health_is_not_hung(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    config = (
+        "[pool]\nhealth_check_seconds = 0.2\nhealth_check_timeout_seconds = 0.2\nhealth_check_failures = 2\n"
+        + fake_model("m", tiny_model, "--token-seconds", "0.01", "--busy-health-seconds", "1")
+    )
+    server = servers.start(config)
+    async with connect(server.address) as client:
+        events = Events(client.control)
+        before = await client.ready("m")
+        # 300 tokens: about 3 s of streaming, during which /health takes 1 s
+        # (5 timeouts of 0.2 s in a row at the very least).
+        chunks = await read_all(
+            client.inference.Complete(inference_pb2.CompleteRequest(model="m", prompt="b", max_tokens=300))
+        )
+        after = await client.control.Status(pb.StatusRequest())
+        events.close()
+    assert chunks[-1].usage.completion_tokens == 300
+    assert [m.pid for m in after.pool.models] == [before.pid]
+    assert not [m for m in events.messages() if m.WhichOneof("event") == "model_unloaded"]

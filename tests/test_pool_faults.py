@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_BACKEND, is_gone, launcher
+from conftest import FAKE_BACKEND, eventually, is_gone, launcher
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded
 from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
@@ -103,8 +103,11 @@ async def test_a_model_chosen_for_eviction_cannot_be_pinned_meanwhile_issue_9_fi
     memory.available = GIB + 1 - pool.model_view("x").rss_bytes - 1  # type: ignore[union-attr]
     subscription = pool.bus.subscribe()
     load_c = asyncio.ensure_future(pool.load("c", RequestedOptions()).outcome())
-    while pool.model_view("x") is None or pool.model_view("x").state is not ModelState.UNLOADING:  # type: ignore[union-attr]
-        await asyncio.sleep(0.005)
+    await eventually(
+        lambda: (view := pool.model_view("x")) is not None and view.state is ModelState.UNLOADING,
+        10,
+        "x to be stopping",
+    )
     # x is still stopping (its grace period): y must already be on its way out.
     with pytest.raises(ModelNotLoaded):
         await pool.pin("y", True)

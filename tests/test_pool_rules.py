@@ -80,18 +80,38 @@ async def test_alternating_options_never_leave_two_processes_lemonade_1603(
             most_alive = max(most_alive, len(alive(pids_in(pid_log))))
             await asyncio.sleep(0.002)
 
+    sizes = [512, 1024] * 6
+    started = [asyncio.Event() for _ in sizes]
+
     async with connect(server.address) as client:
+
+        async def load(index: int) -> pb.ModelStatus:
+            # Each request arrives once the one before holds the lock, so
+            # none can join another (identical requests queued together
+            # coalesce into one load): twelve loads, each a reload.
+            if index:
+                await started[index - 1].wait()
+            responses = []
+            request = pb.LoadRequest(model="m", options=pb.LoadOptions(ctx_size=sizes[index]))
+            async for response in client.control.Load(request):
+                responses.append(response)
+                if response.phase >= pb.LOAD_PHASE_STARTING:
+                    started[index].set()
+            started[index].set()
+            assert responses[-1].phase == pb.LOAD_PHASE_READY
+            return responses[-1].status
+
         sampler = asyncio.create_task(sample())
-        sizes = [512, 1024] * 6
-        results = await asyncio.gather(
-            *(client.ready("m", options=pb.LoadOptions(ctx_size=size)) for size in sizes)
-        )
+        results = await asyncio.gather(*(load(i) for i in range(len(sizes))))
         done.set()
         await sampler
-        assert most_alive == 1
-        assert len(alive(pids_in(pid_log))) == 1
-        # Every request got what it asked for at the time it was answered.
-        assert [r.options.ctx_size for r in results] == sizes
+        status = await client.control.Status(pb.StatusRequest())
+    assert status.pool.backends_started == len(sizes)
+    assert len(pids_in(pid_log)) == len(sizes)
+    assert most_alive == 1
+    assert len(alive(pids_in(pid_log))) == 1
+    # Every request got what it asked for at the time it was answered.
+    assert [r.options.ctx_size for r in results] == sizes
 
 
 async def test_load_while_inference_loads_does_not_reload_lemonade_1604(
@@ -273,7 +293,7 @@ async def test_backends_that_survived_a_crash_are_reaped_at_boot(
     servers: ServerFactory, tiny_model: Path, tmp_path: Path, survivor: subprocess.Popen[bytes]
 ) -> None:
     state_dir = tmp_path / "state"
-    BackendRegistry(state_dir / "backends.json").add(survivor.pid, "ghost")
+    await BackendRegistry(state_dir / "backends.json").add(survivor.pid, "ghost")
     server = servers.start(llama_model("a", tiny_model), state_dir=state_dir)
     assert survivor.wait(5) == -signal.SIGKILL
     assert "reaped stale backend of ghost" in server.log()

@@ -37,12 +37,18 @@ async def test_snapshot_then_every_event_in_order(servers: ServerFactory, tiny_m
     assert [e.sequence for e in events] == list(
         range(snapshot.sequence + 1, snapshot.sequence + 1 + len(events))
     )
-    kinds = [kind(e) for e in events]
+    kinds = [kind(e) for e in events if kind(e) != "model_state_changed"]
     assert kinds[0] == "load_progress"
     assert kinds[-3:] == ["model_loaded", "pin_changed", "model_unloaded"]
+    changes = [e.model_state_changed for e in events if kind(e) == "model_state_changed"]
+    assert [(c.state, c.reason) for c in changes] == [
+        (pb.MODEL_STATE_LOADING, pb.UNLOAD_REASON_UNSPECIFIED),
+        (pb.MODEL_STATE_UNLOADING, pb.UNLOAD_REASON_REQUESTED),
+    ]
     phases = [e.load_progress.phase for e in events if kind(e) == "load_progress"]
     assert phases == [pb.LOAD_PHASE_QUEUED, pb.LOAD_PHASE_STARTING, pb.LOAD_PHASE_LOADING]
-    assert events[-3].model_loaded.status.state == pb.MODEL_STATE_READY
+    [loaded] = [e.model_loaded for e in events if kind(e) == "model_loaded"]
+    assert loaded.status.state == pb.MODEL_STATE_READY
     assert events[-1].model_unloaded.reason == pb.UNLOAD_REASON_REQUESTED
     assert all(e.HasField("time") for e in events)
 
@@ -76,8 +82,12 @@ async def test_resume_after_reconnect_and_resync_when_too_old(
 
 
 async def test_stalled_subscriber_never_delays_the_pool(servers: ServerFactory, tiny_model: Path) -> None:
+    # A queue of one event: the burst of an Unload of both models (two
+    # UNLOADING events in one step) must overflow it, whatever the timing.
     config = (
-        "[pool]\nmax_loaded = { llm = 2 }\n" + llama_model("a", tiny_model) + llama_model("b", tiny_model)
+        "[pool]\nmax_loaded = { llm = 2 }\n[limits]\nwatch_queue_events = 1\n"
+        + llama_model("a", tiny_model)
+        + llama_model("b", tiny_model)
     )
     server = servers.start(config)
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -90,17 +100,21 @@ async def test_stalled_subscriber_never_delays_the_pool(servers: ServerFactory, 
         loaded = [m async for m in control.Load(pb.LoadRequest(model="b"))]
         await asyncio.gather(*toggles)
         assert loaded[-1].phase == pb.LOAD_PHASE_READY
+        assert sorted((await control.Unload(pb.UnloadRequest())).unloaded) == ["a", "b"]
         end = (await control.Status(pb.StatusRequest())).pool.sequence
         assert end >= start + 200
 
         # Reading again: every event in order, or a resync snapshot and then in order.
         expected = start + 1
+        resyncs = 0
         while expected <= end:
             message = await next_message(stalled)
             if message.resync:
                 assert kind(message) == "snapshot"
                 expected = message.sequence + 1
+                resyncs += 1
                 continue
             assert message.sequence == expected
             expected += 1
         stalled.cancel()
+    assert resyncs >= 1, "the subscriber's queue never overflowed"

@@ -146,6 +146,8 @@ def pool_status(view: PoolView, server_idle_default: int) -> pb.PoolStatus:
         queue=[_load_in_flight(q) for q in view.queue],
         sequence=view.sequence,
         backends_started=view.backends_started,
+        streams_running=view.streams_running,
+        streams_queued=view.streams_queued,
     )
 
 

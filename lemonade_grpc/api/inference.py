@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiohttp
 import grpc
 
+from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors
@@ -24,23 +25,14 @@ from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejec
 from lemonade_grpc.pool.pool import Pool
 
 Context = grpc.aio.ServicerContext
-MAX_TOKENS_LIMIT = 1 << 20
-MAX_STOP_STRINGS = 16
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
+
+# The names of the optional sampling floats (`bounds.SAMPLING_FLOATS`).
 FloatField = Literal[
     "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"
 ]
-# (field, low, high, low inclusive): the range each optional float must fall in.
-_FLOAT_RANGES: tuple[tuple[FloatField, float, float, bool], ...] = (
-    ("temperature", 0.0, 100.0, True),
-    ("top_p", 0.0, 1.0, False),
-    ("min_p", 0.0, 1.0, True),
-    ("repeat_penalty", 0.0, 10.0, True),
-    ("presence_penalty", -2.0, 2.0, True),
-    ("frequency_penalty", -2.0, 2.0, True),
-)
 
 
 def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, Any]:
@@ -49,12 +41,13 @@ def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, 
         raise InvalidRequest("model is required", field="model")
     payload: dict[str, Any] = {}
     if request.HasField("max_tokens"):
-        if not 1 <= request.max_tokens <= MAX_TOKENS_LIMIT:
+        if request.max_tokens not in bounds.MAX_TOKENS:
             raise InvalidRequest(
-                f"max_tokens must be in 1..{MAX_TOKENS_LIMIT}, got {request.max_tokens}", field="max_tokens"
+                f"max_tokens must be in {bounds.MAX_TOKENS}, got {request.max_tokens}", field="max_tokens"
             )
         payload["max_tokens"] = request.max_tokens
-    for name, low, high, low_inclusive in _FLOAT_RANGES:
+    for field, low, high, low_inclusive in bounds.SAMPLING_FLOATS:
+        name = cast(FloatField, field)
         if request.HasField(name):
             value = getattr(request, name)
             above_low = value >= low if low_inclusive else value > low
@@ -65,13 +58,19 @@ def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, 
                 )
             payload[name] = value
     if request.HasField("top_k"):
-        if request.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {request.top_k}", field="top_k")
+        if request.top_k not in bounds.TOP_K:
+            raise InvalidRequest(f"top_k must be in {bounds.TOP_K}, got {request.top_k}", field="top_k")
         payload["top_k"] = request.top_k
     if request.HasField("seed"):
         payload["seed"] = request.seed
-    if len(request.stop) > MAX_STOP_STRINGS or any(not s for s in request.stop):
-        raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", field="stop")
+    if len(request.stop) > bounds.STOP_STRINGS or any(
+        not s or len(s.encode()) > bounds.STOP_STRING_BYTES for s in request.stop
+    ):
+        raise InvalidRequest(
+            f"stop takes at most {bounds.STOP_STRINGS} non-empty strings of at most"
+            f" {bounds.STOP_STRING_BYTES} bytes each",
+            field="stop",
+        )
     if request.stop:
         payload["stop"] = list(request.stop)
     if request.ignore_eos:

@@ -94,8 +94,8 @@ class ModelControl(pb_grpc.ModelControlServicer):
                     yield convert.watch_event(envelope, self._idle_default)
             while True:
                 await subscription.wait()
-                if getattr(subscription, "closed", None) is not None:  # TEMPORARY (lead)
-                    raise subscription.closed  # type: ignore[attr-defined]  # the server is shutting down
+                if subscription.closed is not None:
+                    raise subscription.closed  # the server is shutting down
                 if subscription.overflowed:
                     # We fell behind and events were dropped for us: a fresh
                     # snapshot, never a blocked pool.

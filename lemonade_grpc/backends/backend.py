@@ -1,35 +1,59 @@
-"""Backend: one running model server process and the client that talks to it."""
+"""Backend: one running model server process and the client that talks to it.
+
+`Backend.launch` is the whole start: spawn, record in the registry, wait
+until healthy, and prove that what answers on the port is our process.
+Whatever it spawned is stopped before it raises, cancellation included
+(DESIGN.md lesson 7, "no orphans").
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from lemonade_grpc.backends.openai_client import OpenAIClient
-from lemonade_grpc.backends.process import BackendProcess
+from lemonade_grpc.backends.process import BackendProcess, port_holder
 from lemonade_grpc.backends.recipes import backend_argv
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec
-from lemonade_grpc.pool.errors import BackendStartFailed
+from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound
+from lemonade_grpc.tasks import settle
+
+log = logging.getLogger(__name__)
 
 HEALTH_POLL_SECONDS = 0.02
+HEALTH_REQUEST_SECONDS = 5.0
 
 
 def free_port() -> int:
-    """A loopback port free at the time of the call."""
+    """A loopback port free at the time of the call (someone else may take it before the backend binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
+class PortTaken(BackendStartFailed):
+    """Another process holds the port chosen for the backend: the start lost the race for it.
+
+    `holder` describes that process ("pid 123 (python3)"), or says it is unknown.
+    """
+
+    def __init__(self, message: str, *, port: int, holder: str) -> None:
+        super().__init__(message)
+        self.port = port
+        self.holder = holder
+
+
 class Backend:
-    """A model server process on a loopback port. Created by `start`.
+    """A model server process on a loopback port. Created by `launch`.
 
     Does not restart itself, and does not decide anything: the pool does.
     """
@@ -39,75 +63,170 @@ class Backend:
         self.port = port
         self._registry = registry
         self.client = OpenAIClient(f"http://127.0.0.1:{port}")
+        self._stopping: asyncio.Task[int] | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @classmethod
-    async def start(
+    async def launch(
         cls,
         spec: ModelSpec,
         options: EffectiveOptions,
         *,
         log_dir: Path,
-        registry: BackendRegistry | None = None,
+        registry: BackendRegistry | None,
+        health_timeout: float,
+        stop_grace: float,
+        on_spawned: Callable[[Backend], None] | None = None,
+        choose_port: Callable[[], int] = free_port,
+        attempts: int = 3,
     ) -> Backend:
-        """Spawn the backend for `spec` and record it in `registry`; does not wait for health.
+        """Start the backend for `spec` and return it READY: spawned, recorded, healthy, proven ours.
 
-        Raises `BackendStartFailed` when the program cannot be found or started.
+        Each attempt: pick a port with `choose_port`, spawn, call
+        `on_spawned(backend)`, record the pid in `registry` (durably), then poll /health
+        (up to `health_timeout` seconds per attempt). A 200 counts only if
+        the process or one of its descendants listens on the port (issue 9,
+        finding 8: any process that took the port first could answer). When
+        another process holds the port, whether it answered 200 or ours
+        exited on "address already in use", ours is stopped and the next
+        attempt uses a new port, up to `attempts` in all.
+
+        Raises `BackendStartFailed` (the program cannot start, it exited or
+        stayed unhealthy, with this run's log; or every attempt lost the port,
+        naming the port and its holder) and `StateWriteFailed` (the registry
+        cannot be written, issue 9 finding 3). Before raising, and when
+        cancelled, it stops (`stop_grace`) every process it spawned and
+        waits for it: nothing is left running, even if the caller is
+        cancelled during that cleanup. An exception from `on_spawned` is a
+        failure too. Each call starts its own process: not idempotent.
         """
-        port = free_port()
+        lost: PortTaken | None = None
+        for _ in range(max(1, attempts)):
+            port = choose_port()
+            backend = await cls._spawn(spec, options, port, log_dir, registry)
+            try:
+                if on_spawned is not None:
+                    on_spawned(backend)
+                await backend._record(spec.name)
+                await backend._wait_ready(health_timeout)
+            except PortTaken as error:
+                await settle(asyncio.ensure_future(backend.stop(stop_grace)))
+                log.warning("%s: %s; retrying on another port", spec.name, error.message)
+                lost = error
+                continue
+            except BaseException:
+                await settle(asyncio.ensure_future(backend.stop(stop_grace)))
+                raise
+            return backend
+        assert lost is not None
+        raise BackendStartFailed(
+            f"cannot start backend for {spec.name}: another process took its port "
+            f"{max(1, attempts)} times; last: {lost.message}"
+        )
+
+    @classmethod
+    async def _spawn(
+        cls,
+        spec: ModelSpec,
+        options: EffectiveOptions,
+        port: int,
+        log_dir: Path,
+        registry: BackendRegistry | None,
+    ) -> Backend:
+        """Spawn the process; raises BackendStartFailed, with nothing left running, when it cannot."""
         try:
             argv = backend_argv(spec, options, port)
             process = await BackendProcess.spawn(argv, log_path=log_dir / f"{spec.name}.log")
         except (LlamaServerNotFound, OSError) as error:
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
-        if registry is not None:
-            registry.add(process.pid, spec.name)
         return cls(process, port, registry)
 
-    async def wait_healthy(self, limit_seconds: float) -> None:
-        """Poll GET /health until it answers 200.
+    async def _record(self, model: str) -> None:
+        """Record the process in the registry, durably; StateWriteFailed when the file cannot be written."""
+        if self._registry is None:
+            return
+        try:
+            await self._registry.add(self.pid, model)
+        except OSError as error:
+            raise StateWriteFailed(
+                f"cannot record the backend of {model} (pid {self.pid}) in {self._registry.path}: {error}"
+            ) from error
 
-        Raises `BackendStartFailed` with the end of the backend's log when the
-        process exits first or `limit_seconds` pass. Does not stop the
-        process on failure: the caller owns it.
-        """
+    async def _wait_ready(self, limit_seconds: float) -> None:
         deadline = time.monotonic() + limit_seconds
         while True:
             if self.process.returncode is not None:
+                # "Address already in use": someone took the port between our choosing it and the bind.
+                holder = await asyncio.to_thread(port_holder, self.port)
+                if holder is not None:
+                    raise self._port_taken(
+                        holder, f"the backend exited with status {self.process.returncode}"
+                    )
                 raise BackendStartFailed(
                     f"backend exited with status {self.process.returncode} while starting:\n"
                     f"{self.process.log_tail()}"
                 )
+            remaining = deadline - time.monotonic()
             try:
-                if await self.client.health() == 200:
-                    return
+                status = await self.client.health(max(0.1, min(HEALTH_REQUEST_SECONDS, remaining)))
             except (aiohttp.ClientError, TimeoutError):
-                pass  # not listening yet
+                status = 0  # not listening yet
+            if status == 200:
+                # Checked once, on the first 200, not at every poll: it reads /proc.
+                if await asyncio.to_thread(self.process.listens_on, self.port):
+                    return
+                holder = await asyncio.to_thread(port_holder, self.port)
+                raise self._port_taken(holder or "an unknown process", "it answered /health in our place")
             if time.monotonic() > deadline:
+                holder = await asyncio.to_thread(port_holder, self.port)
+                if holder is not None and not await asyncio.to_thread(self.process.listens_on, self.port):
+                    raise self._port_taken(holder, "the backend never became healthy")
                 raise BackendStartFailed(
                     f"backend not healthy after {limit_seconds:g} s:\n{self.process.log_tail()}"
                 )
             await asyncio.sleep(HEALTH_POLL_SECONDS)
 
+    def _port_taken(self, holder: str, what: str) -> PortTaken:
+        return PortTaken(
+            f"port {self.port} is held by {holder}, not by the backend (pid {self.pid}): {what}",
+            port=self.port,
+            holder=holder,
+        )
+
     async def is_healthy(self, limit_seconds: float) -> bool:
-        """Whether GET /health answers 200 within `limit_seconds`."""
+        """Whether GET /health answers 200 within `limit_seconds`. False after `stop`; never raises."""
         try:
             return await self.client.health(limit_seconds) == 200
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
             return False  # RuntimeError: the session was closed under the request
 
     async def stop(self, grace: float) -> int:
-        """Stop the process, then close the client; return the exit status. Idempotent.
+        """Stop the process group, close the client, forget the registry record; return the exit status.
 
-        In that order: requests streaming from the process see its connection
-        break (an aiohttp.ClientError) rather than their session closed under
-        them.
+        SIGTERM, then SIGKILL after `grace` seconds (the first call's grace
+        wins). In that order: requests streaming from the process see its
+        connection break (an aiohttp.ClientError) rather than their session
+        closed under them. Idempotent and safe to call concurrently; the
+        stop runs to its end even if the caller is cancelled (it raises
+        CancelledError then, the stop going on).
         """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+            self._stopping.add_done_callback(_read_outcome)
+        return await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> int:
         status = await self.process.stop(grace)
         await self.client.close()
         if self._registry is not None:
-            self._registry.remove(self.pid)
+            await self._registry.remove(self.pid)
         return status
+
+
+def _read_outcome(task: asyncio.Task[int]) -> None:
+    """Read a stop task's exception so none goes unretrieved when its caller was cancelled."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping a backend failed", exc_info=task.exception())

@@ -1,7 +1,9 @@
 """A streaming HTTP client for an OpenAI-compatible backend (llama-server's API).
 
-One `aiohttp` session per backend, so connections are reused across requests
-and closed with the backend. Streams are read line by line from the SSE body;
+One `aiohttp` session per backend, created on first use and closed with the
+backend; once closed, the client never opens another (issue 9, finding 13:
+the health checker recreated a stopped backend's session, leaking one
+"Unclosed client session" per check). Streams are read line by line from the SSE body;
 closing the response (what happens when the consumer stops iterating) closes
 the connection, which is how llama-server learns to stop decoding.
 """
@@ -9,6 +11,7 @@ the connection, which is how llama-server learns to stop decoding.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,13 +116,30 @@ class SSEDecoder:
 
 
 class OpenAIClient:
-    """HTTP client of one backend at `base_url`. `close` is idempotent."""
+    """HTTP client of one backend at `base_url`. Loop thread only.
+
+    `last_activity` is the `time.monotonic()` of the last bytes read from a
+    generation stream (0.0: none yet): a backend busy streaming may be too
+    busy to answer /health in time, and this tells a hang from a busy
+    backend. /health answers do not count (a backend answering 503 for good
+    is not busy).
+    After `close` (idempotent), every request raises
+    aiohttp.ClientConnectionError("client closed").
+    """
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
+        self.last_activity = 0.0
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise aiohttp.ClientConnectionError("client closed")
         # Created lazily so that it binds to the running loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -132,7 +152,11 @@ class OpenAIClient:
         return self._session
 
     async def health(self, limit_seconds: float = 5.0) -> int:
-        """GET /health; return the HTTP status (llama-server: 503 while loading)."""
+        """GET /health; return the HTTP status (llama-server: 503 while loading).
+
+        Raises aiohttp.ClientError when it cannot connect or the client is
+        closed, TimeoutError after `limit_seconds`.
+        """
         limit = aiohttp.ClientTimeout(total=limit_seconds)
         async with self._get_session().get("/health", timeout=limit) as response:
             return response.status
@@ -150,16 +174,19 @@ class OpenAIClient:
 
         Raises `BackendHTTPError` on an error status or error event, and
         aiohttp.ClientError when the connection breaks or the stream ends
-        without `data: [DONE]`. Stopping the iteration early closes the
-        connection, which tells llama-server to stop generating.
+        without `data: [DONE]` or the client is closed. Stopping the
+        iteration early closes the connection, which tells llama-server to
+        stop generating.
         """
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
         async with self._get_session().post(path, json=body) as response:
+            self.last_activity = time.monotonic()
             if response.status != 200:
                 raise BackendHTTPError(response.status, _error_message(await response.text()))
             events = SSEDecoder()
             try:
                 while data := await response.content.readany():
+                    self.last_activity = time.monotonic()  # one float store per read: cheap
                     batch = events.feed(data)
                     if batch:
                         yield batch
@@ -175,9 +202,11 @@ class OpenAIClient:
             raise aiohttp.ClientPayloadError("the backend's stream ended before data: [DONE]")
 
     async def close(self) -> None:
+        """Close the session (breaking the requests in flight); no request opens another. Idempotent."""
+        self._closed = True
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await session.close()
 
 
 def _error_message(body: str) -> str:

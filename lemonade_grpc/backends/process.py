@@ -33,9 +33,13 @@ class BackendProcess:
     Created with `spawn`; `stop` is idempotent and safe to call concurrently.
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path, log_offset: int = 0) -> None:
         self._process = process
         self.log_path = log_path
+        # Where this run's output starts in the log, which earlier runs of
+        # the same model share (issue 9, finding 14: a failed start's
+        # message showed lines of earlier runs).
+        self.log_offset = log_offset
         self.pid = process.pid
         self._stopping: asyncio.Task[int] | None = None
 
@@ -52,6 +56,7 @@ class BackendProcess:
             command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
+            offset = os.fstat(log.fileno()).st_size
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -60,7 +65,7 @@ class BackendProcess:
                 start_new_session=True,
                 env=env,
             )
-        return cls(process, log_path)
+        return cls(process, log_path, offset)
 
     @property
     def returncode(self) -> int | None:
@@ -107,13 +112,74 @@ class BackendProcess:
         except psutil.Error:
             return 0
 
+    def tree(self) -> list[psutil.Process]:
+        """The process and its live descendants; [] when it is gone."""
+        try:
+            process = psutil.Process(self.pid)
+            return [process, *process.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def listens_on(self, port: int) -> bool:
+        """Whether the process or one of its descendants holds a TCP LISTEN socket on loopback `port`.
+
+        Proof that what answers on the port is ours (issue 9, finding 8).
+        Reads /proc: meant for once per start, not for every poll. False once
+        the process has been reaped (its pid may be someone else's by then).
+        """
+        if self.returncode is not None:
+            return False
+        for process in self.tree():
+            with contextlib.suppress(psutil.Error):
+                connections = process.net_connections(kind="tcp")
+                if any(_is_loopback_listener(c.status, c.laddr, port) for c in connections):
+                    return True
+        return False
+
     def log_tail(self, limit: int = 2000) -> str:
-        """The end of the process's output, for error messages."""
+        """The last `limit` bytes of this process's own output (none of earlier runs'), for error messages.
+
+        "" when the log cannot be read.
+        """
         try:
             with self.log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                size = log.tell()
-                log.seek(max(0, size - limit))
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self.log_offset, size - limit))
                 return log.read().decode("utf-8", "replace").strip()
         except OSError:
             return ""
+
+
+# The addresses whose listener answers a connection to 127.0.0.1.
+_LOOPBACK_REACHABLE = frozenset({"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"})
+
+
+def _is_loopback_listener(status: str, laddr: tuple[object, ...], port: int) -> bool:
+    """Whether a socket (its status and local address) listens where 127.0.0.1:`port` reaches."""
+    return (
+        status == psutil.CONN_LISTEN
+        and len(laddr) == 2
+        and laddr[1] == port
+        and laddr[0] in _LOOPBACK_REACHABLE
+    )
+
+
+def port_holder(port: int) -> str | None:
+    """Who holds a TCP LISTEN socket on loopback `port`: "pid N (name)", "another user's process", or None.
+
+    Scans every socket of the host (/proc): for error paths only.
+    """
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    for connection in connections:
+        if _is_loopback_listener(connection.status, connection.laddr, port):
+            if connection.pid is None:
+                return "another user's process"
+            try:
+                name = psutil.Process(connection.pid).name()
+            except psutil.Error:
+                name = "gone"
+            return f"pid {connection.pid} ({name})"
+    return None

@@ -7,6 +7,11 @@ backend is recorded here on spawn and forgotten on stop; at boot, whatever is
 still recorded and still running is a survivor of the last run and is killed.
 A record holds the process's start time, so a pid reused by an unrelated
 process is never touched.
+
+A backend that cannot be recorded must not run (issue 9, finding 3: with a
+state directory that could not be written, each load left one more live,
+untracked process): `add` raises, and the caller stops the process. Writes
+go through an `AtomicWriter`, off the event loop (finding 20).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from lemonade_grpc.files import write_atomically
+from lemonade_grpc.files import AtomicWriter
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +44,54 @@ class BackendRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._records: dict[int, Record] = {}
+        self._writer = AtomicWriter(path)
 
-    def add(self, pid: int, model: str) -> None:
-        """Record a freshly spawned backend."""
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._records
+
+    async def add(self, pid: int, model: str) -> None:
+        """Record a freshly spawned backend; return once the record is durable.
+
+        Raises OSError when the file cannot be written: the caller must then
+        stop the process (it would survive a crash of ours unrecorded). The
+        record stays in memory until `remove`, so a later successful write
+        still lists the process while it runs. A process already gone is not
+        recorded (nothing to reap later).
+        """
         try:
             create_time = psutil.Process(pid).create_time()
         except psutil.Error:
-            return  # already gone: nothing to reap later
+            return
         self._records[pid] = Record(pid, model, create_time)
-        self._save()
+        await self._save()
 
-    def remove(self, pid: int) -> None:
-        """Forget a backend that has exited. Safe to call twice."""
-        if self._records.pop(pid, None) is not None:
-            self._save()
+    async def remove(self, pid: int) -> None:
+        """Forget a backend that has exited. Safe to call twice; never raises.
 
-    def reap_stale(self) -> list[Record]:
+        A failed write is logged, not raised: the process is gone whatever
+        the file says, and a stale record is harmless (its start time no
+        longer matches any process at the next boot).
+        """
+        if self._records.pop(pid, None) is None:
+            return
+        try:
+            await self._save()
+        except OSError as error:
+            log.warning("cannot forget backend pid %d in %s: %s", pid, self.path, error)
+
+    async def reap_stale(self) -> list[Record]:
         """Kill the process groups of recorded backends that still run; return them.
 
-        Called once at boot, before anything is spawned. An unreadable record
-        is logged and discarded: it cannot name processes safely.
+        Called once at boot, before anything is spawned (and after the state
+        directory's lock is held: a second server must not reap the first
+        one's backends, finding 5). An unreadable record is logged and
+        discarded: it cannot name processes safely. Failing to rewrite the
+        file is logged, not raised: the next `add` writes it again, and the
+        records left meanwhile match no live process.
         """
         stale: list[Record] = []
-        for record in self._load():
+        records, found = self._load()
+        for record in records:
             try:
                 process = psutil.Process(record.pid)
                 # A zombie is dead, waiting for its reaper (PID 1 after we died).
@@ -78,19 +108,27 @@ class BackendRegistry:
                 )
                 stale.append(record)
         self._records.clear()
-        self._save()
+        if found:  # absent: nothing to clear, and nothing written
+            try:
+                await self._save()
+            except OSError as error:
+                log.warning("cannot rewrite %s: %s", self.path, error)
         return stale
 
-    def _load(self) -> list[Record]:
+    def _load(self) -> tuple[list[Record], bool]:
+        """The records on disk, and whether there is a file (readable or not) to rewrite."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return [Record(int(r["pid"]), str(r["model"]), float(r["create_time"])) for r in data["backends"]]
+            records = [
+                Record(int(r["pid"]), str(r["model"]), float(r["create_time"])) for r in data["backends"]
+            ]
         except FileNotFoundError:
-            return []
+            return [], False
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.warning("ignoring unreadable backend record %s: %s", self.path, error)
-            return []
+            return [], True
+        return records, True
 
-    def _save(self) -> None:
+    async def _save(self) -> None:
         backends = [asdict(r) for r in self._records.values()]
-        write_atomically(self.path, json.dumps({"backends": backends}, indent=1))
+        await self._writer.write(json.dumps({"backends": backends}, indent=1))

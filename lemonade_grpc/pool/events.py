@@ -1,8 +1,9 @@
 """EventBus: every pool event, numbered, buffered, fanned out to subscribers.
 
-Sequence numbers are gap-free and start at 1. A ring buffer keeps the most
-recent events so that a subscriber can resume after a reconnect. Each
-subscriber has a bounded queue: a full queue never blocks `publish` (a stalled
+Sequence numbers are gap-free within a run and unique across runs. A ring
+buffer, bounded in events and bytes, keeps the most recent events so that a
+subscriber can resume after a reconnect. Each subscriber has a queue bounded
+the same way: a full queue never blocks `publish` (a stalled
 Watch must never slow the pool); the subscriber is marked as having missed
 events and must resynchronise from a fresh snapshot.
 """
@@ -107,44 +108,72 @@ class Envelope:
     event: Event
 
 
+# The ring of past events and each subscriber's queue are bounded in bytes as
+# well as in count: a count alone let events carrying big arguments grow the
+# server without end (issue 9, finding 11). An event's weight is the length of
+# its repr, a fair measure of what it holds (its strings), taken once.
+HISTORY_EVENTS = 4096
+HISTORY_BYTES = 8 << 20
+SUBSCRIBER_BYTES = 4 << 20
+
+
+def weight(event: Event) -> int:
+    """About how many bytes `event` holds."""
+    return len(repr(event))
+
+
 class Subscription:
     """One subscriber's view of the bus. Iterate `drain()` after `wait()`.
 
-    `overflowed` becomes true when the queue was full at a publish: the events
-    after the last one delivered are lost to this subscriber, which must take
-    a fresh snapshot and call `reset`.
+    `overflowed` becomes true when the queue was full (in events or bytes) at
+    a publish: the events after the last one delivered are lost to this
+    subscriber, which must take a fresh snapshot and call `reset`. `closed`
+    is the exception to end the subscriber with once the bus is closed
+    (the server is shutting down), else None.
     """
 
-    def __init__(self, bus: EventBus, maxsize: int) -> None:
+    def __init__(self, bus: EventBus, max_events: int, max_bytes: int) -> None:
         self._bus = bus
-        self._queue: collections.deque[Envelope] = collections.deque()
-        self._maxsize = maxsize
+        self._queue: collections.deque[tuple[Envelope, int]] = collections.deque()
+        self._bytes = 0
+        self._max_events = max_events
+        self._max_bytes = max_bytes
         self._ready = asyncio.Event()
         self.overflowed = False
+        self.closed: BaseException | None = None
 
-    def _offer(self, envelope: Envelope) -> None:
+    def _offer(self, envelope: Envelope, size: int) -> None:
         if self.overflowed:
             return
-        if len(self._queue) >= self._maxsize:
+        if len(self._queue) >= self._max_events or self._bytes + size > self._max_bytes:
             self.overflowed = True
             self._queue.clear()
+            self._bytes = 0
         else:
-            self._queue.append(envelope)
+            self._queue.append((envelope, size))
+            self._bytes += size
+        self._ready.set()
+
+    def _close(self, error: BaseException) -> None:
+        self.closed = error
         self._ready.set()
 
     async def wait(self) -> None:
-        """Wait until there is something to drain or the subscription overflowed."""
+        """Wait until there is something to drain, the subscription overflowed, or it is closed."""
         await self._ready.wait()
 
     def drain(self) -> Iterator[Envelope]:
         """Yield and remove the queued events, oldest first."""
         self._ready.clear()
         while self._queue:
-            yield self._queue.popleft()
+            envelope, size = self._queue.popleft()
+            self._bytes -= size
+            yield envelope
 
     def reset(self) -> None:
         """Forget the overflow after the subscriber took a fresh snapshot."""
         self._queue.clear()
+        self._bytes = 0
         self.overflowed = False
         self._ready.clear()
 
@@ -154,42 +183,84 @@ class Subscription:
 
 
 class EventBus:
-    """Numbers, buffers and fans out events. Not thread-safe: loop thread only."""
+    """Numbers, buffers and fans out events. Not thread-safe: loop thread only.
+
+    Sequence numbers are gap-free within a run and unique across runs: the
+    first is the wall-clock time of the bus's creation in microseconds
+    (`first_sequence`), so a number from an earlier run is below this run's
+    range (and one from a later run, above it) and `since` answers None
+    for it: the subscriber resynchronises instead of being sent the wrong
+    events (issue 9, finding 21). About 1.8e15 today: within uint64, and
+    within a JavaScript number's exact range (2^53) until the year 2255.
+    """
 
     def __init__(
         self,
         *,
-        history: int = 4096,
+        history: int = HISTORY_EVENTS,
+        history_bytes: int = HISTORY_BYTES,
         subscriber_queue: int = 1024,
+        subscriber_bytes: int = SUBSCRIBER_BYTES,
         clock: Callable[[], float] = time.time,
+        first_sequence: int | None = None,
     ) -> None:
-        self._ring: collections.deque[Envelope] = collections.deque(maxlen=history)
+        self._ring: collections.deque[tuple[Envelope, int]] = collections.deque()
+        self._ring_bytes = 0
+        self._history = history
+        self._history_bytes = history_bytes
         self._subscribers: set[Subscription] = set()
         self._subscriber_queue = subscriber_queue
+        self._subscriber_bytes = subscriber_bytes
         self._clock = clock
-        self.last_sequence = 0
+        self._closed: BaseException | None = None
+        if first_sequence is None:
+            first_sequence = max(1, int(time.time() * 1_000_000))
+        self.first_sequence = first_sequence
+        self.last_sequence = first_sequence - 1
 
     def publish(self, event: Event) -> Envelope:
         """Number `event`, keep it in the ring and offer it to every subscriber. Never blocks."""
         self.last_sequence += 1
         envelope = Envelope(self.last_sequence, self._clock(), event)
-        self._ring.append(envelope)
+        size = weight(event)
+        self._ring.append((envelope, size))
+        self._ring_bytes += size
+        while len(self._ring) > self._history or (self._ring_bytes > self._history_bytes and self._ring):
+            self._ring_bytes -= self._ring.popleft()[1]
         for subscriber in self._subscribers:
-            subscriber._offer(envelope)
+            subscriber._offer(envelope, size)
         return envelope
 
     def subscribe(self) -> Subscription:
-        """A new subscription receiving every event published from now on."""
-        subscription = Subscription(self, self._subscriber_queue)
-        self._subscribers.add(subscription)
+        """A new subscription receiving every event published from now on (closed at once after `close`)."""
+        subscription = Subscription(self, self._subscriber_queue, self._subscriber_bytes)
+        if self._closed is not None:
+            subscription._close(self._closed)
+        else:
+            self._subscribers.add(subscription)
         return subscription
 
+    def close(self, error: BaseException) -> None:
+        """End every subscription, now and to come, with `error` (they see it in `closed`). Idempotent."""
+        if self._closed is not None:
+            return
+        self._closed = error
+        for subscriber in self._subscribers:
+            subscriber._close(error)
+        self._subscribers.clear()
+
     def since(self, sequence: int) -> list[Envelope] | None:
-        """Buffered events after `sequence`, or None when some of them are gone from the ring."""
-        if sequence > self.last_sequence:
-            return None  # from another run of the server: numbers restart at 1
+        """Buffered events after `sequence`, or None when some of them are gone from the ring.
+
+        0 means "before this run's first event". A number outside this run's
+        range (another run's) answers None.
+        """
+        if sequence == 0:
+            sequence = self.first_sequence - 1
+        if not self.first_sequence - 1 <= sequence <= self.last_sequence:
+            return None
         if sequence == self.last_sequence:
             return []
-        if not self._ring or self._ring[0].sequence > sequence + 1:
+        if not self._ring or self._ring[0][0].sequence > sequence + 1:
             return None
-        return [e for e in self._ring if e.sequence > sequence]
+        return [e for e, _ in self._ring if e.sequence > sequence]

@@ -121,7 +121,7 @@ class Pool:
         self.catalog = dict(catalog)
         self.settings = settings
         self.limits = limits or Limits()
-        self.bus = bus or EventBus(clock=clock)
+        self.bus = bus or EventBus(subscriber_queue=self.limits.watch_queue_events, clock=clock)
         self._launch = launch
         self._clock = clock
         self._memory: MemoryProbe = memory or SystemMemory()
@@ -766,9 +766,7 @@ class Pool:
             if model.restart_timer is not None:
                 model.restart_timer.cancel()
                 model.restart_timer = None
-        close = getattr(self.bus, "close", None)  # TEMPORARY (lead): until EventBus.close lands
-        if close is not None:
-            close(ShuttingDown("the server is shutting down"))
+        self.bus.close(ShuttingDown("the server is shutting down"))
 
     async def drain(self, seconds: float) -> None:
         """Wait up to `seconds` for the inference streams running to end."""
@@ -863,6 +861,8 @@ class Pool:
             queue=tuple(load_view(job) for job in self._waiting),
             sequence=self.bus.last_sequence,
             backends_started=self._backends_started,
+            streams_running=self._admission.view().running,
+            streams_queued=self._admission.view().queued,
         )
 
     def _memory_view(self, models: tuple[ModelView, ...]) -> MemoryView:

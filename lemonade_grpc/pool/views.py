@@ -50,6 +50,8 @@ class PoolView:
     queue: tuple[LoadView, ...]
     sequence: int
     backends_started: int
+    streams_running: int = 0
+    streams_queued: int = 0
 
 
 # States in which a model's process holds (or is about to hold) a slot.

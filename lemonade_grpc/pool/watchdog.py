@@ -63,7 +63,7 @@ class Watchdog:
             started = time.monotonic()
             next_check = started + interval
             healthy = await backend.is_healthy(timeout)
-            busy = getattr(backend.client, "last_activity", 0.0) >= started  # TEMPORARY (lead)
+            busy = backend.client.last_activity >= started  # it streamed bytes meanwhile
             failures = 0 if healthy or busy else failures + 1
             if failures >= self._settings.health_check_failures:
                 if model.state is ModelState.READY:

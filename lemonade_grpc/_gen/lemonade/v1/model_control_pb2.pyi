@@ -176,7 +176,8 @@ class BackendArgs(_message.Message):
         operator's (`models.<name>.args`). Each flag (an argument starting with
         `-` that is not a negative number; `--flag=value` is `--flag`) must be
         one the operator allowed for the model (`models.<name>.allowed_args` or
-        `pool.allowed_args`; none by default); a value must follow a flag. At
+        `pool.allowed_args`; none by default); the first argument must be a
+        flag (a value belongs to the flag before it). At
         most 64 arguments, 1,024 bytes each, 4,096 bytes in all. Anything else
         is INVALID_ARGUMENT, reason INVALID_OPTIONS, naming the flag.
         """
@@ -565,7 +566,7 @@ class SlotUsage(_message.Message):
     max_loaded: _builtins.int
     """Configured maximum (`[pool] max_loaded`)."""
     used: _builtins.int
-    """Models of this type loaded or loading."""
+    """Models of this type holding a slot: loading, loaded, or still stopping."""
     pinned: _builtins.int
     """Of those, how many are pinned."""
     def __init__(
@@ -667,11 +668,19 @@ class PoolStatus(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     BACKENDS_STARTED_FIELD_NUMBER: _builtins.int
+    STREAMS_RUNNING_FIELD_NUMBER: _builtins.int
+    STREAMS_QUEUED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Sequence number of the last event this snapshot reflects."""
     backends_started: _builtins.int
     """Backend processes started since the server started: a figure that
     climbs without loads being asked for means churn (evictions, reloads).
+    """
+    streams_running: _builtins.int
+    """Inference streams running now (at most `[limits] max_streams`)."""
+    streams_queued: _builtins.int
+    """Inference streams waiting for a stream slot (at most
+    `[limits] max_queued_streams`; beyond, RESOURCE_EXHAUSTED OVERLOADED).
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
@@ -703,10 +712,12 @@ class PoolStatus(_message.Message):
         queue: _abc.Iterable[Global___LoadInFlight] | None = ...,
         sequence: _builtins.int = ...,
         backends_started: _builtins.int = ...,
+        streams_running: _builtins.int = ...,
+        streams_queued: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load_in_flight", b"load_in_flight", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends_started", b"backends_started", "load_in_flight", b"load_in_flight", "memory", b"memory", "models", b"models", "queue", b"queue", "sequence", b"sequence", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends_started", b"backends_started", "load_in_flight", b"load_in_flight", "memory", b"memory", "models", b"models", "queue", b"queue", "sequence", b"sequence", "slots", b"slots", "streams_queued", b"streams_queued", "streams_running", b"streams_running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -722,7 +733,10 @@ class WatchRequest(_message.Message):
     since_sequence: _builtins.int
     """Resume after this sequence number: events since_sequence + 1 onwards
     are sent without a snapshot if still buffered; otherwise a snapshot with
-    `resync = true` comes first. Absent: start with a snapshot.
+    `resync = true` comes first. Sequence numbers are unique across runs of
+    the server (the first of a run is its start time in microseconds), so a
+    number from an earlier run always resyncs. 0: every event of this run,
+    if still buffered. Absent: start with a snapshot.
     """
     def __init__(
         self,

@@ -111,7 +111,7 @@ class ModelControlServicer:
 
     def Watch(self, request, context):
         """Watch streams a snapshot, then every pool event in order with a gap-free
-        sequence number.
+        sequence number. At shutdown it ends UNAVAILABLE, reason SHUTTING_DOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

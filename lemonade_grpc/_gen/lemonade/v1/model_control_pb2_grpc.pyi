@@ -62,7 +62,7 @@ class ModelControlStub:
     """Status is a snapshot of the pool. It never waits for a load to finish."""
     Watch: _grpc.UnaryStreamMultiCallable[_model_control_pb2.WatchRequest, _model_control_pb2.WatchResponse]
     """Watch streams a snapshot, then every pool event in order with a gap-free
-    sequence number.
+    sequence number. At shutdown it ends UNAVAILABLE, reason SHUTTING_DOWN.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_model_control_pb2.ListModelsRequest, _model_control_pb2.ListModelsResponse]
     """ListModels returns the catalog, each entry with whether it is loaded."""
@@ -94,7 +94,7 @@ class ModelControlAsyncStub(ModelControlStub):
     """Status is a snapshot of the pool. It never waits for a load to finish."""
     Watch: _aio.UnaryStreamMultiCallable[_model_control_pb2.WatchRequest, _model_control_pb2.WatchResponse]  # type: ignore[assignment]
     """Watch streams a snapshot, then every pool event in order with a gap-free
-    sequence number.
+    sequence number. At shutdown it ends UNAVAILABLE, reason SHUTTING_DOWN.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_model_control_pb2.ListModelsRequest, _model_control_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels returns the catalog, each entry with whether it is loaded."""
@@ -153,7 +153,7 @@ class ModelControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_model_control_pb2.WatchResponse], _abc.AsyncIterator[_model_control_pb2.WatchResponse]]:
         """Watch streams a snapshot, then every pool event in order with a gap-free
-        sequence number.
+        sequence number. At shutdown it ends UNAVAILABLE, reason SHUTTING_DOWN.
         """
 
     @_abc_1.abstractmethod

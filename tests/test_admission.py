@@ -1,0 +1,164 @@
+"""Admission: stream slots in all and per model, a bounded FIFO queue without head-of-line blocking.
+
+A hypothesis test drives random arrivals, finishes and cancellations (of
+waiting and of just-admitted streams) and checks after every step that the
+limits hold, that no stream waits while a slot it could use is free, that
+streams of one model are admitted in arrival order, and that `Overloaded`
+comes exactly when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lemonade_grpc.pool.admission import Admission
+from lemonade_grpc.pool.errors import Overloaded
+
+MODELS = ("a", "b", "c")
+
+step = st.one_of(
+    st.tuples(st.just("arrive"), st.sampled_from(MODELS)),
+    st.tuples(st.just("finish"), st.integers(0, 50)),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    # Admit someone and cancel it in the same loop turn, before it resumes.
+    st.tuples(st.just("finish_and_cancel_next"), st.integers(0, 50)),
+)
+
+
+@dataclass(eq=False)
+class Stream:
+    model: str
+    number: int
+    task: asyncio.Task[None] | None = None
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def scenario(limits: tuple[int, int, int], steps: list[tuple[str, object]]) -> None:
+    admission = Admission(max_streams=limits[0], max_streams_per_model=limits[1], max_queued=limits[2])
+    streams: list[Stream] = []
+    admitted_order: list[Stream] = []
+
+    async def run(stream: Stream) -> None:
+        async with admission.admit(stream.model):
+            admitted_order.append(stream)
+            stream.admitted.set()
+            await stream.done.wait()
+
+    def live() -> list[Stream]:
+        return [s for s in streams if s.task is not None and not s.task.done()]
+
+    for number, (kind, argument) in enumerate(steps):
+        if kind == "arrive":
+            assert isinstance(argument, str)
+            running = [s for s in live() if s.admitted.is_set()]
+            # Runs at once whenever a slot fits it, whoever waits (they wait for busier models).
+            runs_now = len(running) < limits[0] and sum(1 for s in running if s.model == argument) < limits[1]
+            refused = not runs_now and admission.view().queued >= limits[2]
+            stream = Stream(argument, number)
+            stream.task = asyncio.ensure_future(run(stream))
+            streams.append(stream)
+            await asyncio.sleep(0)
+            if refused:
+                assert stream.task.done()
+                assert isinstance(stream.task.exception(), Overloaded)
+            else:
+                assert not stream.task.done()
+                assert stream.admitted.is_set() == runs_now
+        else:
+            candidates = live()
+            if not candidates:
+                continue
+            assert isinstance(argument, int)
+            chosen = candidates[argument % len(candidates)]
+            if kind == "finish":
+                chosen.done.set()
+            elif kind == "cancel":
+                assert chosen.task is not None
+                chosen.task.cancel()
+            else:
+                running = [s for s in candidates if s.admitted.is_set()]
+                waiting = [s for s in candidates if not s.admitted.is_set()]
+                if running and waiting:
+                    running[argument % len(running)].done.set()
+                    for stream in waiting:  # whoever gets the slot is cancelled before it runs
+                        assert stream.task is not None
+                        stream.task.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        check(admission, live(), admitted_order, limits)
+
+    for stream in live():
+        assert stream.task is not None
+        stream.task.cancel()
+    for stream in streams:
+        assert stream.task is not None
+        with contextlib.suppress(asyncio.CancelledError, Overloaded):
+            await stream.task
+    assert admission.view().running == 0
+    assert admission.view().queued == 0
+
+
+def check(
+    admission: Admission, live: list[Stream], order: list[Stream], limits: tuple[int, int, int]
+) -> None:
+    running = [s for s in live if s.admitted.is_set()]
+    waiting = [s for s in live if not s.admitted.is_set()]
+    view = admission.view()
+    assert view.running == len(running)
+    assert view.queued == len(waiting)
+    assert len(running) <= limits[0]
+    per_model = {m: sum(1 for s in running if s.model == m) for m in MODELS}
+    assert max(per_model.values()) <= limits[1]
+    assert len(waiting) <= limits[2]
+    # Work-conserving: nobody waits while a slot it could take is free.
+    for stream in waiting:
+        assert len(running) >= limits[0] or per_model[stream.model] >= limits[1], (
+            f"{stream.model} waits with {len(running)} running, {per_model[stream.model]} on its model"
+        )
+    # First come first served within a model.
+    for model in MODELS:
+        numbers = [s.number for s in order if s.model == model]
+        assert numbers == sorted(numbers)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limits=st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(0, 4)),
+    steps=st.lists(step, min_size=1, max_size=40),
+)
+def test_random_arrivals_finishes_and_cancellations_keep_every_limit(
+    limits: tuple[int, int, int], steps: list[tuple[str, object]]
+) -> None:
+    asyncio.run(scenario(limits, steps))
+
+
+async def test_a_busy_model_does_not_hold_back_another_models_stream() -> None:
+    admission = Admission(max_streams=3, max_streams_per_model=1, max_queued=10)
+    async with admission.admit("a"):
+        blocked = asyncio.ensure_future(admission.admit("a").__aenter__())
+        await asyncio.sleep(0)
+        assert not blocked.done()
+        # "b" arrives after the waiting "a" yet runs at once.
+        async with admission.admit("b"):
+            assert admission.view().running == 2
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+    assert admission.view() == type(admission.view())(running=0, queued=0)
+
+
+async def test_overloaded_names_the_figures() -> None:
+    admission = Admission(max_streams=1, max_streams_per_model=1, max_queued=0)
+    async with admission.admit("a"):
+        with pytest.raises(Overloaded) as refused:
+            async with admission.admit("b"):
+                pass
+    assert "1 running (limit 1" in refused.value.message
+    assert "0 waiting (limit 0)" in refused.value.message
