@@ -124,6 +124,20 @@ class Server:
             pytest.fail(f"server did not exit within {seconds:g} s of signal {sig}:\n{self.log()}")
 
 
+def serve_command(state_dir: Path) -> list[str]:
+    """`lemonade-grpc serve` on a free loopback port and `state_dir`."""
+    return [
+        sys.executable,
+        "-m",
+        "lemonade_grpc",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        str(state_dir),
+    ]
+
+
 @dataclass
 class ServerFactory:
     """Starts servers for one test and checks, at the end, that nothing they started survives."""
@@ -143,18 +157,7 @@ class ServerFactory:
         tag = uuid.uuid4().hex
         state_dir = state_dir or self.tmp_path / f"state{index}"
         log_path = self.tmp_path / f"server{index}.log"
-        command = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "lemonade_grpc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state_dir),
-            *args,
-        ]
+        command = [*prefix, *serve_command(state_dir), *args]
         if config is not None:
             config_path = self.tmp_path / f"config{index}.toml"
             config_path.write_text(config)

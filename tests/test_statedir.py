@@ -15,7 +15,16 @@ import grpc
 import psutil
 import pytest
 
-from conftest import TAG_VAR, ServerFactory, connect, eventually, fake_model, is_gone, tagged_processes
+from conftest import (
+    TAG_VAR,
+    ServerFactory,
+    connect,
+    eventually,
+    fake_model,
+    is_gone,
+    serve_command,
+    tagged_processes,
+)
 from lemonade_grpc import files
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc.files import AtomicWriter
@@ -37,18 +46,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
 def run_second_server(config_path: Path, state_dir: Path, seconds: float = 15) -> tuple[int, str]:
     """Run `serve` on `state_dir` to its end; return its exit status and output. Killed if still running."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lemonade_grpc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state_dir),
-            "--config",
-            str(config_path),
-        ],
+        [*serve_command(state_dir), "--config", str(config_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, TAG_VAR: uuid.uuid4().hex},
