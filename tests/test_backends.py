@@ -273,8 +273,16 @@ async def test_a_failed_start_shows_only_this_runs_log(
 
 
 async def test_a_stopped_backends_client_never_opens_a_session_again(
-    tiny_model: Path, tmp_path: Path, spawned: list[Backend]
+    tiny_model: Path, tmp_path: Path, spawned: list[Backend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    sessions: list[aiohttp.ClientSession] = []
+    session_class = aiohttp.ClientSession
+
+    def counted_session(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        sessions.append(session_class(*args, **kwargs))
+        return sessions[-1]
+
+    monkeypatch.setattr(aiohttp, "ClientSession", counted_session)
     problems: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _, context: problems.append(context))
@@ -287,6 +295,10 @@ async def test_a_stopped_backends_client_never_opens_a_session_again(
     finally:
         loop.set_exception_handler(None)
     assert not problems, [p.get("message") for p in problems]
+    assert len(sessions) == 1, (
+        f"{len(sessions)} sessions for one backend: the checks after its stop opened more"
+    )
+    assert all(session.closed for session in sessions)
     assert is_gone(pid)
 
 
