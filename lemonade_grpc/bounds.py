@@ -65,6 +65,7 @@ MAX_STREAMS = Range(1, 65_536)  # max_streams, max_streams_per_model
 MAX_QUEUED_STREAMS = Range(0, 1_000_000)
 MAX_QUEUED_LOADS = Range(1, 10_000)
 WATCH_QUEUE_EVENTS = Range(1, 1_000_000)
+MAX_WATCH_STREAMS = Range(1, 65_536)
 
 # Inference requests.
 MAX_TOKENS = Range(1, 1 << 20)

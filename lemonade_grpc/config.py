@@ -152,6 +152,7 @@ _LIMITS_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "max_queued_streams": (bounds.MAX_QUEUED_STREAMS, int),
     "max_queued_loads": (bounds.MAX_QUEUED_LOADS, int),
     "watch_queue_events": (bounds.WATCH_QUEUE_EVENTS, int),
+    "max_watch_streams": (bounds.MAX_WATCH_STREAMS, int),
 }
 
 

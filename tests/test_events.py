@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from lemonade_grpc.pool.errors import Overloaded
 from lemonade_grpc.pool.events import EventBus, PinChanged, PoolWarning, weight
 
 
@@ -101,3 +104,16 @@ async def test_close_wakes_every_subscriber_and_ends_later_ones_at_once() -> Non
     late = bus.subscribe()
     assert late.closed is error
     await asyncio.wait_for(late.wait(), 5)
+
+
+def test_subscribers_beyond_the_limit_are_refused_overloaded() -> None:
+    bus = EventBus(max_subscribers=2)
+    first, second = bus.subscribe(), bus.subscribe()
+    with pytest.raises(Overloaded) as refused:
+        bus.subscribe()
+    assert "2 open (limit 2)" in refused.value.message
+    first.close()
+    third = bus.subscribe()  # a slot freed is a slot taken
+    assert third.closed is None
+    second.close()
+    third.close()

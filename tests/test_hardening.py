@@ -505,3 +505,29 @@ async def test_a_backend_too_busy_generating_to_answer_health_is_not_hung(
     assert chunks[-1].usage.completion_tokens == 300
     assert [m.pid for m in after.pool.models] == [before.pid]
     assert not [m for m in events.messages() if m.WhichOneof("event") == "model_unloaded"]
+
+
+async def test_watch_streams_beyond_the_limit_are_refused_overloaded(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    server = servers.start("[limits]\nmax_watch_streams = 2\n" + fake_model("m", tiny_model))
+    async with connect(server.address) as client:
+        open_ = [client.control.Watch(pb.WatchRequest()) for _ in range(2)]
+        for watch in open_:
+            assert (await next_message(watch)).WhichOneof("event") == "snapshot"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await next_message(client.control.Watch(pb.WatchRequest()))
+        assert (refused.value.code(), error_info(refused.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "OVERLOADED",
+        )
+        open_[0].cancel()
+
+        async def watch_again() -> pb.WatchResponse | None:
+            try:
+                return await next_message(client.control.Watch(pb.WatchRequest()))
+            except grpc.aio.AioRpcError:
+                return None  # the cancelled one is not closed yet
+
+        assert (await poll(watch_again, 10, "a Watch slot to free up")).WhichOneof("event") == "snapshot"
+        open_[1].cancel()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from lemonade_grpc.pool.errors import Overloaded
 from lemonade_grpc.pool.model import ModelState, ModelView
 
 
@@ -201,6 +202,7 @@ class EventBus:
         history_bytes: int = HISTORY_BYTES,
         subscriber_queue: int = 1024,
         subscriber_bytes: int = SUBSCRIBER_BYTES,
+        max_subscribers: int = 1024,
         clock: Callable[[], float] = time.time,
         first_sequence: int | None = None,
     ) -> None:
@@ -211,6 +213,7 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
         self._subscriber_queue = subscriber_queue
         self._subscriber_bytes = subscriber_bytes
+        self._max_subscribers = max_subscribers
         self._clock = clock
         self._closed: BaseException | None = None
         if first_sequence is None:
@@ -232,7 +235,15 @@ class EventBus:
         return envelope
 
     def subscribe(self) -> Subscription:
-        """A new subscription receiving every event published from now on (closed at once after `close`)."""
+        """A new subscription receiving every event published from now on (closed at once after `close`).
+
+        Raises `Overloaded` when `max_subscribers` are subscribed already.
+        """
+        if len(self._subscribers) >= self._max_subscribers:
+            raise Overloaded(
+                f"too many Watch streams: {len(self._subscribers)} open"
+                f" (limit {self._max_subscribers}); retry later"
+            )
         subscription = Subscription(self, self._subscriber_queue, self._subscriber_bytes)
         if self._closed is not None:
             subscription._close(self._closed)

@@ -121,7 +121,11 @@ class Pool:
         self.catalog = dict(catalog)
         self.settings = settings
         self.limits = limits or Limits()
-        self.bus = bus or EventBus(subscriber_queue=self.limits.watch_queue_events, clock=clock)
+        self.bus = bus or EventBus(
+            subscriber_queue=self.limits.watch_queue_events,
+            max_subscribers=self.limits.max_watch_streams,
+            clock=clock,
+        )
         self._launch = launch
         self._clock = clock
         self._memory: MemoryProbe = memory or SystemMemory()

@@ -76,3 +76,5 @@ class Limits:
     max_queued_loads: int = 64
     # Events a Watch subscriber may fall behind by before it is resynced.
     watch_queue_events: int = 1024
+    # Watch streams open at once (each holds a queue of up to 4 MiB).
+    max_watch_streams: int = 1024
