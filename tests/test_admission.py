@@ -4,7 +4,8 @@ A hypothesis test drives random arrivals, finishes and cancellations (of
 waiting and of just-admitted streams) and checks after every step that the
 limits hold, that no stream waits while a slot it could use is free, that
 streams of one model are admitted in arrival order, and that `Overloaded`
-comes exactly when the queue is full.
+comes exactly when the queue is full, and that closing the admission ends
+every waiter, and refuses every later stream, with `ShuttingDown`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lemonade_grpc.pool.admission import Admission
-from lemonade_grpc.pool.errors import Overloaded
+from lemonade_grpc.pool.errors import Overloaded, ShuttingDown
 
 MODELS = ("a", "b", "c")
 
@@ -28,6 +29,8 @@ step = st.one_of(
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     # Admit someone and cancel it in the same loop turn, before it resumes.
     st.tuples(st.just("finish_and_cancel_next"), st.integers(0, 50)),
+    # The server begins shutting down.
+    st.tuples(st.just("close"), st.just(0)),
 )
 
 
@@ -54,8 +57,25 @@ async def scenario(limits: tuple[int, int, int], steps: list[tuple[str, object]]
     def live() -> list[Stream]:
         return [s for s in streams if s.task is not None and not s.task.done()]
 
+    closed = False
     for number, (kind, argument) in enumerate(steps):
-        if kind == "arrive":
+        if kind == "close":
+            waiting = [s for s in live() if not s.admitted.is_set()]
+            admission.close()
+            closed = True
+            await asyncio.sleep(0)
+            for stream in waiting:  # ended at once, not left to wait for a slot
+                assert stream.task is not None
+                assert stream.task.done()
+                assert isinstance(stream.task.exception(), ShuttingDown)
+        elif kind == "arrive" and closed:
+            stream = Stream(str(argument), number)
+            stream.task = asyncio.ensure_future(run(stream))
+            streams.append(stream)
+            await asyncio.sleep(0)
+            assert stream.task.done()
+            assert isinstance(stream.task.exception(), ShuttingDown)
+        elif kind == "arrive":
             assert isinstance(argument, str)
             running = [s for s in live() if s.admitted.is_set()]
             # Runs at once whenever a slot fits it, whoever waits (they wait for busier models).
@@ -99,7 +119,7 @@ async def scenario(limits: tuple[int, int, int], steps: list[tuple[str, object]]
         stream.task.cancel()
     for stream in streams:
         assert stream.task is not None
-        with contextlib.suppress(asyncio.CancelledError, Overloaded):
+        with contextlib.suppress(asyncio.CancelledError, Overloaded, ShuttingDown):
             await stream.task
     assert admission.view().running == 0
     assert admission.view().queued == 0

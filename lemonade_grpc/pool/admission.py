@@ -9,7 +9,10 @@ ran the server out of file descriptors, and the failures were reported as
 backend crashes).
 
 Cancellation at any await leaves the counts right: a waiter cancelled after
-it was admitted hands its slot on.
+it was admitted hands its slot on. At shutdown `close` ends every waiter, and
+refuses every later stream, with `ShuttingDown`: a queued stream must not
+wait through the grace period for a slot it can never use (its holder may be
+stuck writing to a client that stopped reading).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.errors import Overloaded
+from lemonade_grpc.pool.errors import Overloaded, ShuttingDown
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,16 +50,28 @@ class Admission:
         self._running: collections.Counter[str] = collections.Counter()
         self._total = 0
         self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._closed = False
 
     def view(self) -> AdmissionView:
         return AdmissionView(running=self._total, queued=len(self._waiting))
+
+    def close(self) -> None:
+        """End every waiter, and refuse every later stream, with `ShuttingDown`. Idempotent.
+
+        Streams running keep their slots until they end.
+        """
+        self._closed = True
+        for waiter in self._waiting:
+            if not waiter.admitted.done():
+                waiter.admitted.set_exception(ShuttingDown("the server is shutting down"))
+        self._waiting.clear()
 
     @contextlib.asynccontextmanager
     async def admit(self, model: str) -> AsyncIterator[None]:
         """Hold a stream slot for `model` for the body of the `async with`.
 
         Waits in the queue when every slot it could use is taken; raises
-        `Overloaded` when the queue is full too.
+        `Overloaded` when the queue is full too, `ShuttingDown` once closed.
         """
         await self._acquire(model)
         try:
@@ -72,6 +87,8 @@ class Admission:
         self._total += 1
 
     async def _acquire(self, model: str) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
         # Whoever waits, waits for a full model or a full server (`_dispatch`
         # leaves nobody waiting who fits): if this one fits, it is next.
         if self._fits(model):
@@ -88,7 +105,8 @@ class Admission:
         try:
             await waiter.admitted
         except BaseException:
-            if waiter.admitted.done() and not waiter.admitted.cancelled():
+            admitted = waiter.admitted
+            if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
                 self._release(model)  # admitted, then cancelled before it could run: hand it on
             elif waiter in self._waiting:  # (`_dispatch` drops a cancelled waiter by itself)
                 self._waiting.remove(waiter)

@@ -486,9 +486,12 @@ class Pool:
             if model.leases:
                 await wait_for_any([model.no_leases, self._hurry], grace)
                 if model.leases:
+                    # A stop begun before the signal (an Unload, an eviction)
+                    # whose grace the shutdown cut short ends its requests
+                    # for the shutdown's sake: UNAVAILABLE, not "retry".
                     error: PoolError = (
                         ShuttingDown("the server is shutting down")
-                        if reason is UnloadReason.SHUTDOWN
+                        if reason is UnloadReason.SHUTDOWN or self._hurry.is_set()
                         else ModelEvicted(f"{model.name} was unloaded ({reason.value}) during the request")
                     )
                     self._revoke(model, error)
@@ -770,6 +773,7 @@ class Pool:
             if model.restart_timer is not None:
                 model.restart_timer.cancel()
                 model.restart_timer = None
+        self._admission.close()
         self.bus.close(ShuttingDown("the server is shutting down"))
 
     async def drain(self, seconds: float) -> None:
