@@ -73,20 +73,22 @@ async def shut_down(
 ) -> None:
     """The graceful stop (issue 9, finding 12), in this order.
 
-    1. Health answers NOT_SERVING and the server takes no new calls (gRPC
+    1. Loads queued or running end ABORTED, reason SHUTTING_DOWN; no backend
+       is started from here on; streams waiting for a slot and Watch streams
+       end UNAVAILABLE SHUTTING_DOWN (`Pool.begin_shutdown`, which the
+       signal handler has called already: nothing may start in between).
+    2. Health answers NOT_SERVING and the server takes no new calls (gRPC
        refuses them UNAVAILABLE; a load balancer sends them elsewhere).
-    2. Loads queued or running end ABORTED, reason SHUTTING_DOWN; no backend
-       is started from here on; Watch streams end UNAVAILABLE SHUTTING_DOWN.
     3. Inference streams running get `shutdown_grace_seconds` to finish.
     4. The pool stops every backend; streams still running end UNAVAILABLE
        SHUTTING_DOWN, with ErrorInfo (never gRPC's bare "Cancelling all calls").
     """
+    pool.begin_shutdown()
     await health_servicer.enter_graceful_shutdown()
     grace = config.shutdown_grace_seconds
     stopping = asyncio.ensure_future(
         server.stop(grace + config.pool.stop_grace_seconds + SHUTDOWN_MARGIN_SECONDS)
     )
-    pool.begin_shutdown()
     await pool.drain(grace)
     await pool.shutdown()
     await stopping
@@ -171,6 +173,9 @@ async def serve(config: Config) -> int:
             logging.shutdown()
             os._exit(128 + signum)
         log.info("%s: shutting down", signum.name)
+        # Here, not after the first await of the graceful stop: no load may
+        # start a backend once the signal is in.
+        pool.begin_shutdown()
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
