@@ -196,7 +196,7 @@ def _allowed_args(table: Mapping[str, Any], field_name: str, recipe: Recipe) -> 
     for flag in flags:
         if opts.flag_of(flag) != flag:
             raise ConfigError(field_name, f"{flag!r} is not a flag (like --threads): list flags, not values")
-        if recipe is Recipe.LLAMACPP and flag in opts.RESERVED_BACKEND_ARGS:
+        if recipe is Recipe.LLAMACPP and opts.is_reserved(flag):
             raise ConfigError(field_name, f"{flag!r} is set by lemonade-grpc and cannot be allowed")
     return frozenset(flags)
 
@@ -241,13 +241,13 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
     args = _str_list(table, prefix + "args")
     if recipe is Recipe.LLAMACPP:
         for arg in args:
-            if opts.flag_of(arg) in opts.RESERVED_BACKEND_ARGS:
+            if opts.is_reserved(opts.flag_of(arg)):
                 raise ConfigError(
                     prefix + "args", f"{arg!r} is set by lemonade-grpc and cannot be overridden"
                 )
     allowed = _allowed_args(table, prefix + "allowed_args", recipe)
     if recipe is Recipe.LLAMACPP:
-        pool_allowed = pool_allowed - opts.RESERVED_BACKEND_ARGS
+        pool_allowed = frozenset(flag for flag in pool_allowed if not opts.is_reserved(flag))
     idle_value = table.get("idle_unload_seconds")
     idle = (
         None

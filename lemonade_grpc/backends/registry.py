@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from lemonade_grpc import bounds
 from lemonade_grpc.files import AtomicWriter
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class BackendRegistry:
         stale: list[Record] = []
         records, found = self._load()
         for record in records:
+            if record.pid == os.getpid() or record.pid == os.getpgid(0):
+                continue  # never our own group, whatever a record says
             try:
                 process = psutil.Process(record.pid)
                 # A zombie is dead, waiting for its reaper (PID 1 after we died).
@@ -116,19 +120,51 @@ class BackendRegistry:
         return stale
 
     def _load(self) -> tuple[list[Record], bool]:
-        """The records on disk, and whether there is a file (readable or not) to rewrite."""
+        """The records on disk, and whether there is a file (readable or not) to rewrite.
+
+        Each record is checked on its own; one that is not exactly what
+        `_save` writes is logged and left out (it cannot name a process
+        safely), the others are kept.
+        """
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            records = [
-                Record(int(r["pid"]), str(r["model"]), float(r["create_time"])) for r in data["backends"]
-            ]
+            entries = data["backends"]
+            if not isinstance(entries, list):
+                raise TypeError("'backends' is not a list")
         except FileNotFoundError:
             return [], False
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("ignoring unreadable backend record %s: %s", self.path, error)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            log.warning("ignoring unreadable backend records %s: %s", self.path, bounds.echo(str(error)))
             return [], True
+        records = []
+        for entry in entries:
+            record = _record(entry)
+            if record is None:
+                log.warning(
+                    "ignoring an unreadable backend record in %s: %s", self.path, bounds.echo(repr(entry))
+                )
+            else:
+                records.append(record)
         return records, True
 
     async def _save(self) -> None:
         backends = [asdict(r) for r in self._records.values()]
         await self._writer.write(json.dumps({"backends": backends}, indent=1))
+
+
+# The largest pid Linux hands out (pid_max can be set up to 2^22).
+_PID_MAX = 1 << 22
+
+
+def _record(entry: object) -> Record | None:
+    """`entry` as a record when it holds exactly what `_save` writes, else None."""
+    if not isinstance(entry, dict):
+        return None
+    pid, model, create_time = entry.get("pid"), entry.get("model"), entry.get("create_time")
+    if type(pid) is not int or not 1 < pid <= _PID_MAX or not isinstance(model, str):
+        return None
+    if not isinstance(create_time, int | float) or isinstance(create_time, bool):
+        return None
+    if not math.isfinite(create_time):
+        return None
+    return Record(pid, model, float(create_time))

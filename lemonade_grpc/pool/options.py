@@ -49,6 +49,20 @@ RESERVED_BACKEND_ARGS = frozenset(
     }
 )
 
+
+def is_reserved(flag: str | None) -> bool:
+    """Whether llama-server would read `flag` as one of `RESERVED_BACKEND_ARGS`. Pure.
+
+    llama-server reads `_` as `-` in a long flag (`--ctx_size` is
+    `--ctx-size`), so the check does too.
+    """
+    if flag is None:
+        return False
+    if flag.startswith("--"):
+        flag = "--" + flag[2:].replace("_", "-")
+    return flag in RESERVED_BACKEND_ARGS
+
+
 # "-1" and "-0.5" are values (a negative number), not flags.
 _NUMBER = re.compile(r"-\d+(\.\d+)?([eE][-+]?\d+)?")
 
@@ -112,6 +126,14 @@ def validate(requested: RequestedOptions, model: str, allowed_args: frozenset[st
         check_client_args(requested.backend_args, model, allowed_args)
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_client_args(args: tuple[str, ...], model: str, allowed_args: frozenset[str]) -> None:
     """Raise `InvalidOptions` unless every flag in `args` is one the operator allowed for `model`.
 
@@ -137,6 +159,8 @@ def check_client_args(args: tuple[str, ...], model: str, allowed_args: frozenset
             )
         if "\0" in arg:
             raise InvalidOptions(f"backend argument {index} contains NUL", field=field)
+        if not _encodes(arg):  # only a state file can hold one: gRPC strings are UTF-8
+            raise InvalidOptions(f"backend argument {index} is not valid UTF-8", field=field)
         flag = flag_of(arg)
         if flag is None:
             if index == 0:

@@ -291,14 +291,19 @@ class Pool:
         await self._teardowns_done()
         while True:
             running = self._ready(job.name)
-            wanted = opts.resolve(job.requested, running.options if running else None, spec.defaults)
+            # A pinned model that crashed keeps its pin and options while its
+            # restart is pending: a Load or a request that comes first loads
+            # it with them (absent fields keep the current options).
+            crashed = self._awaiting_restart(job.name)
+            base = running or crashed
+            wanted = opts.resolve(job.requested, base.options if base else None, spec.defaults)
             if running is not None and policy.reuses_process(running.options, wanted):
                 result = self._reuse(job, running, wanted)
                 await self._pins.flush()  # a pin set by this load is on disk when it answers
                 return result
             need = await asyncio.to_thread(self._estimate, spec, wanted)  # reads the file's header
             await self._teardowns_done()  # stops that began meanwhile
-            if self._ready(job.name) is running:
+            if self._ready(job.name) is running and self._awaiting_restart(job.name) is crashed:
                 break  # nothing this decision rests on changed while we waited
 
         residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
@@ -323,7 +328,7 @@ class Pool:
                 f" ([pool] memory_reserve_mb), and evicting every idle unpinned model would free"
                 f" only {mib(plan.freeable)}"
             )
-        pinned = job.pinned if job.pinned is not None else bool(running and running.pinned)
+        pinned = job.pinned if job.pinned is not None else bool(base and base.pinned)
         previous = self._models.get(job.name)
         if previous is not None and previous.state in (ModelState.READY, ModelState.FAILED):
             self._stop(previous, UnloadReason.RELOAD)
@@ -398,6 +403,11 @@ class Pool:
             await settle(asyncio.ensure_future(asyncio.wait(set(self._teardowns))))
 
     # ----------------------------------------------------------- the states
+
+    def _awaiting_restart(self, name: str) -> Model | None:
+        """`name`'s model if it is pinned and FAILED: crashed, its restart pending."""
+        model = self._models.get(name)
+        return model if model is not None and model.state is ModelState.FAILED and model.pinned else None
 
     def _ready(self, name: str) -> Model | None:
         model = self._models.get(name)

@@ -87,8 +87,8 @@ def decode(text: str) -> dict[str, EffectiveOptions]:
     """The pins in the file's `text`; raises `StateCorrupt` saying what is wrong. Pure."""
     try:
         data = json.loads(text)
-    except ValueError as error:
-        raise StateCorrupt(f"not JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
+        raise StateCorrupt(f"not JSON ({bounds.echo(str(error))})") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise StateCorrupt(f"expected an object with version {VERSION}")
     pinned = data.get("pinned")
