@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lemonade_grpc.backends.openai_client import BackendHTTPError, SSEDecoder, parse_chunk
+from lemonade_grpc.backends.openai_client import (
+    MAX_LINE_BYTES,
+    BackendHTTPError,
+    MalformedEvent,
+    SSEDecoder,
+    parse_chunk,
+)
 
 
 def test_completion_and_chat_deltas() -> None:
@@ -67,3 +73,42 @@ def test_sse_decoder_raises_on_an_error_line_and_a_malformed_event() -> None:
     with pytest.raises(BackendHTTPError) as malformed:
         SSEDecoder().feed(b"data: {not json\n\n")
     assert malformed.value.status == 502
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        [1, 2],
+        None,
+        {"choices": "abc"},
+        {"choices": [{"text": 5}]},
+        {"choices": [{"text": "x", "finish_reason": ["stop"]}]},
+        {"choices": [], "usage": {"completion_tokens": -1}},
+        {"choices": [], "usage": {"prompt_tokens": 1 << 40}},
+        {"choices": [], "usage": {"completion_tokens": True}},
+        {"choices": [], "timings": {"prompt_ms": "fast"}},
+        {"choices": [], "timings": {"predicted_per_second": float("nan")}},
+    ],
+    ids=repr,
+)
+def test_an_event_of_the_wrong_shape_is_a_backend_fault(event: object) -> None:
+    # A backend's malformed output is its fault (BACKEND_ERROR), never an
+    # exception of ours that ends as INTERNAL.
+    with pytest.raises(MalformedEvent) as malformed:
+        parse_chunk(event)
+    assert malformed.value.status == 502
+
+
+def test_an_error_event_with_an_odd_code_is_still_an_error() -> None:
+    with pytest.raises(BackendHTTPError) as error:
+        parse_chunk({"error": {"code": "abc", "message": "boom"}})
+    assert (error.value.status, error.value.message) == (500, "boom")
+
+
+def test_a_line_that_never_ends_is_refused_before_it_grows_without_end() -> None:
+    decoder = SSEDecoder()
+    piece = b"x" * (1 << 20)
+    for _ in range(MAX_LINE_BYTES // len(piece)):
+        decoder.feed(piece)  # up to the limit: buffered
+    with pytest.raises(MalformedEvent):
+        decoder.feed(piece)

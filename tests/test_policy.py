@@ -162,3 +162,13 @@ def test_only_a_failed_ordinary_load_drops_its_pin() -> None:
     assert drops_pin_after_failure(restart=False, cancelled=False)
     assert not drops_pin_after_failure(restart=True, cancelled=False)
     assert not drops_pin_after_failure(restart=False, cancelled=True)
+
+
+def test_pressure_counts_what_models_being_stopped_will_free() -> None:
+    residents = [typed("a", 1, 10), typed("b", 2, 10)]
+    # 95 available, 10 on its way out of a model already stopping: enough.
+    assert relieve_pressure(available=95, reserve=100, residents=residents, freeing=10) == PressurePlan(
+        (), None
+    )
+    # 3 on its way out: one more must go, not two.
+    assert relieve_pressure(available=95, reserve=100, residents=residents, freeing=3).victims == ("a",)

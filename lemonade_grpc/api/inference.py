@@ -146,7 +146,7 @@ class Inference(pb_grpc.InferenceServicer):
         final = reply()
         async with self._pool.lease(model) as lease:
             try:
-                async for batch in lease.backend.client.stream(path, payload):
+                async for batch in lease.backend.client.stream(path, payload, on_open=lease.on_revoke):
                     texts = []
                     for chunk in batch:
                         if chunk.text:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,30 +55,68 @@ class Chunk:
         )
 
 
-def parse_chunk(event: Mapping[str, Any]) -> Chunk:
-    """Turn one decoded SSE event of /v1/completions or /v1/chat/completions into a `Chunk`."""
+# The longest SSE line we buffer: an event carries one delta (a token, a few
+# bytes); a backend that never ends its line must not grow us without end.
+MAX_LINE_BYTES = 16 << 20
+# Token counts go out as uint32.
+_COUNT_MAX = (1 << 32) - 1
+
+
+class MalformedEvent(BackendHTTPError):
+    """An event no OpenAI-compatible server sends (wrong JSON type, field or range): a backend fault."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(502, f"malformed stream event: {what}")
+
+
+def parse_chunk(event: object) -> Chunk:
+    """Turn one decoded SSE event of /v1/completions or /v1/chat/completions into a `Chunk`.
+
+    Raises `BackendHTTPError` for an error event and `MalformedEvent` for an
+    event whose shape or fields are not what the API defines (a backend's
+    fault, never a bug of ours).
+    """
+    if not isinstance(event, dict):
+        raise MalformedEvent(f"expected an object, got {type(event).__name__}")
     if "error" in event:
         error = event["error"]
-        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
-        code = error.get("code", 500) if isinstance(error, dict) else 500
-        raise BackendHTTPError(int(code), str(message))
+        message = error.get("message", error) if isinstance(error, dict) else error
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if type(code) is int and 400 <= code <= 599 else 500
+        raise BackendHTTPError(status, str(message)[:1000])
     chunk = Chunk("")
-    choices = event.get("choices") or ()
+    choices = event.get("choices")
     if choices:
+        if not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise MalformedEvent("choices must be a list of objects")
         choice = choices[0]
         delta = choice.get("delta")
         text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        finish_reason = choice.get("finish_reason")
+        if not isinstance(text, str | None) or not isinstance(finish_reason, str | None):
+            raise MalformedEvent("text and finish_reason must be strings")
         chunk.text = text or ""
-        chunk.finish_reason = choice.get("finish_reason")
+        chunk.finish_reason = finish_reason
     usage = event.get("usage")
     if isinstance(usage, dict):
-        chunk.prompt_tokens = usage.get("prompt_tokens")
-        chunk.completion_tokens = usage.get("completion_tokens")
+        chunk.prompt_tokens = _field(usage, "prompt_tokens", int, _COUNT_MAX)
+        chunk.completion_tokens = _field(usage, "completion_tokens", int, _COUNT_MAX)
     timings = event.get("timings")
     if isinstance(timings, dict):
-        chunk.prompt_ms = timings.get("prompt_ms")
-        chunk.tokens_per_second = timings.get("predicted_per_second")
+        chunk.prompt_ms = _field(timings, "prompt_ms", float, 1e12)
+        chunk.tokens_per_second = _field(timings, "predicted_per_second", float, 1e12)
     return chunk
+
+
+def _field(table: dict[str, Any], name: str, kind: type[int] | type[float], high: float) -> Any:
+    """`table[name]` when absent (None) or a number of `kind` in 0..`high`; else `MalformedEvent`."""
+    value = table.get(name)
+    if value is None:
+        return None
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, accepted) or not 0 <= value <= high:
+        raise MalformedEvent(f"{name} must be a number in 0..{high:g}, got {str(value)[:50]}")
+    return kind(value)
 
 
 class SSEDecoder:
@@ -98,6 +136,8 @@ class SSEDecoder:
     def feed(self, data: bytes) -> list[Chunk]:
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()
+        if len(self._pending) > MAX_LINE_BYTES:
+            raise MalformedEvent(f"a line of more than {MAX_LINE_BYTES:,} bytes")
         chunks: list[Chunk] = []
         for line in lines:
             if line.startswith(b"data: "):
@@ -161,7 +201,12 @@ class OpenAIClient:
         async with self._get_session().get("/health", timeout=limit) as response:
             return response.status
 
-    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[list[Chunk]]:
+    async def stream(
+        self,
+        path: str,
+        payload: Mapping[str, Any],
+        on_open: Callable[[Callable[[], None]], None] | None = None,
+    ) -> AsyncIterator[list[Chunk]]:
         """POST `payload` to `path` with streaming on; yield the events as they arrive.
 
         Each batch holds every event that had arrived when it was read: one
@@ -171,6 +216,9 @@ class OpenAIClient:
         buffers at most its read limit and then stops reading the socket, so a
         slow consumer slows the backend through TCP flow control instead of
         growing a buffer here.
+
+        `on_open(close)`, called once the response is open, hands out what
+        breaks the stream from outside (the pool's revocation of a lease).
 
         Raises `BackendHTTPError` on an error status or error event, and
         aiohttp.ClientError when the connection breaks or the stream ends
@@ -182,7 +230,10 @@ class OpenAIClient:
         async with self._get_session().post(path, json=body) as response:
             self.last_activity = time.monotonic()
             if response.status != 200:
-                raise BackendHTTPError(response.status, _error_message(await response.text()))
+                text = (await response.read()).decode("utf-8", "replace")  # need not be UTF-8
+                raise BackendHTTPError(response.status, _error_message(text))
+            if on_open is not None:
+                on_open(response.close)  # who may break the stream from outside
             events = SSEDecoder()
             try:
                 while data := await response.content.readany():

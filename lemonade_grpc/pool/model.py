@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lemonade_grpc.backends.backend import Backend
@@ -51,16 +52,33 @@ class Lease:
     """One request's hold on a READY model (the Ollama habit: a request is its lease).
 
     When the pool must take the model away while the request still runs
-    (eviction after the grace period, a crash, shutdown), it sets `revoked`
-    before it stops the backend; the request, seeing its stream break, ends
-    with that error instead of guessing.
+    (eviction after the grace period, a crash, shutdown), it calls `revoke`:
+    `revoked` says why, and the request's backend stream is broken at once
+    (through the `cut` registered with `on_revoke`), not when the process
+    finally dies (a backend ignoring SIGTERM kept streaming for its whole
+    stop grace). The request, seeing its stream break, ends with that error
+    instead of guessing.
     """
 
-    __slots__ = ("backend", "revoked")
+    __slots__ = ("_cut", "backend", "revoked")
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.revoked: PoolError | None = None
+        self._cut: Callable[[], None] | None = None
+
+    def on_revoke(self, cut: Callable[[], None]) -> None:
+        """Register how to break the request's stream (its response's close); at once if revoked."""
+        self._cut = cut
+        if self.revoked is not None:
+            cut()
+
+    def revoke(self, error: PoolError) -> None:
+        """End the request with `error` (the first reason wins) and break its stream now."""
+        if self.revoked is None:
+            self.revoked = error
+            if self._cut is not None:
+                self._cut()
 
 
 @dataclass(eq=False)

@@ -186,14 +186,20 @@ class PressurePlan:
     short: NotEnoughMemory | None
 
 
-def relieve_pressure(available: int, reserve: int, residents: Sequence[Resident]) -> PressurePlan:
+def relieve_pressure(
+    available: int, reserve: int, residents: Sequence[Resident], *, freeing: int = 0
+) -> PressurePlan:
     """Plan the evictions that bring free memory back above `reserve`.
 
-    Unpinned models go, idle before busy, least recently used first (busy
-    ones too: an OOM kill would end their requests anyway). When even all of
-    them would not be enough, all of them go and `short` says by how much.
+    `freeing` is what models already being stopped hold: it is about to be
+    free, so it is not asked of anyone else (a victim still in its grace
+    period is no longer a candidate, and the next check must not pick
+    another in its place). Unpinned models go, idle before busy, least
+    recently used first (busy ones too: an OOM kill would end their requests
+    anyway). When even all of them would not be enough, all of them go and
+    `short` says by how much.
     """
-    plan = plan_memory(0, available, reserve, residents)
+    plan = plan_memory(0, available + freeing, reserve, residents)
     if isinstance(plan, NotEnoughMemory):
         return PressurePlan(tuple(r.name for r in _eviction_order(residents)), plan)
     return PressurePlan(plan.victims, None)

@@ -522,8 +522,8 @@ class Pool:
     @staticmethod
     def _revoke(model: Model, error: PoolError) -> None:
         """Mark every lease on `model` as ended by `error` (their streams break next)."""
-        for lease in model.leases:
-            lease.revoked = lease.revoked or error
+        for lease in list(model.leases):
+            lease.revoke(error)
 
     # -------------------------------------------------------------- crashes
 
@@ -637,7 +637,12 @@ class Pool:
         """Stop unpinned models, idle before busy, least recently used first, until the reserve is free."""
         reserve = self.settings.memory_reserve_bytes
         ready = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
-        plan = policy.relieve_pressure(available, reserve, ready)
+        freeing = sum(
+            m.backend.process.rss_bytes()
+            for m in self._models.values()
+            if m.state is ModelState.UNLOADING and m.backend is not None
+        )
+        plan = policy.relieve_pressure(available, reserve, ready, freeing=freeing)
         if plan.short is not None and not self._memory_low:
             self._warn(
                 "MEMORY_LOW",
