@@ -374,7 +374,7 @@ class _FailingClient:
     def __init__(self, error: BaseException) -> None:
         self._error = error
 
-    async def stream(self, path: str, payload: object) -> AsyncIterator[list[object]]:
+    async def stream(self, path: str, payload: object, on_open: object = None) -> AsyncIterator[list[object]]:
         raise self._error
         yield []  # pragma: no cover - makes this an async generator
 
@@ -384,7 +384,7 @@ class _OneLeasePool:
 
     def __init__(self, error: BaseException, revoked: BaseException | None = None) -> None:
         self.lease_object = SimpleNamespace(
-            backend=SimpleNamespace(client=_FailingClient(error)), revoked=revoked
+            backend=SimpleNamespace(client=_FailingClient(error)), revoked=revoked, on_revoke=lambda cut: None
         )
 
     @contextlib.asynccontextmanager
