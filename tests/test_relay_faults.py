@@ -310,13 +310,16 @@ async def test_concurrent_loads_each_see_phases_in_order_and_queue_positions_onl
                     return load.waiters
             return None
 
-        assert await poll(waiters_of_d, 5, "d queued") == 2
+        def d_waiters_are(count: int) -> Callable[[], Awaitable[bool | None]]:
+            async def check() -> bool | None:
+                return True if await waiters_of_d() == count else None
+
+            return check
+
+        # Both of d's Loads are in (the calls reach the server in no set order).
+        await poll(d_waiters_are(2), 5, "d queued with its two followers")
         leaver.cancel()
-
-        async def d_down_to_one() -> bool | None:
-            return True if await waiters_of_d() == 1 else None
-
-        await poll(d_down_to_one, 5, "d's waiters to fall to 1")
+        await poll(d_waiters_are(1), 5, "d's waiters to fall to 1")
         replies = {name: [r async for r in call] for name, call in calls.items()}
     for name, messages in replies.items():
         phases = [m.phase for m in messages]
