@@ -222,6 +222,32 @@ def pids_in(pid_log: Path) -> list[int]:
     return [int(line) for line in pid_log.read_text().split()] if pid_log.exists() else []
 
 
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running."""
+    return [pid for pid in pids if not is_gone(pid)]
+
+
+class ProcessSampler:
+    """Counts live backend processes (from pid logs) every few milliseconds while it runs."""
+
+    def __init__(self, *pid_logs: Path) -> None:
+        self.pid_logs = pid_logs
+        self.most = 0
+        self._task = asyncio.create_task(self._run())
+
+    def live(self) -> list[int]:
+        return alive([pid for log in self.pid_logs for pid in pids_in(log)])
+
+    async def _run(self) -> None:
+        while True:
+            self.most = max(self.most, len(self.live()))
+            await asyncio.sleep(0.005)
+
+    def stop(self) -> int:
+        self._task.cancel()
+        return self.most
+
+
 class Client:
     """Stubs on one channel, with the few compound calls the tests repeat."""
 

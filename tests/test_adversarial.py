@@ -28,10 +28,11 @@ import pytest
 from conftest import (
     Client,
     Events,
+    ProcessSampler,
     ServerFactory,
+    alive,
     connect,
     fake_model,
-    is_gone,
     pids_in,
     poll,
     warning,
@@ -183,10 +184,6 @@ def pid_logs(tmp_path: Path, *names: str) -> list[Path]:
     return [tmp_path / f"{name}.pids" for name in names]
 
 
-def live_pids(logs: list[Path]) -> list[int]:
-    return [pid for log in logs for pid in pids_in(log) if not is_gone(pid)]
-
-
 def check_error(error: grpc.aio.AioRpcError, problems: list[str], what: str) -> None:
     """A client-side end (deadline, cancel) needs no reason; any other status needs an ErrorInfo."""
     code = error.code()
@@ -259,16 +256,9 @@ async def test_random_loads_unloads_pins_and_streams_with_deadlines_keep_the_poo
     server = servers.start(config)
     rng = random.Random(seed)
     problems: list[str] = []
-    most = 0
-
-    async def sample() -> None:
-        nonlocal most
-        while True:
-            most = max(most, len(live_pids(logs)))
-            await asyncio.sleep(0.005)
 
     async with connect(server.address) as client:
-        sampler = asyncio.create_task(sample())
+        sampler = ProcessSampler(*logs)
 
         async def worker(worker_rng: random.Random) -> None:
             end = time.monotonic() + 6
@@ -286,10 +276,10 @@ async def test_random_loads_unloads_pins_and_streams_with_deadlines_keep_the_poo
             return None if busy or transitional else pool
 
         pool = await poll(at_rest, 15, "the pool to come to rest")
-        sampler.cancel()
+        most = sampler.stop()
         await asyncio.sleep(0.3)  # stops the Status above could not see end their processes
         pool = await poll(at_rest, 15, "the pool to come to rest")
-        live = sorted(live_pids(logs))
+        live = sorted(alive([pid for log in logs for pid in pids_in(log)]))
         in_status = sorted(m.pid for m in pool.models if m.pid)
         pinned_in_status = {m.name: m.options.ctx_size for m in pool.models if m.pinned}
     assert problems == []
@@ -319,17 +309,10 @@ async def test_storm_with_a_crashing_pinned_model_and_memory_pressure_keeps_the_
     server = servers.start(config)
     rng = random.Random(3)
     problems: list[str] = []
-    most = 0
-
-    async def sample() -> None:
-        nonlocal most
-        while True:
-            most = max(most, len(live_pids(logs)))
-            await asyncio.sleep(0.005)
 
     async with connect(server.address) as client:
         events = Events(client.control)
-        sampler = asyncio.create_task(sample())
+        sampler = ProcessSampler(*logs)
         try:
             await client.load("c", pinned=True)
         except grpc.aio.AioRpcError as error:
@@ -361,10 +344,10 @@ async def test_storm_with_a_crashing_pinned_model_and_memory_pressure_keeps_the_
             return None if busy or transitional else pool
 
         await poll(at_rest, 15, "the pool to come to rest")
-        sampler.cancel()
+        most = sampler.stop()
         await asyncio.sleep(0.3)
         pool = await poll(at_rest, 15, "the pool to come to rest")
-        live = sorted(live_pids(logs))
+        live = sorted(alive([pid for log in logs for pid in pids_in(log)]))
         in_status = sorted(m.pid for m in pool.models if m.pid)
         pinned_in_status = {m.name: m.options.ctx_size for m in pool.models if m.pinned}
         events.close()

@@ -22,7 +22,9 @@ import pytest
 from conftest import (
     Client,
     Events,
+    ProcessSampler,
     ServerFactory,
+    alive,
     connect,
     eventually,
     fake_model,
@@ -40,10 +42,6 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from rpc_errors import bad_fields, error_info
 
 
-def alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if not is_gone(pid)]
-
-
 async def states(client: Client) -> dict[str, int]:
     status = await client.control.Status(pb.StatusRequest())
     return {m.name: m.state for m in status.pool.models}
@@ -59,27 +57,6 @@ async def settled(client: Client, seconds: float = 20.0) -> dict[str, int]:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"models still transitional after {seconds:g} s: {now}")
         await asyncio.sleep(0.02)
-
-
-class ProcessSampler:
-    """Counts live backend processes (from pid logs) every few milliseconds while it runs."""
-
-    def __init__(self, *pid_logs: Path) -> None:
-        self.pid_logs = pid_logs
-        self.most = 0
-        self._task = asyncio.create_task(self._run())
-
-    def live(self) -> list[int]:
-        return alive([pid for log in self.pid_logs for pid in pids_in(log)])
-
-    async def _run(self) -> None:
-        while True:
-            self.most = max(self.most, len(self.live()))
-            await asyncio.sleep(0.005)
-
-    def stop(self) -> int:
-        self._task.cancel()
-        return self.most
 
 
 # ------------------------------------------------------------------ finding 1

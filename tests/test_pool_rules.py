@@ -21,6 +21,7 @@ from conftest import (
     FAKE_BACKEND,
     TAG_VAR,
     ServerFactory,
+    alive,
     connect,
     eventually,
     fake_model,
@@ -39,10 +40,6 @@ from rpc_errors import bad_fields, error_info
 @pytest.fixture
 def pid_log(tmp_path: Path) -> Path:
     return tmp_path / "pids.log"
-
-
-def alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if not is_gone(pid)]
 
 
 async def test_fifty_concurrent_loads_start_one_process_unsloth_5161(
