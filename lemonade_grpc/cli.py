@@ -13,18 +13,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from lemonade_grpc import config as config_module
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
-from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
-from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
+from lemonade_grpc.client import Client, connect, error_details
 
 EXIT_CONFIG = 2
 
@@ -39,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_client(args))
     except grpc.aio.AioRpcError as error:
-        print(f"error: {_describe(error)}", file=sys.stderr)
+        print(f"error: {error_details(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -79,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         pin_parser = commands.add_parser(verb, parents=[address], help=f"set pinned={str(value).lower()}")
         pin_parser.add_argument("model")
         pin_parser.set_defaults(pinned=value)
-    watch = commands.add_parser("watch", parents=[address], help="print pool events as JSON lines")
+    watch = commands.add_parser(
+        "watch", parents=[address], help="print pool events as JSON lines (resuming across server restarts)"
+    )
     watch.add_argument("--since", type=int, help="resume after this sequence number")
     commands.add_parser("status", parents=[address], help="print the pool's status as JSON")
     commands.add_parser("models", parents=[address], help="print the catalog as JSON")
@@ -137,20 +136,17 @@ def _setup() -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with grpc.aio.insecure_channel(args.address) as channel:
-        control = control_grpc.ModelControlStub(channel)
+    async with connect(args.address) as client:
         if args.command == "load":
-            await _load(control, args)
+            await _load(client, args)
         elif args.command == "unload":
-            response = await control.Unload(model_control_pb2.UnloadRequest(model=args.model))
-            print(" ".join(response.unloaded) or "nothing to unload")
+            print(" ".join(await client.unload(args.model)) or "nothing to unload")
         elif args.command in ("pin", "unpin"):
-            _print_json(await control.Pin(model_control_pb2.PinRequest(model=args.model, pinned=args.pinned)))
+            _print_json(
+                await client.control.Pin(model_control_pb2.PinRequest(model=args.model, pinned=args.pinned))
+            )
         elif args.command == "watch":
-            request = model_control_pb2.WatchRequest()
-            if args.since is not None:
-                request.since_sequence = args.since
-            async for event in control.Watch(request):
+            async for event in client.watch(since=args.since):
                 print(
                     json_format.MessageToJson(
                         event,
@@ -161,26 +157,23 @@ async def _client(args: argparse.Namespace) -> int:
                     flush=True,
                 )
         elif args.command == "status":
-            _print_json(await control.Status(model_control_pb2.StatusRequest()))
+            _print_json(await client.control.Status(model_control_pb2.StatusRequest()))
         elif args.command == "models":
-            _print_json(await control.ListModels(model_control_pb2.ListModelsRequest()))
+            _print_json(await client.control.ListModels(model_control_pb2.ListModelsRequest()))
         elif args.command in ("complete", "chat"):
-            await _generate(inference_grpc.InferenceStub(channel), args)
+            await _generate(client, args)
     return 0
 
 
-async def _load(control: control_grpc.ModelControlAsyncStub, args: argparse.Namespace) -> None:
-    options = model_control_pb2.LoadOptions()
-    if args.ctx_size is not None:
-        options.ctx_size = args.ctx_size
-    if args.idle_unload_seconds is not None:
-        options.idle_unload_seconds = args.idle_unload_seconds
-    if args.backend_args is not None:
-        options.backend_args.args.extend(args.backend_args)
-    request = model_control_pb2.LoadRequest(model=args.model, options=options)
-    if args.pinned is not None:
-        request.pinned = args.pinned
-    async for progress in control.Load(request):
+async def _load(client: Client, args: argparse.Namespace) -> None:
+    progress_stream = client.load(
+        args.model,
+        ctx_size=args.ctx_size,
+        idle_unload_seconds=args.idle_unload_seconds,
+        backend_args=args.backend_args,
+        pinned=args.pinned,
+    )
+    async for progress in progress_stream:
         phase = model_control_pb2.LoadPhase.Name(progress.phase).removeprefix("LOAD_PHASE_")
         fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
         print(f"{phase}{fraction} {progress.message}".rstrip(), flush=True)
@@ -188,23 +181,19 @@ async def _load(control: control_grpc.ModelControlAsyncStub, args: argparse.Name
             print(f"pid {progress.status.pid}, already_loaded={progress.already_loaded}")
 
 
-async def _generate(stub: inference_grpc.InferenceAsyncStub, args: argparse.Namespace) -> None:
-    request: inference_pb2.CompleteRequest | inference_pb2.ChatRequest
+async def _generate(client: Client, args: argparse.Namespace) -> None:
+    sampling = {
+        name: value
+        for name in ("max_tokens", "temperature", "seed")
+        if (value := getattr(args, name)) is not None
+    }
+    responses: AsyncIterator[inference_pb2.CompleteResponse | inference_pb2.ChatResponse]
     if args.command == "chat":
-        request = inference_pb2.ChatRequest(model=args.model)
-        if args.system:
-            request.messages.add(role="system", content=args.system)
-        request.messages.add(role="user", content=args.message)
+        messages = [("system", args.system)] if args.system else []
+        responses = client.chat(args.model, [*messages, ("user", args.message)], **sampling)
     else:
-        request = inference_pb2.CompleteRequest(model=args.model, prompt=args.prompt)
-    if args.max_tokens is not None:
-        request.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        request.temperature = args.temperature
-    if args.seed is not None:
-        request.seed = args.seed
-    call = stub.Chat(request) if isinstance(request, inference_pb2.ChatRequest) else stub.Complete(request)
-    async for response in call:
+        responses = client.complete(args.model, args.prompt, **sampling)
+    async for response in responses:
         sys.stdout.write(response.text)
         sys.stdout.flush()
         if response.finish_reason:
@@ -226,17 +215,6 @@ def _print_json(
             message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
     )
-
-
-def _describe(error: grpc.aio.AioRpcError) -> str:
-    """`CODE REASON: message`, with the ErrorInfo reason when the server sent one."""
-    reason = ""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            reason = f" {info.reason}"
-    return f"{error.code().name}{reason}: {error.details()}"
 
 
 if __name__ == "__main__":
