@@ -15,10 +15,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 from google.protobuf import json_format
 
+from lemonade_grpc import cli_view
 from lemonade_grpc import config as config_module
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc.client import Client, connect, error_details
@@ -44,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lemonade-grpc", description=__doc__)
+    default_address = os.environ.get("LEMONADE_GRPC_ADDRESS", config_module.DEFAULT_LISTEN)
+    # Before the subcommand or after it: the subcommand's own option wins
+    # when given, and leaves this one alone when not (SUPPRESS).
+    parser.add_argument(
+        "--address", default=default_address, help="server address (env LEMONADE_GRPC_ADDRESS)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the control plane")
@@ -56,9 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument(
-        "--address",
-        default=os.environ.get("LEMONADE_GRPC_ADDRESS", config_module.DEFAULT_LISTEN),
-        help="server address (env LEMONADE_GRPC_ADDRESS)",
+        "--address", default=argparse.SUPPRESS, help="server address (env LEMONADE_GRPC_ADDRESS)"
     )
     load = commands.add_parser("load", parents=[address], help="ensure a model is loaded, showing progress")
     load.add_argument("model")
@@ -80,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         "watch", parents=[address], help="print pool events as JSON lines (resuming across server restarts)"
     )
     watch.add_argument("--since", type=int, help="resume after this sequence number")
-    commands.add_parser("status", parents=[address], help="print the pool's status as JSON")
+    status = commands.add_parser("status", parents=[address], help="print the loaded models as a table")
+    status.add_argument("--json", action="store_true", help="the whole pool status as JSON, for machines")
     commands.add_parser("models", parents=[address], help="print the catalog as JSON")
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-tokens", type=int)
@@ -157,7 +164,11 @@ async def _client(args: argparse.Namespace) -> int:
                     flush=True,
                 )
         elif args.command == "status":
-            _print_json(await client.control.Status(model_control_pb2.StatusRequest()))
+            response = await client.control.Status(model_control_pb2.StatusRequest())
+            if args.json:
+                _print_json(response)
+            else:
+                print(cli_view.status_table(response.pool, time.time(), colour=_colour(sys.stdout)))
         elif args.command == "models":
             _print_json(await client.control.ListModels(model_control_pb2.ListModelsRequest()))
         elif args.command in ("complete", "chat"):
@@ -173,12 +184,19 @@ async def _load(client: Client, args: argparse.Namespace) -> None:
         backend_args=args.backend_args,
         pinned=args.pinned,
     )
+    # On a terminal one line, rewritten as the load moves on; else a line per message.
+    live = sys.stdout.isatty()
     async for progress in progress_stream:
-        phase = model_control_pb2.LoadPhase.Name(progress.phase).removeprefix("LOAD_PHASE_")
-        fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
-        print(f"{phase}{fraction} {progress.message}".rstrip(), flush=True)
+        line = cli_view.progress_line(progress)
+        if live:
+            print(f"\r\x1b[2K{line}", end="", flush=True)
+        else:
+            print(line, flush=True)
         if progress.phase == model_control_pb2.LOAD_PHASE_READY:
-            print(f"pid {progress.status.pid}, already_loaded={progress.already_loaded}")
+            if live:
+                print()
+            done = "already loaded" if progress.already_loaded else "loaded"
+            print(f"{args.model} {done}: pid {progress.status.pid}, port {progress.status.port}")
 
 
 async def _generate(client: Client, args: argparse.Namespace) -> None:
@@ -203,6 +221,11 @@ async def _generate(client: Client, args: argparse.Namespace) -> None:
                 f" {response.timings.tokens_per_second:.0f} tokens/s]",
                 file=sys.stderr,
             )
+
+
+def _colour(stream: TextIO) -> bool:
+    """Colours on a terminal only, and never with NO_COLOR set (no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
 def _print_json(

@@ -1,0 +1,82 @@
+"""How the CLI shows things to people: the status table and the load progress line. Pure functions.
+
+Colours (ANSI) only when asked, which the CLI does only on a terminal.
+"""
+
+from __future__ import annotations
+
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+
+_STATE_COLOURS = {
+    pb.MODEL_STATE_READY: "32",  # green
+    pb.MODEL_STATE_LOADING: "33",  # yellow
+    pb.MODEL_STATE_UNLOADING: "33",
+    pb.MODEL_STATE_FAILED: "31",  # red
+}
+HEADERS = ("NAME", "STATE", "PINNED", "PID", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN")
+
+
+def paint(text: str, code: str, colour: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
+
+
+def size(nbytes: int) -> str:
+    """`nbytes` as a person reads it: 612 MiB, 1.5 GiB, 800 KiB."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.1f} GiB"
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.0f} MiB"
+    return f"{nbytes / 1024:.0f} KiB" if nbytes else "-"
+
+
+def duration(seconds: float) -> str:
+    """A time left, to the second: 45s, 4m 05s, 2h 10m."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+def idle_unload_in(model: pb.ModelStatus, now: float) -> str:
+    if model.pinned:
+        return "never (pinned)"
+    if model.in_flight:
+        return "busy"
+    if not model.HasField("idle_unload_at"):
+        return "never"
+    return duration(model.idle_unload_at.ToMicroseconds() / 1e6 - now)
+
+
+def status_table(pool: pb.PoolStatus, now: float, *, colour: bool = False) -> str:
+    """The models of `pool` as a table, like `ollama ps`; `now` is the wall-clock time in seconds."""
+    if not pool.models:
+        return "no models loaded"
+    rows = [
+        (
+            model.name,
+            pb.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower(),
+            "yes" if model.pinned else "no",
+            str(model.pid) if model.pid else "-",
+            size(model.rss_bytes),
+            str(model.in_flight),
+            idle_unload_in(model, now),
+        )
+        for model in pool.models
+    ]
+    widths = [max(len(row[i]) for row in (HEADERS, *rows)) for i in range(len(HEADERS))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)).rstrip()]
+    for model, row in zip(pool.models, rows, strict=True):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        cells[1] = paint(cells[1], _STATE_COLOURS.get(model.state, ""), colour)
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def progress_line(progress: pb.LoadResponse) -> str:
+    """One load progress message as a line: `LOADING 40% backend pid 123: waiting for /health`."""
+    phase = pb.LoadPhase.Name(progress.phase).removeprefix("LOAD_PHASE_")
+    fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
+    position = f" (position {progress.queue_position})" if progress.queue_position else ""
+    return f"{phase}{fraction}{position} {progress.message}".rstrip()

@@ -1,0 +1,48 @@
+"""The CLI's status table and progress line, as pure functions."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.cli_view import duration, progress_line, size, status_table
+
+
+def test_the_table_lines_up_and_says_when_each_model_goes_idle() -> None:
+    idle_at = Timestamp(seconds=1_000 + 245)
+    pool = pb.PoolStatus(
+        models=[
+            pb.ModelStatus(
+                name="tiny", state=pb.MODEL_STATE_READY, pid=4242, rss_bytes=612 << 20, idle_unload_at=idle_at
+            ),
+            pb.ModelStatus(name="qwen2.5-7b", state=pb.MODEL_STATE_LOADING, pinned=True, pid=77),
+            pb.ModelStatus(name="busy", state=pb.MODEL_STATE_READY, pid=9, rss_bytes=3 << 30, in_flight=2),
+        ]
+    )
+    assert status_table(pool, now=1_000).splitlines() == [
+        "NAME        STATE    PINNED  PID   MEMORY   IN FLIGHT  IDLE UNLOAD IN",
+        "tiny        ready    no      4242  612 MiB  0          4m 05s",
+        "qwen2.5-7b  loading  yes     77    -        0          never (pinned)",
+        "busy        ready    no      9     3.0 GiB  2          busy",
+    ]
+
+
+def test_colours_only_when_asked() -> None:
+    pool = pb.PoolStatus(models=[pb.ModelStatus(name="m", state=pb.MODEL_STATE_FAILED)])
+    assert "\x1b[31mfailed" in status_table(pool, now=0, colour=True)
+    assert "\x1b[" not in status_table(pool, now=0)
+    assert status_table(pb.PoolStatus(), now=0) == "no models loaded"
+
+
+def test_sizes_durations_and_progress_lines() -> None:
+    assert [size(0), size(800 * 1024), size(612 << 20), size(3 << 29)] == [
+        "-",
+        "800 KiB",
+        "612 MiB",
+        "1.5 GiB",
+    ]
+    assert [duration(-3), duration(45), duration(245), duration(7_800)] == ["0s", "45s", "4m 05s", "2h 10m"]
+    queued = pb.LoadResponse(phase=pb.LOAD_PHASE_QUEUED, queue_position=2, fraction=-1)
+    loading = pb.LoadResponse(phase=pb.LOAD_PHASE_LOADING, fraction=0.4, message="waiting for /health")
+    assert progress_line(queued) == "QUEUED (position 2)"
+    assert progress_line(loading) == "LOADING 40% waiting for /health"
