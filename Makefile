@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 GEN := lemonade_grpc/_gen
 PROTOS := $(wildcard protos/lemonade/v1/*.proto)
+CACHE := $(HOME)/.cache/lemonade-grpc
+# grpcurl as ops use it: tests/test_grpcurl.py runs the README's recipes with it.
+GRPCURL_VERSION := v1.9.4
+GRPCURL := $(CACHE)/grpcurl-$(GRPCURL_VERSION)/grpcurl
 
 .PHONY: setup run test generate check-generated lint bench clean
 
@@ -15,9 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-## setup: venv with the package (editable), llama-server (cached build), the tiny model
-setup: $(VENV)/.installed
+## setup: venv with the package (editable), llama-server (cached build), the tiny model, grpcurl (cached)
+setup: $(VENV)/.installed $(GRPCURL)
 	$(BIN)/lemonade-grpc setup
+
+# Built once per machine from the Go module proxy, outside the checkout.
+$(GRPCURL):
+	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
 ## run: serve the bundled tiny model on 127.0.0.1:50051
 run: setup
@@ -25,7 +33,7 @@ run: setup
 
 ## test: the whole suite against a real server and a real llama-server
 test: setup
-	$(BIN)/pytest
+	LEMONADE_GRPCURL=$(GRPCURL) $(BIN)/pytest
 
 ## generate: regenerate the Python stubs from protos/ (committed; CI checks they are current)
 generate: $(VENV)/.installed
