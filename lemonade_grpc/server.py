@@ -19,11 +19,11 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
+from lemonade_grpc.api import reflection
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
@@ -151,9 +151,7 @@ async def serve(config: Config) -> int:
     inference_grpc.add_InferenceServicer_to_server(Inference(pool), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server
-    )
+    reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as error:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from conftest import Server, ServerFactory, eventually, is_gone, next_message
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from rpc_errors import error_info
 
 
 async def test_health_reports_serving_for_server_and_services(channel: grpc.aio.Channel) -> None:
@@ -37,6 +38,24 @@ async def test_reflection_lists_both_services(channel: grpc.aio.Channel) -> None
     async for response in stub.ServerReflectionInfo(iter([request])):
         names |= {s.name for s in response.list_services_response.service}
     assert {"lemonade.v1.ModelControl", "lemonade.v1.Inference", "grpc.health.v1.Health"} <= names
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+    # The v1 protocol (what current tools try first) answers the same, its
+    # messages being v1alpha's on the wire; and it describes itself.
+    v1: Any = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+    asked = [
+        reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString(),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ).SerializeToString(),
+    ]
+    answers = [reflection_pb2.ServerReflectionResponse.FromString(raw) async for raw in v1(iter(asked))]
+    assert {s.name for s in answers[0].list_services_response.service} == names
+    [file] = answers[1].file_descriptor_response.file_descriptor_proto
+    assert b"grpc.reflection.v1" in file
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        [raw async for raw in v1(iter([b"\xff\xff\xff"]))]
+    assert error_info(malformed.value).reason == "MALFORMED_REQUEST"
 
     # grpcurl also needs the file descriptors behind a symbol to describe it.
     request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="lemonade.v1.ModelControl")
