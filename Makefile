@@ -3,11 +3,22 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 GEN := lemonade_grpc/_gen
+# Every language's generated code: Python (grpcio-tools), Go and TypeScript (buf).
+GENERATED := $(GEN) clients/go/gen clients/typescript/src/gen
 PROTOS := $(wildcard protos/lemonade/v1/*.proto)
 CACHE := $(HOME)/.cache/lemonade-grpc
 # grpcurl as ops use it: tests/test_grpcurl.py runs the README's recipes with it.
 GRPCURL_VERSION := v1.9.4
 GRPCURL := $(CACHE)/grpcurl-$(GRPCURL_VERSION)/grpcurl
+# The code generators buf runs (buf.gen.yaml), pinned, cached outside the checkout.
+BUF_VERSION := 1.75.0
+PROTOC_GEN_ES_VERSION := 2.17.0
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+NODE_TOOLS := $(CACHE)/node-tools-buf$(BUF_VERSION)-es$(PROTOC_GEN_ES_VERSION)
+BUF := $(NODE_TOOLS)/node_modules/.bin/buf
+GO_TOOLS := $(CACHE)/go-tools-go$(PROTOC_GEN_GO_VERSION)-grpc$(PROTOC_GEN_GO_GRPC_VERSION)
+TOOLS_PATH := $(GO_TOOLS):$(NODE_TOOLS)/node_modules/.bin:$(PATH)
 
 .PHONY: setup run test generate check-generated lint bench clean
 
@@ -27,16 +38,25 @@ setup: $(VENV)/.installed $(GRPCURL)
 $(GRPCURL):
 	GOBIN=$(dir $(GRPCURL)) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 
+$(BUF):
+	npm install --prefix $(NODE_TOOLS) --no-audit --no-fund --no-save \
+		@bufbuild/buf@$(BUF_VERSION) @bufbuild/protoc-gen-es@$(PROTOC_GEN_ES_VERSION)
+
+$(GO_TOOLS)/protoc-gen-go-grpc:
+	GOBIN=$(GO_TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(GO_TOOLS) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
 ## run: serve the bundled tiny model on 127.0.0.1:50051
 run: setup
 	$(BIN)/lemonade-grpc serve
 
-## test: the whole suite against a real server and a real llama-server
+## test: the whole suite against a real server and a real llama-server: Python, then the Go client
 test: setup
 	LEMONADE_GRPCURL=$(GRPCURL) $(BIN)/pytest
+	cd clients/go && go test ./...
 
-## generate: regenerate the Python stubs from protos/ (committed; CI checks they are current)
-generate: $(VENV)/.installed
+## generate: regenerate every language's stubs from protos/ (committed; CI checks they are current)
+generate: $(VENV)/.installed $(BUF) $(GO_TOOLS)/protoc-gen-go-grpc
 	rm -rf $(GEN)/lemonade
 	mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -I protos \
@@ -49,17 +69,22 @@ generate: $(VENV)/.installed
 	# live inside lemonade_grpc._gen, so make them package-relative.
 	sed -i -E 's/^from lemonade\.v1 import /from . import /; s/^import lemonade\.v1\.([a-z_]+_pb2)$$/from . import \1/' $(GEN)/lemonade/v1/*.py $(GEN)/lemonade/v1/*.pyi
 	touch $(GEN)/lemonade/__init__.py $(GEN)/lemonade/v1/__init__.py
+	rm -rf clients/go/gen clients/typescript/src/gen
+	PATH=$(TOOLS_PATH) $(BUF) generate
 
 ## check-generated: fail when the committed stubs differ from what `make generate` writes
 check-generated: generate
-	git diff --exit-code -- $(GEN) || (echo "generated stubs are stale: run 'make generate' and commit" >&2; exit 1)
-	test -z "$$(git status --porcelain -- $(GEN))" || (echo "untracked generated files: run 'make generate' and commit" >&2; git status --porcelain -- $(GEN); exit 1)
+	git diff --exit-code -- $(GENERATED) || (echo "generated stubs are stale: run 'make generate' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- $(GENERATED))" || (echo "untracked generated files: run 'make generate' and commit" >&2; git status --porcelain -- $(GENERATED); exit 1)
 
-## lint: ruff and mypy --strict
-lint: $(VENV)/.installed
+## lint: ruff, mypy --strict, buf lint and buf breaking (against the previous commit's protos), go vet and gofmt
+lint: $(VENV)/.installed $(BUF)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BUF) lint
+	$(BUF) breaking --against '.git#ref=HEAD~1,subdir=protos'
+	cd clients/go && go vet ./... && test -z "$$(gofmt -l lemonade cmd)"
 
 bench: setup
 	$(BIN)/python bench/proxy.py
