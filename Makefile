@@ -19,6 +19,7 @@ NODE_TOOLS := $(CACHE)/node-tools-buf$(BUF_VERSION)-es$(PROTOC_GEN_ES_VERSION)
 BUF := $(NODE_TOOLS)/node_modules/.bin/buf
 GO_TOOLS := $(CACHE)/go-tools-go$(PROTOC_GEN_GO_VERSION)-grpc$(PROTOC_GEN_GO_GRPC_VERSION)
 TOOLS_PATH := $(GO_TOOLS):$(NODE_TOOLS)/node_modules/.bin:$(PATH)
+TS := clients/typescript
 
 .PHONY: setup run test generate check-generated lint bench clean
 
@@ -30,9 +31,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-## setup: venv with the package (editable), llama-server (cached build), the tiny model, grpcurl (cached)
-setup: $(VENV)/.installed $(GRPCURL)
+## setup: venv with the package (editable), llama-server (cached build), the tiny model, grpcurl (cached), the TypeScript client's packages
+setup: $(VENV)/.installed $(GRPCURL) $(TS)/node_modules/.package-lock.json
 	$(BIN)/lemonade-grpc setup
+
+# The TypeScript client's dependencies, exactly as its lockfile says.
+$(TS)/node_modules/.package-lock.json: $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
 
 # Built once per machine from the Go module proxy, outside the checkout.
 $(GRPCURL):
@@ -50,10 +55,11 @@ $(GO_TOOLS)/protoc-gen-go-grpc:
 run: setup
 	$(BIN)/lemonade-grpc serve
 
-## test: the whole suite against a real server and a real llama-server: Python, then the Go client
+## test: the whole suite against a real server and a real llama-server: Python, then the Go and TypeScript clients
 test: setup
 	LEMONADE_GRPCURL=$(GRPCURL) $(BIN)/pytest
 	cd clients/go && go test ./...
+	cd $(TS) && npm test
 
 ## generate: regenerate every language's stubs from protos/ (committed; CI checks they are current)
 generate: $(VENV)/.installed $(BUF) $(GO_TOOLS)/protoc-gen-go-grpc
@@ -78,13 +84,14 @@ check-generated: generate
 	test -z "$$(git status --porcelain -- $(GENERATED))" || (echo "untracked generated files: run 'make generate' and commit" >&2; git status --porcelain -- $(GENERATED); exit 1)
 
 ## lint: ruff, mypy --strict, buf lint and buf breaking (against the previous commit's protos), go vet and gofmt
-lint: $(VENV)/.installed $(BUF)
+lint: $(VENV)/.installed $(BUF) $(TS)/node_modules/.package-lock.json
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BUF) lint
 	$(BUF) breaking --against '.git#ref=HEAD~1,subdir=protos'
 	cd clients/go && go vet ./... && test -z "$$(gofmt -l lemonade cmd)"
+	cd $(TS) && npx tsc -p . --noEmit
 
 bench: setup
 	$(BIN)/python bench/proxy.py
