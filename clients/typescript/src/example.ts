@@ -1,6 +1,6 @@
 // Load with progress, watch the pool, stream a completion:
 //   npm run example -- 127.0.0.1:50051 tiny "Once upon a time"
-import { connect, errorDetails, watch } from "./index.js";
+import { connect, errorDetails, LoadPhase, watch } from "./index.js";
 
 const [address = "127.0.0.1:50051", model = "tiny", prompt = "Once upon a time"] = process.argv.slice(2);
 const client = connect(address);
@@ -18,7 +18,7 @@ const following = (async () => {
 
 try {
   for await (const progress of client.control.load({ model })) {
-    console.log(`${progress.phase} ${progress.message}`);
+    console.log(`${LoadPhase[progress.phase]} ${progress.message}`);
   }
   for await (const reply of client.inference.complete({ model, prompt, maxTokens: 32 })) {
     process.stdout.write(reply.text);
