@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051; env LEMONADE_GRPC_LISTEN)")
     serve.add_argument("--state-dir", type=Path, help="state directory (env LEMONADE_GRPC_STATE_DIR)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--insecure-allow-remote",
+        action="store_true",
+        help="listen on a non-loopback address with no token configured (anyone there may load models)",
+    )
 
     commands.add_parser("setup", help="build llama-server (cached) and generate the bundled tiny model")
 
@@ -115,7 +120,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         config = config_module.load(
-            config_module.Overrides(config=args.config, listen=args.listen, state_dir=args.state_dir)
+            config_module.Overrides(
+                config=args.config,
+                listen=args.listen,
+                state_dir=args.state_dir,
+                insecure_allow_remote=args.insecure_allow_remote,
+            )
         )
     except config_module.ConfigError as error:
         print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
@@ -143,7 +153,8 @@ def _setup() -> int:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with connect(args.address) as client:
+    # The token from the environment only: a flag would show in `ps`.
+    async with connect(args.address, token=os.environ.get("LEMONADE_GRPC_TOKEN")) as client:
         if args.command == "load":
             await _load(client, args)
         elif args.command == "unload":

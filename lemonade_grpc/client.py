@@ -80,10 +80,47 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
 
 
 @contextlib.asynccontextmanager
-async def connect(address: str) -> AsyncIterator[Client]:
-    """A client on a plaintext channel to `address` (HOST:PORT), closed at the end of the block."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def connect(address: str, *, token: str | None = None) -> AsyncIterator[Client]:
+    """A client on a plaintext channel to `address` (HOST:PORT), closed at the end of the block.
+
+    With `token`, every call carries `authorization: Bearer <token>` (a server with `[auth]`).
+    """
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    interceptors: list[grpc.aio.ClientInterceptor] = [kind(token) for kind in kinds] if token else []
+    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
         yield Client(channel)
+
+
+class _Bearer:
+    """Adds the bearer token to the metadata of a call."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self._entry))
+
+
+# grpc.aio files an interceptor under the first call kind it implements
+# only: one class per kind.
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._with_token(details), requests)
 
 
 class Client:

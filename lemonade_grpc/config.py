@@ -11,6 +11,7 @@ Environment variables: `LEMONADE_GRPC_CONFIG`, `LEMONADE_GRPC_LISTEN`,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lemonade_grpc import bounds
+from lemonade_grpc import auth, bounds
+from lemonade_grpc.auth import Tokens
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool.options import EffectiveOptions
@@ -53,6 +55,7 @@ class Config:
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     source: Path | None = None
     builtin_catalog: bool = False
+    tokens: Tokens = field(default_factory=Tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class Overrides:
     config: Path | None = None
     listen: str | None = None
     state_dir: Path | None = None
+    insecure_allow_remote: bool = False
 
 
 def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
@@ -81,7 +85,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError("config", f"file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
-    _only_keys(data, "", {"server", "pool", "limits", "models"})
+    _only_keys(data, "", {"server", "pool", "limits", "models", "auth"})
     server = _table(data, "server")
     _only_keys(server, "server.", {"listen", "state_dir", "shutdown_grace_seconds"})
     base_dir = path.parent if path is not None else Path.cwd()
@@ -90,6 +94,14 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         overrides.listen or env.get(ENV_PREFIX + "LISTEN") or _str(server, "server.listen", DEFAULT_LISTEN)
     )
     _check_listen(listen)
+    tokens = _tokens(_table(data, "auth"), env, path.parent if path is not None else Path.cwd())
+    if not tokens.enabled and not overrides.insecure_allow_remote and not _is_loopback(listen):
+        raise ConfigError(
+            "server.listen",
+            f"{listen} is reachable from other hosts and no token is configured ([auth]): anyone there"
+            " could load, unload and run models. Configure tokens, listen on loopback, or pass"
+            " --insecure-allow-remote",
+        )
     state_dir_value = overrides.state_dir or _env_path(env, "STATE_DIR")
     if state_dir_value is None and "state_dir" in server:
         state_dir_value = base_dir / _str(server, "server.state_dir", "")
@@ -113,6 +125,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         shutdown_grace_seconds=grace,
         source=path,
         builtin_catalog=not models,
+        tokens=tokens,
     )
 
 
@@ -276,6 +289,44 @@ def _model_type(field_name: str, value: str) -> ModelType:
     except ValueError:
         choices = ", ".join(t.value for t in ModelType)
         raise ConfigError(field_name, f"must be one of {choices}, got {value!r}") from None
+
+
+def _tokens(table: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Tokens:
+    """[auth]: `admin_token_file`, `inference_token_file` (one token per line), and the
+    LEMONADE_GRPC_ADMIN_TOKEN / LEMONADE_GRPC_INFERENCE_TOKEN variables. Never flags."""
+    _only_keys(table, "auth.", {"admin_token_file", "inference_token_file"})
+    found: dict[str, tuple[bytes, ...]] = {}
+    for role in ("admin", "inference"):
+        key = f"auth.{role}_token_file"
+        tokens: list[str] = []
+        if f"{role}_token_file" in table:
+            token_file = base_dir / _str(table, key, "")
+            try:
+                tokens.extend(auth.parse_tokens(token_file.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(key, f"cannot read {token_file}: {error}") from None
+        variable = f"{ENV_PREFIX}{role.upper()}_TOKEN"
+        if env.get(variable):
+            tokens.append(env[variable].strip())
+        for token in tokens:
+            if len(token) < auth.MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+                where = key if f"{role}_token_file" in table else variable
+                # Never the token itself: it would land in logs.
+                raise ConfigError(
+                    where, f"a token must be at least {auth.MIN_TOKEN_LENGTH} printable characters, no spaces"
+                )
+        found[role] = tuple(token.encode() for token in tokens)
+    return Tokens(admin=found["admin"], inference=found["inference"])
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _check_listen(listen: str) -> None:

@@ -24,6 +24,7 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
 from lemonade_grpc.api import reflection
+from lemonade_grpc.api.auth import AuthInterceptor
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
@@ -146,7 +147,11 @@ async def serve(config: Config) -> int:
             )
         )
     log.info("reaped %d stale backend(s)", len(stale))
-    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=server_options(config))
+    # Authentication first: a refused call is refused whatever its bytes.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if config.tokens.enabled:
+        interceptors.insert(0, AuthInterceptor(config.tokens))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
     inference_grpc.add_InferenceServicer_to_server(Inference(pool), server)
     health_servicer = health.aio.HealthServicer()

@@ -21,6 +21,8 @@ class ErrorKind(enum.Enum):
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
 
 
 class PoolError(Exception):
@@ -149,3 +151,17 @@ class BackendRejected(PoolError):
 
     kind = ErrorKind.INVALID_ARGUMENT
     reason = "BACKEND_REJECTED"
+
+
+class Unauthenticated(PoolError):
+    """The call carries no token, or one the server does not know."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(PoolError):
+    """The call's token is valid but its role does not cover the method."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
