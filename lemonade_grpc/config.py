@@ -26,6 +26,7 @@ from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.provision.paths import default_state_dir
+from lemonade_grpc.tls import TLSFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MODEL = "tiny"
@@ -56,6 +57,7 @@ class Config:
     source: Path | None = None
     builtin_catalog: bool = False
     tokens: Tokens = field(default_factory=Tokens)
+    tls: TLSFiles | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError("config", f"file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
-    _only_keys(data, "", {"server", "pool", "limits", "models", "auth"})
+    _only_keys(data, "", {"server", "pool", "limits", "models", "auth", "tls"})
     server = _table(data, "server")
     _only_keys(server, "server.", {"listen", "state_dir", "shutdown_grace_seconds"})
     base_dir = path.parent if path is not None else Path.cwd()
@@ -95,7 +97,10 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
     )
     _check_listen(listen)
     tokens = _tokens(_table(data, "auth"), env, path.parent if path is not None else Path.cwd())
-    if not tokens.enabled and not overrides.insecure_allow_remote and not _is_loopback(listen):
+    tls = _tls(_table(data, "tls"), path.parent if path is not None else Path.cwd())
+    # Client certificates (mutual TLS) authenticate clients as tokens do.
+    authenticated = tokens.enabled or (tls is not None and tls.client_ca_file is not None)
+    if not authenticated and not overrides.insecure_allow_remote and not _is_loopback(listen):
         raise ConfigError(
             "server.listen",
             f"{listen} is reachable from other hosts and no token is configured ([auth]): anyone there"
@@ -126,6 +131,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         source=path,
         builtin_catalog=not models,
         tokens=tokens,
+        tls=tls,
     )
 
 
@@ -317,6 +323,24 @@ def _tokens(table: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) ->
                 )
         found[role] = tuple(token.encode() for token in tokens)
     return Tokens(admin=found["admin"], inference=found["inference"])
+
+
+def _tls(table: Mapping[str, Any], base_dir: Path) -> TLSFiles | None:
+    """[tls]: `cert_file` and `key_file` (PEM), and `client_ca_file` for mutual TLS; absent: plaintext."""
+    _only_keys(table, "tls.", {"cert_file", "key_file", "client_ca_file"})
+    if not table:
+        return None
+    files: dict[str, Path] = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        if key not in table:
+            if key != "client_ca_file":
+                raise ConfigError(f"tls.{key}", "is required when [tls] is present")
+            continue
+        file = base_dir / _str(table, f"tls.{key}", "")
+        if not file.is_file():
+            raise ConfigError(f"tls.{key}", f"{file} is not a readable file")
+        files[key] = file
+    return TLSFiles(files["cert_file"], files["key_file"], files.get("client_ca_file"))
 
 
 def _is_loopback(listen: str) -> bool:

@@ -37,6 +37,7 @@ from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 from lemonade_grpc.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
+from lemonade_grpc.tls import ReloadableCredentials
 
 log = logging.getLogger("lemonade_grpc")
 
@@ -158,7 +159,14 @@ async def serve(config: Config) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.listen)
+        tls = ReloadableCredentials(config.tls) if config.tls is not None else None
+    except OSError as error:
+        raise ListenError(f"cannot read the TLS files: {error}") from error
+    try:
+        if tls is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, tls.credentials)
     except RuntimeError as error:
         raise ListenError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
@@ -183,6 +191,9 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    if tls is not None:
+        # New certificate files take effect at the next handshake; streams go on.
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
 
     await server.start()
     try:
@@ -194,7 +205,7 @@ async def serve(config: Config) -> int:
         await stop.wait()
     finally:
         await shut_down(server, health_servicer, pool, config)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     log.info("stopped")

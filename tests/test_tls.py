@@ -1,0 +1,128 @@
+"""TLS on the gRPC port: server certificates, mutual TLS, and a SIGHUP reload that drops no stream.
+
+Certificates are made by the `openssl` command for each test: a CA, a
+server certificate for 127.0.0.1 and a client certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import ServerFactory, fake_model, next_message, poll
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(directory: Path, name: str) -> None:
+    """A CA (`name`.pem, `name`.key), and the server and client certificates it signs (`name`-server...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1",
+            "-subj", f"/CN={name}", cwd=directory)  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for role in ("server", "client"):
+        openssl("req", *key, "-keyout", f"{name}-{role}.key", "-out", f"{name}-{role}.csr",
+                "-subj", "/CN=127.0.0.1", cwd=directory)  # fmt: skip
+        openssl("x509", "-req", "-in", f"{name}-{role}.csr", "-CA", f"{name}.pem", "-CAkey", f"{name}.key",
+                "-CAcreateserial", "-out", f"{name}-{role}.pem", "-days", "1", "-extfile", "san.ext",
+                cwd=directory)  # fmt: skip
+
+
+def tls_config(directory: Path, name: str, tiny_model: Path, *, client_ca: bool = False) -> str:
+    (directory / "server.pem").write_bytes((directory / f"{name}-server.pem").read_bytes())
+    (directory / "server.key").write_bytes((directory / f"{name}-server.key").read_bytes())
+    ca = f'client_ca_file = "{directory / f"{name}.pem"}"\n' if client_ca else ""
+    return (
+        f'[tls]\ncert_file = "{directory / "server.pem"}"\nkey_file = "{directory / "server.key"}"\n{ca}'
+        + fake_model("m", tiny_model)
+    )
+
+
+def credentials(directory: Path, ca: str, client: str | None = None) -> grpc.ChannelCredentials:
+    key = (directory / f"{client}-client.key").read_bytes() if client else None
+    chain = (directory / f"{client}-client.pem").read_bytes() if client else None
+    return grpc.ssl_channel_credentials((directory / f"{ca}.pem").read_bytes(), key, chain)
+
+
+async def status_over(address: str, creds: grpc.ChannelCredentials | None) -> str:
+    """ "OK", or the code of the failure, of a Status call over TLS (`creds`) or plaintext (None)."""
+    channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+    async with channel:
+        try:
+            await model_control_pb2_grpc.ModelControlStub(channel).Status(pb.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+    return "OK"
+
+
+async def test_tls_and_mutual_tls(servers: ServerFactory, tiny_model: Path, tmp_path: Path) -> None:
+    make_ca(tmp_path, "one")
+    plain_tls = servers.start(tls_config(tmp_path, "one", tiny_model))
+    assert await status_over(plain_tls.address, credentials(tmp_path, "one")) == "OK"
+    assert await status_over(plain_tls.address, None) == "UNAVAILABLE"  # plaintext to a TLS port
+
+    mutual_dir = tmp_path / "mutual"
+    make_ca(mutual_dir, "one")
+    mutual = servers.start(tls_config(mutual_dir, "one", tiny_model, client_ca=True))
+    assert await status_over(mutual.address, credentials(mutual_dir, "one", client="one")) == "OK"
+    assert (
+        await status_over(mutual.address, credentials(mutual_dir, "one")) == "UNAVAILABLE"
+    )  # no client cert
+
+
+async def test_sighup_reloads_the_certificate_and_keeps_streams(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    make_ca(tmp_path, "old")
+    make_ca(tmp_path, "new")
+    server = servers.start(tls_config(tmp_path, "old", tiny_model))
+    async with grpc.aio.secure_channel(server.address, credentials(tmp_path, "old")) as old_channel:
+        watch = model_control_pb2_grpc.ModelControlStub(old_channel).Watch(pb.WatchRequest())
+        assert (await next_message(watch)).WhichOneof("event") == "snapshot"
+        # New certificate files, then SIGHUP: new handshakes get the new certificate.
+        (tmp_path / "server.pem").write_bytes((tmp_path / "new-server.pem").read_bytes())
+        (tmp_path / "server.key").write_bytes((tmp_path / "new-server.key").read_bytes())
+        server.process.send_signal(signal.SIGHUP)
+
+        async def trusted_by_the_new_ca() -> bool | None:
+            return True if await status_over(server.address, credentials(tmp_path, "new")) == "OK" else None
+
+        await poll(trusted_by_the_new_ca, 15, "a handshake with the new certificate")
+        assert await status_over(server.address, credentials(tmp_path, "old")) == "UNAVAILABLE"
+        # The stream opened before the reload still delivers.
+        async with grpc.aio.secure_channel(server.address, credentials(tmp_path, "new")) as new_channel:
+            loaded = [
+                r
+                async for r in model_control_pb2_grpc.ModelControlStub(new_channel).Load(
+                    pb.LoadRequest(model="m")
+                )
+            ]
+        assert loaded[-1].phase == pb.LOAD_PHASE_READY
+        event = await asyncio.wait_for(next_message(watch), 15)
+        watch.cancel()
+    assert event.WhichOneof("event") in ("load_progress", "model_state_changed", "model_loaded")
+    assert "certificate reloaded" in server.log()
+
+
+@pytest.mark.parametrize("missing", ["cert_file", "key_file"])
+def test_tls_needs_both_files(tmp_path: Path, missing: str) -> None:
+    from lemonade_grpc.config import ConfigError, Overrides, load
+
+    (tmp_path / "x.pem").write_text("x")
+    keys = {"cert_file": "x.pem", "key_file": "x.pem"}
+    del keys[missing]
+    config = tmp_path / "c.toml"
+    config.write_text("[tls]\n" + "".join(f'{k} = "{v}"\n' for k, v in keys.items()))
+    with pytest.raises(ConfigError) as refused:
+        load(Overrides(config=config), env={})
+    assert refused.value.field == f"tls.{missing}"
