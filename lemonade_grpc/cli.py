@@ -154,7 +154,11 @@ def _setup() -> int:
 
 async def _client(args: argparse.Namespace) -> int:
     # The token from the environment only: a flag would show in `ps`.
-    async with connect(args.address, token=os.environ.get("LEMONADE_GRPC_TOKEN")) as client:
+    ca_file = os.environ.get("LEMONADE_GRPC_CA_FILE")
+    ca = await asyncio.to_thread(Path(ca_file).read_bytes) if ca_file else None
+    credentials = grpc.ssl_channel_credentials(ca) if ca is not None else None
+    token = os.environ.get("LEMONADE_GRPC_TOKEN")
+    async with connect(args.address, token=token, credentials=credentials) as client:
         if args.command == "load":
             await _load(client, args)
         elif args.command == "unload":

@@ -80,14 +80,24 @@ def error_details(error: grpc.aio.AioRpcError) -> ErrorDetails:
 
 
 @contextlib.asynccontextmanager
-async def connect(address: str, *, token: str | None = None) -> AsyncIterator[Client]:
-    """A client on a plaintext channel to `address` (HOST:PORT), closed at the end of the block.
+async def connect(
+    address: str, *, token: str | None = None, credentials: grpc.ChannelCredentials | None = None
+) -> AsyncIterator[Client]:
+    """A client of `address` (HOST:PORT), its channel closed at the end of the block.
 
-    With `token`, every call carries `authorization: Bearer <token>` (a server with `[auth]`).
+    Plaintext, or TLS with `credentials` (`grpc.ssl_channel_credentials(...)`:
+    the CA that signed the server's certificate, and a client certificate
+    for mutual TLS). With `token`, every call carries
+    `authorization: Bearer <token>` (a server with `[auth]`).
     """
     kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
     interceptors: list[grpc.aio.ClientInterceptor] = [kind(token) for kind in kinds] if token else []
-    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
+    channel = (
+        grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+        if credentials is not None
+        else grpc.aio.insecure_channel(address, interceptors=interceptors)
+    )
+    async with channel:
         yield Client(channel)
 
 

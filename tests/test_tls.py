@@ -7,8 +7,10 @@ server certificate for 127.0.0.1 and a client certificate.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,7 @@ import pytest
 from conftest import ServerFactory, fake_model, next_message, poll
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
+from lemonade_grpc.client import connect
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -126,3 +129,23 @@ def test_tls_needs_both_files(tmp_path: Path, missing: str) -> None:
     with pytest.raises(ConfigError) as refused:
         load(Overrides(config=config), env={})
     assert refused.value.field == f"tls.{missing}"
+
+
+async def test_the_client_and_the_cli_speak_tls(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    make_ca(tmp_path, "one")
+    server = servers.start(tls_config(tmp_path, "one", tiny_model))
+    async with connect(server.address, credentials=credentials(tmp_path, "one")) as client:
+        assert [m.name for m in await client.models()] == ["m"]
+    env = {**os.environ, "LEMONADE_GRPC_CA_FILE": str(tmp_path / "one.pem")}
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "lemonade_grpc", "status", "--address", server.address],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert (shown.returncode, shown.stdout.strip()) == (0, "no models loaded"), shown.stderr
