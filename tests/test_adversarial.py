@@ -54,6 +54,25 @@ def saved_pins(state_dir: Path) -> dict[str, EffectiveOptions]:
     return dict(decode(path.read_text())) if path.exists() else {}
 
 
+async def at_rest(client: Client, logs: list[Path]) -> tuple[pb.PoolStatus, list[int], list[int]]:
+    """The pool once nothing is loading, queued or stopping and the live backends are the ones it shows.
+
+    With the live pids and Status's. A crashed backend is killed just after its model goes FAILED,
+    so the two may differ for a moment; they must agree within the deadline.
+    """
+
+    async def settled() -> tuple[pb.PoolStatus, list[int], list[int]] | None:
+        pool = (await client.control.Status(pb.StatusRequest())).pool
+        busy = pool.load_in_flight.model or pool.queue
+        if busy or any(m.state in (pb.MODEL_STATE_LOADING, pb.MODEL_STATE_UNLOADING) for m in pool.models):
+            return None
+        live = sorted(alive([pid for log in logs for pid in pids_in(log)]))
+        in_status = sorted(m.pid for m in pool.models if m.pid)
+        return (pool, live, in_status) if live == in_status else None
+
+    return await poll(settled, 15, "the pool at rest, its live backends the ones Status shows")
+
+
 # ------------------------------------------------ a crashed pinned model and inference
 
 
@@ -267,20 +286,8 @@ async def test_random_loads_unloads_pins_and_streams_with_deadlines_keep_the_poo
 
         await asyncio.gather(*(worker(random.Random(rng.random())) for _ in range(6)))
 
-        async def at_rest() -> pb.PoolStatus | None:
-            pool = (await client.control.Status(pb.StatusRequest())).pool
-            busy = pool.load_in_flight.model or pool.queue
-            transitional = [
-                m.name for m in pool.models if m.state in (pb.MODEL_STATE_LOADING, pb.MODEL_STATE_UNLOADING)
-            ]
-            return None if busy or transitional else pool
-
-        pool = await poll(at_rest, 15, "the pool to come to rest")
+        pool, live, in_status = await at_rest(client, logs)
         most = sampler.stop()
-        await asyncio.sleep(0.3)  # stops the Status above could not see end their processes
-        pool = await poll(at_rest, 15, "the pool to come to rest")
-        live = sorted(alive([pid for log in logs for pid in pids_in(log)]))
-        in_status = sorted(m.pid for m in pool.models if m.pid)
         pinned_in_status = {m.name: m.options.ctx_size for m in pool.models if m.pinned}
     assert problems == []
     assert most <= 1, f"{most} live backends with one slot"
@@ -335,20 +342,8 @@ async def test_storm_with_a_crashing_pinned_model_and_memory_pressure_keeps_the_
         await asyncio.gather(keep_c_pinned(), *(worker(random.Random(rng.random())) for _ in range(4)))
         await client.control.Unload(pb.UnloadRequest(model="c"))  # stop the crash loop
 
-        async def at_rest() -> pb.PoolStatus | None:
-            pool = (await client.control.Status(pb.StatusRequest())).pool
-            busy = pool.load_in_flight.model or pool.queue
-            transitional = [
-                m.name for m in pool.models if m.state in (pb.MODEL_STATE_LOADING, pb.MODEL_STATE_UNLOADING)
-            ]
-            return None if busy or transitional else pool
-
-        await poll(at_rest, 15, "the pool to come to rest")
+        pool, live, in_status = await at_rest(client, logs)
         most = sampler.stop()
-        await asyncio.sleep(0.3)
-        pool = await poll(at_rest, 15, "the pool to come to rest")
-        live = sorted(alive([pid for log in logs for pid in pids_in(log)]))
-        in_status = sorted(m.pid for m in pool.models if m.pid)
         pinned_in_status = {m.name: m.options.ctx_size for m in pool.models if m.pinned}
         events.close()
     reasons = {
