@@ -96,8 +96,8 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         overrides.listen or env.get(ENV_PREFIX + "LISTEN") or _str(server, "server.listen", DEFAULT_LISTEN)
     )
     _check_listen(listen)
-    tokens = _tokens(_table(data, "auth"), env, path.parent if path is not None else Path.cwd())
-    tls = _tls(_table(data, "tls"), path.parent if path is not None else Path.cwd())
+    tokens = _tokens(_table(data, "auth"), env, base_dir)
+    tls = _tls(_table(data, "tls"), base_dir)
     # Client certificates (mutual TLS) authenticate clients as tokens do.
     authenticated = tokens.enabled or (tls is not None and tls.client_ca_file is not None)
     if not authenticated and not overrides.insecure_allow_remote and not _is_loopback(listen):

@@ -6,7 +6,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-DOMAIN = "lemonade.v1"
+from lemonade_grpc.client import DOMAIN, error_details
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -24,10 +24,4 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 
 def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """The fields named by the BadRequest detail of `error` (empty when none)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    fields: list[str] = []
-    for detail in status.details if status else ():
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields.extend(v.field for v in bad_request.field_violations)
-    return fields
+    return list(error_details(error).bad_fields)

@@ -16,14 +16,8 @@ import grpc
 
 from lemonade_grpc import auth
 from lemonade_grpc.api import errors
+from lemonade_grpc.api.interceptors import HANDLER_CONSTRUCTORS
 from lemonade_grpc.pool.errors import PermissionDenied, PoolError, Unauthenticated
-
-_CONSTRUCTORS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 def _bearer(metadata: Any) -> bytes:
@@ -86,7 +80,7 @@ def _refusal(
         await abort(context)
         yield None  # pragma: no cover - makes this an async generator
 
-    make = _CONSTRUCTORS[(handler.request_streaming, handler.response_streaming)]
+    make = HANDLER_CONSTRUCTORS[(handler.request_streaming, handler.response_streaming)]
     return make(
         streaming if handler.response_streaming else unary,
         request_deserializer=handler.request_deserializer,

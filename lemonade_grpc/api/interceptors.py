@@ -190,7 +190,8 @@ def _guard_behaviour(handler: Handler, method: str) -> Callable[..., Any] | None
     return _guard_sync(behaviour, method, handler.request_streaming, handler.response_streaming)
 
 
-_CONSTRUCTORS = {
+# The method-handler constructor for each (request streaming, response streaming) shape.
+HANDLER_CONSTRUCTORS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -209,7 +210,7 @@ def guard(handler: Handler, method: str) -> Handler:
     behaviour = _guard_behaviour(handler, method)
     if behaviour is None:
         return handler
-    constructor = _CONSTRUCTORS[handler.request_streaming, handler.response_streaming]
+    constructor = HANDLER_CONSTRUCTORS[handler.request_streaming, handler.response_streaming]
     return constructor(
         behaviour,
         request_deserializer=_guarded(handler.request_deserializer),

@@ -876,6 +876,7 @@ class Pool:
     def snapshot(self) -> PoolView:
         """The pool's state now. Never waits for the lock."""
         models = tuple(model_view(m) for m in sorted(self._models.values(), key=lambda m: m.name))
+        streams = self._admission.view()
         return PoolView(
             models=models,
             slots=slot_views(models, self.settings.max_loaded),
@@ -884,8 +885,8 @@ class Pool:
             queue=tuple(load_view(job) for job in self._waiting),
             sequence=self.bus.last_sequence,
             backends_started=self._backends_started,
-            streams_running=self._admission.view().running,
-            streams_queued=self._admission.view().queued,
+            streams_running=streams.running,
+            streams_queued=streams.queued,
         )
 
     def _memory_view(self, models: tuple[ModelView, ...]) -> MemoryView:
