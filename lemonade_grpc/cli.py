@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from lemonade_grpc import cli_view
 from lemonade_grpc import config as config_module
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc.client import Client, connect, error_details
+from lemonade_grpc.telemetry.logs import LOG_FORMATS
 
 EXIT_CONFIG = 2
 
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051; env LEMONADE_GRPC_LISTEN)")
     serve.add_argument("--state-dir", type=Path, help="state directory (env LEMONADE_GRPC_STATE_DIR)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="plain (default) or json: one JSON object per line (env LEMONADE_GRPC_LOG_FORMAT)",
+    )
     serve.add_argument(
         "--insecure-allow-remote",
         action="store_true",
@@ -114,10 +119,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from lemonade_grpc.server import ListenError, serve
+    from lemonade_grpc.telemetry import logs
+    from lemonade_grpc.telemetry.otel import TelemetryConfigError
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure("plain", args.log_level)
     try:
         config = config_module.load(
             config_module.Overrides(
@@ -125,13 +130,18 @@ def _serve(args: argparse.Namespace) -> int:
                 listen=args.listen,
                 state_dir=args.state_dir,
                 insecure_allow_remote=args.insecure_allow_remote,
+                log_format=args.log_format,
             )
         )
     except config_module.ConfigError as error:
         print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    logs.configure(config.telemetry.log_format, args.log_level)
     try:
         return asyncio.run(serve(config))
+    except TelemetryConfigError as error:
+        print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     except ListenError as error:
         print(f"lemonade-grpc: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -5,7 +5,8 @@ defaults. Every validation error names the field and the value
 (`models.tiny.ctx_size: must be an integer >= 1, got -5`).
 
 Environment variables: `LEMONADE_GRPC_CONFIG`, `LEMONADE_GRPC_LISTEN`,
-`LEMONADE_GRPC_STATE_DIR`, `LEMONADE_GRPC_IDLE_UNLOAD_SECONDS`, and
+`LEMONADE_GRPC_STATE_DIR`, `LEMONADE_GRPC_IDLE_UNLOAD_SECONDS`,
+`LEMONADE_GRPC_PROMETHEUS_LISTEN`, `LEMONADE_GRPC_LOG_FORMAT`, and
 `LEMONADE_GRPC_MAX_LOADED_<TYPE>` (e.g. `LEMONADE_GRPC_MAX_LOADED_LLM=2`).
 """
 
@@ -26,6 +27,8 @@ from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.provision.paths import default_state_dir
+from lemonade_grpc.telemetry.logs import LOG_FORMATS, LogFormat
+from lemonade_grpc.telemetry.service import TelemetrySettings
 from lemonade_grpc.tls import TLSFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -58,6 +61,7 @@ class Config:
     builtin_catalog: bool = False
     tokens: Tokens = field(default_factory=Tokens)
     tls: TLSFiles | None = None
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Overrides:
     listen: str | None = None
     state_dir: Path | None = None
     insecure_allow_remote: bool = False
+    log_format: LogFormat | None = None
 
 
 def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
@@ -87,7 +92,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError("config", f"file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
-    _only_keys(data, "", {"server", "pool", "limits", "models", "auth", "tls"})
+    _only_keys(data, "", {"server", "pool", "limits", "models", "auth", "tls", "telemetry"})
     server = _table(data, "server")
     _only_keys(server, "server.", {"listen", "state_dir", "shutdown_grace_seconds"})
     base_dir = path.parent if path is not None else Path.cwd()
@@ -132,6 +137,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         builtin_catalog=not models,
         tokens=tokens,
         tls=tls,
+        telemetry=_telemetry(_table(data, "telemetry"), env, overrides.log_format),
     )
 
 
@@ -343,6 +349,22 @@ def _tls(table: Mapping[str, Any], base_dir: Path) -> TLSFiles | None:
     return TLSFiles(files["cert_file"], files["key_file"], files.get("client_ca_file"))
 
 
+def _telemetry(
+    table: Mapping[str, Any], env: Mapping[str, str], log_format: LogFormat | None
+) -> TelemetrySettings:
+    """[telemetry]: `prometheus_listen` (HOST:PORT, off when absent) and `log_format` (plain or json)."""
+    _only_keys(table, "telemetry.", {"prometheus_listen", "log_format"})
+    prometheus = env.get(ENV_PREFIX + "PROMETHEUS_LISTEN") or table.get("prometheus_listen")
+    if prometheus is not None:
+        if not isinstance(prometheus, str):
+            raise ConfigError("telemetry.prometheus_listen", f"must be HOST:PORT, got {prometheus!r}")
+        _check_listen(prometheus, "telemetry.prometheus_listen")
+    chosen = log_format or env.get(ENV_PREFIX + "LOG_FORMAT") or _str(table, "telemetry.log_format", "plain")
+    if chosen not in LOG_FORMATS:
+        raise ConfigError("telemetry.log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {chosen!r}")
+    return TelemetrySettings(prometheus_listen=prometheus, log_format=chosen)
+
+
 def _is_loopback(listen: str) -> bool:
     host = listen.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -353,10 +375,10 @@ def _is_loopback(listen: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, field_name: str = "server.listen") -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("server.listen", f"must be HOST:PORT, got {listen!r}")
+        raise ConfigError(field_name, f"must be HOST:PORT, got {listen!r}")
 
 
 def _only_keys(table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:

@@ -30,13 +30,14 @@ from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.estimate import estimate_bytes
-from lemonade_grpc.backends.registry import BackendRegistry
+from lemonade_grpc.backends.registry import BackendRegistry, Record
 from lemonade_grpc.config import Config, builtin_catalog
 from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 from lemonade_grpc.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
+from lemonade_grpc.telemetry.service import PrometheusListenError, Telemetry
 from lemonade_grpc.tls import ReloadableCredentials
 
 log = logging.getLogger("lemonade_grpc")
@@ -124,6 +125,17 @@ async def serve(config: Config) -> int:
         config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model()))
     registry = BackendRegistry(config.state_dir / "backends.json")
     stale = await registry.reap_stale()
+    try:
+        telemetry = Telemetry.start(config.telemetry)
+    except PrometheusListenError as error:
+        raise ListenError(str(error)) from error
+    try:
+        return await _serve(config, registry, stale, telemetry)
+    finally:
+        await asyncio.to_thread(telemetry.close)
+
+
+async def _serve(config: Config, registry: BackendRegistry, stale: list[Record], telemetry: Telemetry) -> int:
     pool = Pool(
         config.models,
         config.pool,
@@ -137,7 +149,9 @@ async def serve(config: Config) -> int:
         limits=config.limits,
         pin_store=PinStore(config.state_dir / "pins.json"),
         estimate=estimate_bytes,
+        observer=telemetry.observer,
     )
+    telemetry.observe(pool)
     if stale:
         pool.bus.publish(
             PoolWarning(
@@ -149,12 +163,14 @@ async def serve(config: Config) -> int:
         )
     log.info("reaped %d stale backend(s)", len(stale))
     # Authentication first: a refused call is refused whatever its bytes.
+    # Tracing outermost: a refused call has its span too.
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
     if config.tokens.enabled:
         interceptors.insert(0, AuthInterceptor(config.tokens))
+    interceptors[:0] = telemetry.interceptors()
     server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
-    inference_grpc.add_InferenceServicer_to_server(Inference(pool), server)
+    inference_grpc.add_InferenceServicer_to_server(Inference(pool, telemetry.streams), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)

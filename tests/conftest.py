@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, cast
@@ -151,8 +151,12 @@ class ServerFactory:
         *args: str,
         state_dir: Path | None = None,
         prefix: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Server:
-        """Start a server on `config` (TOML), `prefix` before its command (e.g. `prlimit ... --`)."""
+        """Start a server on `config` (TOML), `prefix` before its command (e.g. `prlimit ... --`).
+
+        `env` adds to (or overrides) this process's environment.
+        """
         index = len(self.servers)
         tag = uuid.uuid4().hex
         state_dir = state_dir or self.tmp_path / f"state{index}"
@@ -164,7 +168,7 @@ class ServerFactory:
             command += ["--config", str(config_path)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, TAG_VAR: tag}
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), TAG_VAR: tag}
             )
         found: list[re.Match[bytes]] = []
 

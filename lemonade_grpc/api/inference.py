@@ -21,8 +21,9 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors
 from lemonade_grpc.backends.openai_client import BackendHTTPError, Chunk
-from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest
+from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.telemetry.streams import StreamTelemetry
 
 Context = grpc.aio.ServicerContext
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -106,8 +107,9 @@ Reply = TypeVar("Reply", pb.CompleteResponse, pb.ChatResponse)
 class Inference(pb_grpc.InferenceServicer):
     """Complete and Chat: one backend stream each, relayed with coalescing."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, telemetry: StreamTelemetry | None = None) -> None:
         self._pool = pool
+        self._telemetry = telemetry or StreamTelemetry()
 
     @errors.stream
     async def Complete(
@@ -143,36 +145,61 @@ class Inference(pb_grpc.InferenceServicer):
         payload = sampling_payload(request) | content(request)
         model = request.model
         first_token_ms = 0.0
+        tokens = 0
+        outcome = "cancelled"  # unless it ends otherwise: the client left (or its deadline passed)
         final = reply()
-        async with self._pool.lease(model) as lease:
-            try:
-                async for batch in lease.backend.client.stream(path, payload, on_open=lease.on_revoke):
-                    texts = []
-                    for chunk in batch:
-                        if chunk.text:
-                            texts.append(chunk.text)
-                        if chunk.is_last:
-                            _fill_final(final, chunk)
-                    if texts:
-                        if not first_token_ms:
-                            first_token_ms = (time.perf_counter() - started) * 1000
-                        yield reply(text="".join(texts), token_count=len(texts))
-            except BackendHTTPError as error:
-                if 400 <= error.status < 500:
-                    raise BackendRejected(f"the backend refused the request: {error.message}") from error
-                raise BackendError(f"the backend failed the request: {error.message}") from error
-            except aiohttp.ClientError as error:
-                # The pool says why the stream broke when it broke it (eviction, crash).
-                if lease.revoked is not None:
-                    raise lease.revoked from error
-                # Out of file descriptors or memory on our side, the backend is
-                # fine: not a crash (issue 9, finding 7, "Too many open files").
-                shortage = errors.exhausted_resource(error)
-                if shortage is not None:
-                    raise errors.server_resources_exhausted(shortage) from error
-                raise BackendCrashed(f"lost the connection to the backend of {model}: {error}") from error
+        try:
+            async with self._pool.lease(model) as lease:
+                with self._telemetry.backend_call(model, path, lease.backend) as headers:
+                    try:
+                        async for batch in lease.backend.client.stream(
+                            path, payload, on_open=lease.on_revoke, headers=headers
+                        ):
+                            texts = []
+                            for chunk in batch:
+                                if chunk.text:
+                                    texts.append(chunk.text)
+                                if chunk.is_last:
+                                    _fill_final(final, chunk)
+                            if texts:
+                                if not first_token_ms:
+                                    first_token_ms = (time.perf_counter() - started) * 1000
+                                tokens += len(texts)
+                                yield reply(text="".join(texts), token_count=len(texts))
+                    except BackendHTTPError as error:
+                        raise _http_error(error) from error
+                    except aiohttp.ClientError as error:
+                        raise _broken_stream(error, model, lease.revoked) from error
+            outcome = "ok"
+        except PoolError as error:
+            outcome = error.reason
+            raise
+        except Exception:
+            outcome = "INTERNAL_ERROR"
+            raise
+        finally:
+            self._telemetry.stream_ended(model, tokens, first_token_ms / 1000, outcome)
         final.timings.time_to_first_token_ms = first_token_ms
         yield final
+
+
+def _http_error(error: BackendHTTPError) -> PoolError:
+    """The error a backend's HTTP error status becomes: its fault (5xx) or the request's (4xx)."""
+    if 400 <= error.status < 500:
+        return BackendRejected(f"the backend refused the request: {error.message}")
+    return BackendError(f"the backend failed the request: {error.message}")
+
+
+def _broken_stream(error: aiohttp.ClientError, model: str, revoked: PoolError | None) -> PoolError:
+    """Why a backend stream broke: the pool's reason (eviction, crash), our shortage, or a crash."""
+    if revoked is not None:
+        return revoked
+    # Out of file descriptors or memory on our side, the backend is fine:
+    # not a crash (issue 9, finding 7, "Too many open files").
+    shortage = errors.exhausted_resource(error)
+    if shortage is not None:
+        return errors.server_resources_exhausted(shortage)
+    return BackendCrashed(f"lost the connection to the backend of {model}: {error}")
 
 
 def _fill_final(final: pb.CompleteResponse | pb.ChatResponse, chunk: Chunk) -> None:

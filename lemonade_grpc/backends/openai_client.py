@@ -206,6 +206,7 @@ class OpenAIClient:
         path: str,
         payload: Mapping[str, Any],
         on_open: Callable[[Callable[[], None]], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[list[Chunk]]:
         """POST `payload` to `path` with streaming on; yield the events as they arrive.
 
@@ -219,6 +220,7 @@ class OpenAIClient:
 
         `on_open(close)`, called once the response is open, hands out what
         breaks the stream from outside (the pool's revocation of a lease).
+        `headers` go with the request (a trace context).
 
         Raises `BackendHTTPError` on an error status or error event, and
         aiohttp.ClientError when the connection breaks or the stream ends
@@ -227,7 +229,7 @@ class OpenAIClient:
         stop generating.
         """
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        async with self._get_session().post(path, json=body) as response:
+        async with self._get_session().post(path, json=body, headers=headers) as response:
             self.last_activity = time.monotonic()
             if response.status != 200:
                 text = (await response.read()).decode("utf-8", "replace")  # need not be UTF-8

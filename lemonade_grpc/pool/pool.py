@@ -66,6 +66,7 @@ from lemonade_grpc.pool.events import (
 from lemonade_grpc.pool.jobs import JobKey, LoadJob, LoadOrigin, LoadResult
 from lemonade_grpc.pool.memory import MemoryProbe, SystemMemory, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
+from lemonade_grpc.pool.observer import Attributes, PoolObserver
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pins import Pins, plan_restore
 from lemonade_grpc.pool.settings import Limits, PoolSettings
@@ -117,6 +118,7 @@ class Pool:
         pin_store: PinStore | None = None,
         memory: MemoryProbe | None = None,
         estimate: MemoryEstimator = file_size,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.catalog = dict(catalog)
         self.settings = settings
@@ -130,6 +132,7 @@ class Pool:
         self._clock = clock
         self._memory: MemoryProbe = memory or SystemMemory()
         self._estimate = estimate
+        self._observer = observer or PoolObserver()
         # Loads and stops: never cancelled by a client, awaited at shutdown.
         self._work = TaskOwner("pool")
         # Watchers and followers: cancelled at shutdown.
@@ -189,7 +192,10 @@ class Pool:
             if policy.changes_nothing(running.options, running.pinned, wanted, pinned):
                 # Nothing is acted on, so no lock is needed; like any status,
                 # the answer may go stale the moment it is sent.
-                return LoadJob.settled(name, LoadResult(model_view(running), already_loaded=True, evicted=()))
+                result = LoadResult(model_view(running), already_loaded=True, evicted=())
+                settled = LoadJob.settled(name, result)
+                self._observer.load_ended(settled, result, None)
+                return settled
         job = LoadJob(name, requested, pinned, origin, self._clock())
         joined = self._jobs.get(job.key)
         if joined is not None and not joined.done:
@@ -228,6 +234,7 @@ class Pool:
             )
         else:
             job.finish(result, None)
+            self._observer.load_ended(job, result, None)
 
     def _job_ended(self, job: LoadJob, task: asyncio.Task[None]) -> None:
         """The job's task is over, however it ended: forget the job, settle it if `_run` could not.
@@ -251,6 +258,7 @@ class Pool:
 
     def _fail(self, job: LoadJob, error: PoolError) -> None:
         job.finish(None, error)
+        self._observer.load_ended(job, None, error)
         self.bus.publish(LoadFailed(job.name, error.reason, error.message))
         cancelled = isinstance(error, LoadCancelled | LoadAbortedByShutdown)
         if (
@@ -274,8 +282,11 @@ class Pool:
         *,
         fraction: float = -1.0,
         queue_position: int = 0,
+        attributes: Attributes | None = None,
     ) -> None:
         progress = LoadProgress(job.name, phase, fraction, message, queue_position, tuple(job.evicted))
+        if not job.history or job.history[-1].phase is not phase or attributes:
+            self._observer.load_phase(job, phase, attributes or {})
         job.emit(progress)
         self.bus.publish(progress)
 
@@ -338,7 +349,12 @@ class Pool:
         ):
             if victims:
                 job.evicted.extend(victims)
-                self._progress(job, LoadPhase.EVICTING, f"evicting {', '.join(victims)} ({reason.value})")
+                self._progress(
+                    job,
+                    LoadPhase.EVICTING,
+                    f"evicting {', '.join(victims)} ({reason.value})",
+                    attributes={"lemonade.evicted": ", ".join(victims), "lemonade.reason": reason.value},
+                )
                 for victim in victims:
                     self._stop(self._models[victim], reason)
         await self._teardowns_done()
@@ -355,7 +371,12 @@ class Pool:
         def spawned(backend: Backend) -> None:
             model.backend = backend
             self._backends_started += 1
-            self._progress(job, LoadPhase.LOADING, f"backend pid {backend.pid}: waiting for /health")
+            self._progress(
+                job,
+                LoadPhase.LOADING,
+                f"backend pid {backend.pid}: waiting for /health",
+                attributes={"lemonade.pid": backend.pid},
+            )
 
         try:
             backend = await self._launch(spec, wanted, on_spawned=spawned)
@@ -418,7 +439,7 @@ class Pool:
         assert model.state is ModelState.LOADING
         assert model.name not in self._models
         self._models[model.name] = model
-        log.info("%s: loading", model.name)
+        log.debug("%s: loading", model.name)
         self.bus.publish(ModelStateChanged(model.name, ModelState.LOADING))
 
     def _set_state(
@@ -435,14 +456,17 @@ class Pool:
             raise AssertionError(f"{model.name}: invalid transition {old} -> {state}")
         model.state = state
         pid = model.backend.pid if model.backend is not None else 0
-        log.info("%s: %s -> %s%s", model.name, old.value, state.value, f" ({reason.value})" if reason else "")
+        why = f" ({reason.value})" if reason else ""
+        log.debug("%s: %s -> %s%s", model.name, old.value, state.value, why)
         if state is ModelState.READY:
             self.bus.publish(ModelLoaded(model_view(model)))
         elif state is ModelState.FAILED and old is ModelState.READY:
+            self._observer.unloaded(model.name, UnloadReason.CRASHED, pid, message)
             self.bus.publish(ModelUnloaded(model.name, UnloadReason.CRASHED, pid, message))
         elif state is ModelState.STOPPED:
             if self._models.get(model.name) is model:
                 del self._models[model.name]
+            self._observer.unloaded(model.name, reason or UnloadReason.REQUESTED, pid, message)
             self.bus.publish(ModelUnloaded(model.name, reason or UnloadReason.REQUESTED, pid, message))
         else:
             self.bus.publish(ModelStateChanged(model.name, state, reason, message))
@@ -507,7 +531,7 @@ class Pool:
                     self._revoke(model, error)
             if model.backend is not None:
                 status = await model.backend.stop(self.settings.stop_grace_seconds)
-                log.info(
+                log.debug(
                     "%s: stopped pid %d (%s), exit status %d",
                     model.name,
                     model.backend.pid,
@@ -539,7 +563,7 @@ class Pool:
         assert backend is not None
         self._revoke(model, BackendCrashed(f"the backend of {model.name} {message}"))
         self._cancel_idle(model)
-        log.warning("%s: backend pid %d %s", model.name, backend.pid, message)
+        log.debug("%s: backend pid %d %s", model.name, backend.pid, message)
         self._set_state(model, ModelState.FAILED, message=message)
         backend.process.kill_group()  # exited: its group's leftovers; hung: no grace
         self._teardown(backend.stop(0), f"clean up {model.name}")
@@ -576,6 +600,7 @@ class Pool:
         except PoolError as error:
             self._restart_failed(model.name, error)
             return
+        self._observer.restarting(model.name)
 
         async def follow() -> None:
             try:
