@@ -21,7 +21,7 @@ GO_TOOLS := $(CACHE)/go-tools-go$(PROTOC_GEN_GO_VERSION)-grpc$(PROTOC_GEN_GO_GRP
 TOOLS_PATH := $(GO_TOOLS):$(NODE_TOOLS)/node_modules/.bin:$(PATH)
 TS := clients/typescript
 
-.PHONY: setup run test generate check-generated lint bench clean
+.PHONY: setup run test generate check-generated lint bench bench-telemetry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,10 @@ lint: $(VENV)/.installed $(BUF) $(TS)/node_modules/.package-lock.json
 
 bench: setup
 	$(BIN)/python bench/proxy.py
+
+## bench-telemetry: the same stream through servers with telemetry off and on (BASELINE=DIR adds another checkout's)
+bench-telemetry: setup
+	$(BIN)/python bench/telemetry.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

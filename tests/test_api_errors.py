@@ -374,7 +374,9 @@ class _FailingClient:
     def __init__(self, error: BaseException) -> None:
         self._error = error
 
-    async def stream(self, path: str, payload: object, on_open: object = None) -> AsyncIterator[list[object]]:
+    async def stream(
+        self, path: str, payload: object, on_open: object = None, headers: object = None
+    ) -> AsyncIterator[list[object]]:
         raise self._error
         yield []  # pragma: no cover - makes this an async generator
 

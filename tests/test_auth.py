@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,14 +12,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from conftest import ServerFactory, fake_model
+from conftest import Server, ServerFactory, fake_model, poll
 from lemonade_grpc import auth
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.client import connect, error_details
 from lemonade_grpc.config import ConfigError, Overrides, load
+from otlp_receiver import attributes, grpc_receiver
 from rpc_errors import error_info
 
 ADMIN = "admin-0123456789abcdef"
@@ -104,7 +107,31 @@ async def test_tokens_and_roles_over_grpc(servers: ServerFactory, tiny_model: Pa
         f'[auth]\nadmin_token_file = "{tmp_path / "admin.token"}"\n'
         f'inference_token_file = "{tmp_path / "inference.token"}"\n' + fake_model("m", tiny_model)
     )
-    server = servers.start(config)
+    # Every log line there is (DEBUG, JSON) and every span exported: no token may show in any of them.
+    async with grpc_receiver() as receiver:
+        server = servers.start(
+            config, "--log-level", "DEBUG", env={**receiver.env(), "LEMONADE_GRPC_LOG_FORMAT": "json"}
+        )
+        await _roles_over_grpc(server)
+
+        async def refused_pin() -> list[Span] | None:
+            spans = [s for s in receiver.received.spans() if s.name == "/lemonade.v1.ModelControl/Pin"]
+            return spans if len(spans) == 4 else None  # anonymous, wrong, inference, admin
+
+        pins = await poll(refused_pin, 20, "the Pin calls' spans")
+    codes = sorted(attributes(span.attributes)["rpc.grpc.status_code"] for span in pins)
+    assert codes == sorted(
+        [grpc.StatusCode.OK.value[0], grpc.StatusCode.PERMISSION_DENIED.value[0]]
+        + 2 * [grpc.StatusCode.UNAUTHENTICATED.value[0]]
+    )
+    exported = "".join(str(request) for request in receiver.received.traces)
+    for secret in (ADMIN, INFERENCE):
+        assert secret not in exported
+        assert secret not in server.log()
+    assert any(json.loads(line)["level"] == "DEBUG" for line in server.log().splitlines())
+
+
+async def _roles_over_grpc(server: Server) -> None:
     admin = (("authorization", f"Bearer {ADMIN}"),)
     inference = (("authorization", f"Bearer {INFERENCE}"),)
     wrong = (("authorization", f"Bearer {ADMIN}x"),)
@@ -132,9 +159,6 @@ async def test_tokens_and_roles_over_grpc(servers: ServerFactory, tiny_model: Pa
         "Chat": "OK",
     }
     assert unpinned == "OK"
-    log = server.log()
-    assert ADMIN not in log
-    assert INFERENCE not in log
 
 
 async def test_the_client_and_the_cli_send_their_token(

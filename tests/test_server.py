@@ -74,7 +74,7 @@ async def test_sigterm_stops_every_backend_and_exits_zero(servers: ServerFactory
     assert server.stop(signal.SIGTERM) == 0
     await eventually(lambda: is_gone(pid), 5, f"backend pid {pid} to exit")
     # The pool stopped it, not the kernel's parent-death signal after we exited.
-    assert f"tiny: stopped pid {pid} (shutdown)" in server.log()
+    assert f"tiny: unloaded (shutdown), pid {pid}" in server.log()
 
 
 async def test_second_sigterm_forces_exit_and_kills_backends(servers: ServerFactory) -> None:

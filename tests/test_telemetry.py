@@ -41,7 +41,13 @@ def one(spans: list[Span], name: str, trace_id: str) -> Span | None:
 
 def log_lines(server: Server) -> list[dict[str, Any]]:
     """The server's log, each line parsed as JSON (fails on a line that is not)."""
-    return [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    lines = []
+    for line in server.log().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON log line: {line!r}")
+    return lines
 
 
 async def complete(server: Server, metadata: tuple[tuple[str, str], ...] = ()) -> int:
@@ -121,12 +127,13 @@ async def test_a_load_and_a_completion_make_one_span_tree_each(
 
 def _points(metric: Metric) -> list[Any]:
     kind = metric.WhichOneof("data")
+    assert kind is not None
     return list(getattr(metric, kind).data_points)
 
 
 def _sum_where(metric: Metric, **labels: str) -> float:
     return sum(
-        p.as_int or p.as_double
+        float(p.as_int or p.as_double)
         for p in _points(metric)
         if all(attributes(p.attributes).get(k) == v for k, v in labels.items())
     )

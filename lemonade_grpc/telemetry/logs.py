@@ -83,3 +83,5 @@ def configure(log_format: LogFormat, level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings through the same handler: a bare line on stderr would break a JSON stream.
+    logging.captureWarnings(True)

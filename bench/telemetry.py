@@ -1,0 +1,187 @@
+"""What telemetry costs a stream: the same completion through servers with telemetry off and on.
+
+In one run, alternating (the order flips every round), the same seeded
+500-token completion of the bundled tiny model is streamed through
+`Inference.Complete` from:
+
+  off       a server with telemetry off (the default);
+  on        a server exporting traces and metrics by OTLP/gRPC to a local
+            collector stand-in (every export accepted, short batch and
+            export intervals: the worst case) and serving a Prometheus
+            endpoint that this bench scrapes once per round;
+  baseline  (with `--baseline DIR`) a server run from another checkout,
+            say the commit before telemetry, to show "off" costs nothing.
+
+Each server runs its own llama-server (same binary, model and arguments).
+Prints medians over `--runs` rounds and the paired differences per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from proxy import Run, proxied, start_server
+
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
+from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+
+
+class _Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    async def Export(self, request: object, context: object) -> trace_service_pb2.ExportTraceServiceResponse:
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    async def Export(
+        self, request: object, context: object
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+async def collector() -> tuple[grpc.aio.Server, int]:
+    """A stand-in OTLP/gRPC collector that accepts every export."""
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(), server)  # type: ignore[no-untyped-call]
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the servers started inside (restored after)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+async def loaded(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceAsyncStub:
+    """An Inference stub on `channel`, the tiny model loaded."""
+    control = model_control_pb2_grpc.ModelControlStub(channel)
+    async for _ in control.Load(model_control_pb2.LoadRequest(model="tiny")):
+        pass
+    return inference_pb2_grpc.InferenceStub(channel)
+
+
+def median_tps(runs: list[Run]) -> float:
+    return statistics.median(r.tokens_per_second for r in runs)
+
+
+async def bench(servers: dict[str, str], runs: int, tokens: int, prometheus: int) -> dict[str, list[Run]]:
+    results: dict[str, list[Run]] = {name: [] for name in servers}
+    channels = {name: grpc.aio.insecure_channel(address) for name, address in servers.items()}
+    try:
+        stubs = {name: await loaded(channel) for name, channel in channels.items()}
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # warm-up
+                for stub in stubs.values():
+                    await proxied(stub, "tiny", tokens)
+            order = list(stubs)
+            for index in range(runs):
+                for name in order if index % 2 == 0 else reversed(order):
+                    results[name].append(await proxied(stubs[name], "tiny", tokens))
+                async with session.get(f"http://127.0.0.1:{prometheus}/metrics") as response:
+                    await response.read()  # a scrape per round, as a Prometheus would
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return results
+
+
+def report(results: dict[str, list[Run]], tokens: int) -> int:
+    if len({run.text for runs in results.values() for run in runs}) != 1:
+        print("FAIL: the servers returned different texts", file=sys.stderr)
+        return 1
+    if any(run.tokens != tokens for runs in results.values() for run in runs):
+        print(f"FAIL: a run did not return {tokens} tokens", file=sys.stderr)
+        return 1
+    off = results["off"]
+    print(f"{len(off)} rounds, alternating; {tokens} tokens per completion")
+    print()
+    print(
+        "| server | tokens/s (median) | time to first token (median) | per token vs off (median of pairs) |"
+    )
+    print("|---|---:|---:|---:|")
+    for name, runs in results.items():
+        per_token = statistics.median(
+            (run.seconds - base.seconds) / tokens * 1e6 for run, base in zip(runs, off, strict=True)
+        )
+        ttft = statistics.median(r.first_token_ms for r in runs)
+        print(f"| {name} | {median_tps(runs):,.0f} | {ttft:.2f} ms | {per_token:+.2f} µs |")
+    print()
+    for name in results:
+        if name != "off":
+            print(f"throughput ratio ({name} / off): {median_tps(results[name]) / median_tps(off):.3f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--baseline", type=Path, help="a checkout whose server is run as a third path")
+    args = parser.parse_args()
+    model = ensure_tiny_model()
+    backend_args = ["--threads", "1"]
+    ctx = args.tokens + 64
+
+    async def run(tmp: Path) -> dict[str, list[Run]]:
+        sink, sink_port = await collector()
+        processes = []
+        servers: dict[str, str] = {}
+        prometheus = 0
+        try:
+            for name in ("off", "on", "baseline"):
+                state = tmp / name
+                state.mkdir()
+                env: dict[str, str] = {}
+                if name == "on":
+                    env = {
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                        "OTEL_BSP_SCHEDULE_DELAY": "100",
+                        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                        "LEMONADE_GRPC_PROMETHEUS_LISTEN": "127.0.0.1:0",
+                    }
+                elif name == "baseline":
+                    if args.baseline is None:
+                        continue
+                    env = {"PYTHONPATH": str(args.baseline.resolve())}
+                with environment(env):
+                    process, address, log = start_server(state, model, ctx, backend_args)
+                processes.append(process)
+                servers[name] = address
+                if name == "on":
+                    prometheus = int(log.read_text().split("prometheus: http://127.0.0.1:")[1].split("/")[0])
+            return await bench(servers, args.runs, args.tokens, prometheus)
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(30)
+            await sink.stop(None)
+
+    with tempfile.TemporaryDirectory(prefix="lemonade-bench-") as tmp:
+        return report(asyncio.run(run(Path(tmp))), args.tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
