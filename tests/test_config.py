@@ -123,3 +123,33 @@ def test_bad_lifecycle_settings_name_the_field(tmp_path: Path, line: str, field:
     with pytest.raises(ConfigError) as error:
         load(Overrides(config=path, state_dir=tmp_path), env={})
     assert error.value.field == field
+
+
+def test_telemetry_settings_from_file_environment_and_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, '[telemetry]\nprometheus_listen = "127.0.0.1:9464"\nlog_format = "json"\n')
+    telemetry = load(Overrides(config=path, state_dir=tmp_path), env={}).telemetry
+    assert (telemetry.prometheus_listen, telemetry.log_format) == ("127.0.0.1:9464", "json")
+    env = {"LEMONADE_GRPC_PROMETHEUS_LISTEN": "0.0.0.0:9000", "LEMONADE_GRPC_LOG_FORMAT": "plain"}
+    telemetry = load(Overrides(config=path, state_dir=tmp_path), env=env).telemetry
+    assert (telemetry.prometheus_listen, telemetry.log_format) == ("0.0.0.0:9000", "plain")
+    flagged = load(Overrides(config=path, state_dir=tmp_path, log_format="plain"), env={}).telemetry
+    assert flagged.log_format == "plain"
+    default = load(Overrides(state_dir=tmp_path), env={}).telemetry
+    assert (default.prometheus_listen, default.log_format) == (None, "plain")
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('prometheus_listen = "9464"', "telemetry.prometheus_listen"),
+        ("prometheus_listen = 9464", "telemetry.prometheus_listen"),
+        ('log_format = "xml"', "telemetry.log_format"),
+        ("log_format = 1", "telemetry.log_format"),
+        ('exporter = "otlp"', "telemetry.exporter"),
+    ],
+)
+def test_bad_telemetry_settings_name_the_field(tmp_path: Path, line: str, field: str) -> None:
+    path = write(tmp_path, f"[telemetry]\n{line}\n")
+    with pytest.raises(ConfigError) as error:
+        load(Overrides(config=path, state_dir=tmp_path), env={})
+    assert error.value.field == field

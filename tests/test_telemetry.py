@@ -262,3 +262,35 @@ async def test_a_stream_in_flight_shows_on_the_gauge(servers: ServerFactory, tin
 
         assert await poll(running, WAIT_SECONDS, "the running stream on the gauge") == 1
         stream.cancel()
+
+
+async def test_a_stream_the_client_gives_up_on_says_so_on_its_span(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    async with grpc_receiver() as receiver:
+        server = servers.start(fake_model("slow", tiny_model, "--token-seconds", "0.05"), env=receiver.env())
+        cancelled_trace, _, cancelled_metadata = traceparent()
+        expired_trace, _, expired_metadata = traceparent()
+        request = ipb.CompleteRequest(model="slow", prompt="x", max_tokens=500)
+        async with connect(server.address) as client:
+            await client.ready("slow")
+            stream = client.inference.Complete(request, metadata=cancelled_metadata)
+            await stream.read()
+            stream.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                async for _ in client.inference.Complete(request, metadata=expired_metadata, timeout=0.5):
+                    pass
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        async def both() -> tuple[Span, Span] | None:
+            spans = receiver.received.spans()
+            gone = one(spans, "/lemonade.v1.Inference/Complete", cancelled_trace)
+            late = one(spans, "/lemonade.v1.Inference/Complete", expired_trace)
+            return (gone, late) if gone and late else None
+
+        gone, late = await poll(both, WAIT_SECONDS, "the two streams' spans")
+    assert attributes(gone.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert attributes(late.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    for span in (gone, late):
+        assert attributes(span.attributes)["lemonade.tokens"] >= 1
+        assert span.status.code != span.status.STATUS_CODE_ERROR  # the client's choice, not our failure

@@ -27,7 +27,7 @@ from lemonade_grpc.pool.errors import LoadCancelled, PoolError
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import PoolSettings
-from lemonade_grpc.telemetry.otel import Providers
+from lemonade_grpc.telemetry.otel import Providers, TelemetryConfigError, otlp_protocol, otlp_wanted
 from lemonade_grpc.telemetry.service import Telemetry
 
 
@@ -151,3 +151,31 @@ async def test_a_load_cancelled_by_unload_ends_its_span(recorded: tuple[Recorded
     assert dict(load.attributes or {})["lemonade.reason"] == "LOAD_CANCELLED"
     assert record.counter("lemonade.loads", model="slow", outcome="LOAD_CANCELLED") == 1
     assert record.counter("lemonade.unloads", model="slow", reason="requested") == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "traces", "metrics"),
+    [
+        ({}, False, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, True, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317/v1/traces"}, True, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "none"}, True, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}, False, False),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "console,otlp"},
+            True,
+            True,
+        ),
+    ],
+)
+def test_the_standard_variables_say_what_is_exported(
+    env: dict[str, str], traces: bool, metrics: bool
+) -> None:
+    assert (otlp_wanted(env, "TRACES"), otlp_wanted(env, "METRICS")) == (traces, metrics)
+
+
+def test_an_unknown_protocol_is_refused_by_name() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}
+    assert otlp_protocol(env, "METRICS") == "grpc"
+    with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='http/json'"):
+        otlp_protocol(env, "TRACES")

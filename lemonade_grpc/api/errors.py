@@ -14,6 +14,7 @@ without the details (they may quote the request or the host).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -25,6 +26,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
 
 from lemonade_grpc.pool.errors import ErrorKind, InternalError, PoolError, ServerResourcesExhausted
 
@@ -165,6 +167,22 @@ async def _end(context: grpc.aio.ServicerContext[Request, Response], error: Exce
     await abort(context, _translate(error, method))
 
 
+def _mark_cancelled(context: grpc.aio.ServicerContext[Request, Response]) -> None:
+    """Say on the RPC's span (if tracing) that the client gave up: CANCELLED, or DEADLINE_EXCEEDED.
+
+    The gRPC instrumentation sees no status for a call its client cancelled
+    and would leave the span saying OK. Not an error of the server's (the
+    semantic conventions' rule for server spans): the attribute only.
+    """
+    remaining = context.time_remaining()
+    code = (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if remaining is not None and remaining <= 0
+        else grpc.StatusCode.CANCELLED
+    )
+    trace.get_current_span().set_attribute("rpc.grpc.status_code", code.value[0])
+
+
 def unary(
     method: Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]],
 ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]:
@@ -184,6 +202,9 @@ def unary(
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            _mark_cancelled(context)
             raise
         except Exception as error:
             await _end(context, error, name)
@@ -208,6 +229,9 @@ def stream(
             async for response in method(self, request, context):
                 yield response
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            _mark_cancelled(context)
             raise
         except Exception as error:
             await _end(context, error, name)
