@@ -107,8 +107,9 @@ async def proxied(stub: inference_pb2_grpc.InferenceAsyncStub, model: str, token
 
 
 def start_server(
-    state_dir: Path, model: Path, ctx_size: int, backend_args: list[str]
+    state_dir: Path, model: Path, ctx_size: int, backend_args: list[str], source: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """A server on the tiny model; `source`: run the package of that checkout instead of this one."""
     config = state_dir / "bench.toml"
     config.write_text(
         f'[models.tiny]\nrecipe = "llamacpp"\npath = "{model}"\nctx_size = {ctx_size}\n'
@@ -123,6 +124,7 @@ def start_server(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            cwd=source,  # `python -m` imports from its working directory first
         )
     deadline = time.monotonic() + 60
     while not (match := LISTENING.search(log_path.read_bytes())):

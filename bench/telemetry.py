@@ -26,10 +26,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import grpc
+import psutil
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from proxy import Run, proxied, start_server
@@ -87,9 +89,26 @@ def median_tps(runs: list[Run]) -> float:
     return statistics.median(r.tokens_per_second for r in runs)
 
 
-async def bench(servers: dict[str, str], runs: int, tokens: int, prometheus: int) -> dict[str, list[Run]]:
-    results: dict[str, list[Run]] = {name: [] for name in servers}
-    channels = {name: grpc.aio.insecure_channel(address) for name, address in servers.items()}
+@dataclass
+class Measured:
+    """One completion through one server: the client's view, and the server process's CPU time."""
+
+    run: Run
+    cpu_seconds: float
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User and system CPU time of the control plane process (not its backend)."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def bench(
+    servers: dict[str, tuple[str, int]], runs: int, tokens: int, prometheus: int
+) -> dict[str, list[Measured]]:
+    results: dict[str, list[Measured]] = {name: [] for name in servers}
+    processes = {name: psutil.Process(pid) for name, (_, pid) in servers.items()}
+    channels = {name: grpc.aio.insecure_channel(address) for name, (address, _) in servers.items()}
     try:
         stubs = {name: await loaded(channel) for name, channel in channels.items()}
         async with aiohttp.ClientSession() as session:
@@ -99,7 +118,9 @@ async def bench(servers: dict[str, str], runs: int, tokens: int, prometheus: int
             order = list(stubs)
             for index in range(runs):
                 for name in order if index % 2 == 0 else reversed(order):
-                    results[name].append(await proxied(stubs[name], "tiny", tokens))
+                    before = cpu_seconds(processes[name])
+                    run = await proxied(stubs[name], "tiny", tokens)
+                    results[name].append(Measured(run, cpu_seconds(processes[name]) - before))
                 async with session.get(f"http://127.0.0.1:{prometheus}/metrics") as response:
                     await response.read()  # a scrape per round, as a Prometheus would
     finally:
@@ -108,30 +129,31 @@ async def bench(servers: dict[str, str], runs: int, tokens: int, prometheus: int
     return results
 
 
-def report(results: dict[str, list[Run]], tokens: int) -> int:
-    if len({run.text for runs in results.values() for run in runs}) != 1:
+def report(results: dict[str, list[Measured]], tokens: int) -> int:
+    runs = {name: [m.run for m in measured] for name, measured in results.items()}
+    if len({run.text for server in runs.values() for run in server}) != 1:
         print("FAIL: the servers returned different texts", file=sys.stderr)
         return 1
-    if any(run.tokens != tokens for runs in results.values() for run in runs):
+    if any(run.tokens != tokens for server in runs.values() for run in server):
         print(f"FAIL: a run did not return {tokens} tokens", file=sys.stderr)
         return 1
     off = results["off"]
     print(f"{len(off)} rounds, alternating; {tokens} tokens per completion")
     print()
-    print(
-        "| server | tokens/s (median) | time to first token (median) | per token vs off (median of pairs) |"
-    )
-    print("|---|---:|---:|---:|")
-    for name, runs in results.items():
-        per_token = statistics.median(
-            (run.seconds - base.seconds) / tokens * 1e6 for run, base in zip(runs, off, strict=True)
+    print("| server | tokens/s | time to first token | wall per token vs off | server CPU per token |")
+    print("|---|---:|---:|---:|---:|")
+    for name, measured in results.items():
+        wall = statistics.median(
+            (m.run.seconds - base.run.seconds) / tokens * 1e6 for m, base in zip(measured, off, strict=True)
         )
-        ttft = statistics.median(r.first_token_ms for r in runs)
-        print(f"| {name} | {median_tps(runs):,.0f} | {ttft:.2f} ms | {per_token:+.2f} µs |")
+        ttft = statistics.median(m.run.first_token_ms for m in measured)
+        cpu = statistics.median(m.cpu_seconds / tokens * 1e6 for m in measured)
+        print(f"| {name} | {median_tps(runs[name]):,.0f} | {ttft:.2f} ms | {wall:+.2f} µs | {cpu:.1f} µs |")
     print()
+    print("(medians; 'vs off' is the median of the paired differences, round by round)")
     for name in results:
         if name != "off":
-            print(f"throughput ratio ({name} / off): {median_tps(results[name]) / median_tps(off):.3f}")
+            print(f"throughput ratio ({name} / off): {median_tps(runs[name]) / median_tps(runs['off']):.3f}")
     return 0
 
 
@@ -145,16 +167,17 @@ def main() -> int:
     backend_args = ["--threads", "1"]
     ctx = args.tokens + 64
 
-    async def run(tmp: Path) -> dict[str, list[Run]]:
+    async def run(tmp: Path) -> dict[str, list[Measured]]:
         sink, sink_port = await collector()
         processes = []
-        servers: dict[str, str] = {}
+        servers: dict[str, tuple[str, int]] = {}
         prometheus = 0
         try:
             for name in ("off", "on", "baseline"):
                 state = tmp / name
                 state.mkdir()
                 env: dict[str, str] = {}
+                source = None
                 if name == "on":
                     env = {
                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
@@ -165,11 +188,11 @@ def main() -> int:
                 elif name == "baseline":
                     if args.baseline is None:
                         continue
-                    env = {"PYTHONPATH": str(args.baseline.resolve())}
+                    source = args.baseline.resolve()
                 with environment(env):
-                    process, address, log = start_server(state, model, ctx, backend_args)
+                    process, address, log = start_server(state, model, ctx, backend_args, source)
                 processes.append(process)
-                servers[name] = address
+                servers[name] = (address, process.pid)
                 if name == "on":
                     prometheus = int(log.read_text().split("prometheus: http://127.0.0.1:")[1].split("/")[0])
             return await bench(servers, args.runs, args.tokens, prometheus)

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import FAKE_BACKEND, is_gone, launcher
+from conftest import FAKE_BACKEND, is_gone, launcher, poll
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import LoadCancelled, PoolError
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
@@ -179,3 +179,29 @@ def test_an_unknown_protocol_is_refused_by_name() -> None:
     assert otlp_protocol(env, "METRICS") == "grpc"
     with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='http/json'"):
         otlp_protocol(env, "TRACES")
+
+
+async def test_a_crash_and_its_restart_are_counted_and_the_restart_is_a_root_span(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    record = Recorded()
+    pool = Pool(
+        {"crashy": spec("crashy", tiny_model, "--exit-after-seconds", "0.3")},
+        PoolSettings(restart_backoff_seconds=0.05, max_restarts=1, stop_grace_seconds=1.5),
+        launcher(tmp_path / "logs"),
+        observer=record.telemetry.observer,
+    )
+    try:
+        await pool.load("crashy", RequestedOptions(), pinned=True).outcome()
+
+        async def restarted() -> list[ReadableSpan] | None:
+            loads = record.finished("load crashy")
+            return loads if len(loads) == 2 and record.counter("lemonade.backend.restarts") == 1 else None
+
+        first, again = await poll(restarted, 20, "the restart's load span")
+    finally:
+        await pool.shutdown()
+    assert record.counter("lemonade.unloads", model="crashy", reason="crashed") >= 1
+    assert dict(first.attributes or {})["lemonade.origin"] == "request"
+    assert dict(again.attributes or {})["lemonade.origin"] == "restart"
+    assert again.parent is None  # nobody asked for it: a trace of its own

@@ -87,10 +87,6 @@ class Telemetry:
                 prometheus.shutdown()
             raise
 
-    @property
-    def prometheus_port(self) -> int | None:
-        return self._prometheus.server_address[1] if self._prometheus is not None else None
-
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The span-per-RPC interceptor when tracing, to run outermost; else nothing."""
         if not self._providers.tracing:
