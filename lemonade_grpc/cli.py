@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -122,7 +123,10 @@ def _serve(args: argparse.Namespace) -> int:
     from lemonade_grpc.telemetry import logs
     from lemonade_grpc.telemetry.otel import TelemetryConfigError
 
-    logs.configure("plain", args.log_level)
+    # The format asked for on the command line or in the environment from the start:
+    # with JSON logs, even a config error is a JSON line.
+    early = args.log_format or os.environ.get(config_module.ENV_PREFIX + "LOG_FORMAT")
+    logs.configure("json" if early == "json" else "plain", args.log_level)
     try:
         config = config_module.load(
             config_module.Overrides(
@@ -134,17 +138,25 @@ def _serve(args: argparse.Namespace) -> int:
             )
         )
     except config_module.ConfigError as error:
-        print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fatal(f"config error: {error}")
     logs.configure(config.telemetry.log_format, args.log_level)
     try:
         return asyncio.run(serve(config))
     except TelemetryConfigError as error:
-        print(f"lemonade-grpc: config error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fatal(f"config error: {error}")
     except ListenError as error:
-        print(f"lemonade-grpc: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fatal(str(error))
+
+
+def _fatal(message: str) -> int:
+    """Say why `serve` cannot run (a JSON line with JSON logs, else plain on stderr); the exit status."""
+    from lemonade_grpc.telemetry import logs
+
+    if logs.json_enabled():
+        logging.getLogger("lemonade_grpc").error("%s", message)
+    else:
+        print(f"lemonade-grpc: {message}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _setup() -> int:

@@ -126,13 +126,23 @@ async def serve(config: Config) -> int:
     registry = BackendRegistry(config.state_dir / "backends.json")
     stale = await registry.reap_stale()
     try:
-        telemetry = Telemetry.start(config.telemetry)
+        telemetry = await Telemetry.start(config.telemetry)
     except PrometheusListenError as error:
         raise ListenError(str(error)) from error
     try:
         return await _serve(config, registry, stale, telemetry)
     finally:
-        await asyncio.to_thread(telemetry.close)
+        # The backends are stopped by now; a signal during the flush exits at once.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, _exit_now, signum)
+        await telemetry.close()
+
+
+def _exit_now(signum: signal.Signals) -> None:
+    log.warning("%s while flushing telemetry: exiting now", signum.name)
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 async def _serve(config: Config, registry: BackendRegistry, stale: list[Record], telemetry: Telemetry) -> int:

@@ -10,6 +10,7 @@ work ends even if it is cancelled meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -69,11 +70,17 @@ class TaskOwner:
         self._closed = False
 
     def spawn(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
-        """Run `work` in the background; its failure is logged, `close` cancels it."""
+        """Run `work` in the background, in a context of its own; its failure is logged, `close` cancels it.
+
+        A fresh context, not a copy of the caller's: the work is the owner's,
+        not the request's that happened to start it. A copy carried the
+        request's trace into everything the task started in turn (a crash
+        watcher, its restart, their log lines: issue 11).
+        """
         if self._closed:
             work.close()
             raise RuntimeError(f"{self._name}: closed, cannot start {name}")
-        task = asyncio.create_task(work, name=name)
+        task = asyncio.create_task(work, name=name, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -298,7 +298,9 @@ class Raising:
         raise RAISED[request.service]()
 
     @errors.stream
-    async def Stream(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def Stream(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[Any, None]:
         yield request
         if request.service == "abort":
             await context.abort(grpc.StatusCode.NOT_FOUND, "aborted by the servicer")

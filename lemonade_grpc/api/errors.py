@@ -14,19 +14,18 @@ without the details (they may quote the request or the host).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from opentelemetry import trace
 
 from lemonade_grpc.pool.errors import ErrorKind, InternalError, PoolError, ServerResourcesExhausted
 
@@ -167,22 +166,6 @@ async def _end(context: grpc.aio.ServicerContext[Request, Response], error: Exce
     await abort(context, _translate(error, method))
 
 
-def _mark_cancelled(context: grpc.aio.ServicerContext[Request, Response]) -> None:
-    """Say on the RPC's span (if tracing) that the client gave up: CANCELLED, or DEADLINE_EXCEEDED.
-
-    The gRPC instrumentation sees no status for a call its client cancelled
-    and would leave the span saying OK. Not an error of the server's (the
-    semantic conventions' rule for server spans): the attribute only.
-    """
-    remaining = context.time_remaining()
-    code = (
-        grpc.StatusCode.DEADLINE_EXCEEDED
-        if remaining is not None and remaining <= 0
-        else grpc.StatusCode.CANCELLED
-    )
-    trace.get_current_span().set_attribute("rpc.grpc.status_code", code.value[0])
-
-
 def unary(
     method: Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]],
 ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]:
@@ -203,9 +186,6 @@ def unary(
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except asyncio.CancelledError:
-            _mark_cancelled(context)
-            raise
         except Exception as error:
             await _end(context, error, name)
             raise AssertionError("_end returned") from error  # pragma: no cover
@@ -215,23 +195,24 @@ def unary(
 
 def stream(
     method: Callable[
-        [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]
+        [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncGenerator[Response, None]
     ],
-) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]]:
+) -> Callable[
+    [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncGenerator[Response, None]
+]:
     """Wrap a server-streaming servicer method like `unary`: any exception ends the stream with ErrorInfo."""
     name = method.__qualname__
 
     @functools.wraps(method)
     async def wrapper(
         self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         try:
-            async for response in method(self, request, context):
-                yield response
+            # aclosing: closing this stream closes the servicer's at once, in order, not at GC.
+            async with contextlib.aclosing(method(self, request, context)) as responses:
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            _mark_cancelled(context)
             raise
         except Exception as error:
             await _end(context, error, name)

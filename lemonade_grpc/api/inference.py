@@ -8,9 +8,10 @@ decoding for that slot.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Literal, TypeVar, cast
 
 import aiohttp
@@ -114,18 +115,20 @@ class Inference(pb_grpc.InferenceServicer):
     @errors.stream
     async def Complete(
         self, request: pb.CompleteRequest, context: Context[pb.CompleteRequest, pb.CompleteResponse]
-    ) -> AsyncIterator[pb.CompleteResponse]:
-        replies = self._relay(request, prompt_payload, "/v1/completions", pb.CompleteResponse)
-        async for reply in replies:
-            yield reply
+    ) -> AsyncGenerator[pb.CompleteResponse, None]:
+        relay = self._relay(request, prompt_payload, "/v1/completions", pb.CompleteResponse)
+        async with contextlib.aclosing(relay) as replies:
+            async for reply in replies:
+                yield reply
 
     @errors.stream
     async def Chat(
         self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
-    ) -> AsyncIterator[pb.ChatResponse]:
-        replies = self._relay(request, chat_payload, "/v1/chat/completions", pb.ChatResponse)
-        async for reply in replies:
-            yield reply
+    ) -> AsyncGenerator[pb.ChatResponse, None]:
+        relay = self._relay(request, chat_payload, "/v1/chat/completions", pb.ChatResponse)
+        async with contextlib.aclosing(relay) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _relay(
         self,
@@ -133,7 +136,7 @@ class Inference(pb_grpc.InferenceServicer):
         content: Callable[[Request], dict[str, Any]],
         path: str,
         reply: type[Reply],
-    ) -> AsyncIterator[Reply]:
+    ) -> AsyncGenerator[Reply, None]:
         """Stream `request` to its model's backend under a lease; one message per batch of deltas.
 
         The deltas that arrived while the previous message was being sent go
@@ -142,19 +145,20 @@ class Inference(pb_grpc.InferenceServicer):
         The last message carries finish_reason, usage and timings.
         """
         started = time.perf_counter()
-        payload = sampling_payload(request) | content(request)
         model = request.model
         first_token_ms = 0.0
         tokens = 0
         outcome = "cancelled"  # unless it ends otherwise: the client left (or its deadline passed)
         final = reply()
         try:
+            payload = sampling_payload(request) | content(request)
             async with self._pool.lease(model) as lease:
                 with self._telemetry.backend_call(model, path, lease.backend) as headers:
+                    batches = lease.backend.client.stream(
+                        path, payload, on_open=lease.on_revoke, headers=headers
+                    )
                     try:
-                        async for batch in lease.backend.client.stream(
-                            path, payload, on_open=lease.on_revoke, headers=headers
-                        ):
+                        async for batch in batches:
                             texts = []
                             for chunk in batch:
                                 if chunk.text:
@@ -170,6 +174,10 @@ class Inference(pb_grpc.InferenceServicer):
                         raise _http_error(error) from error
                     except aiohttp.ClientError as error:
                         raise _broken_stream(error, model, lease.revoked) from error
+                    finally:
+                        # Now, not at garbage collection: a client gone closes the
+                        # backend's stream at once (llama-server stops decoding).
+                        await batches.aclose()
             outcome = "ok"
         except PoolError as error:
             outcome = error.reason
@@ -178,7 +186,10 @@ class Inference(pb_grpc.InferenceServicer):
             outcome = "INTERNAL_ERROR"
             raise
         finally:
-            self._telemetry.stream_ended(model, tokens, first_token_ms / 1000, outcome)
+            # Only catalog names become label values: a client's made-up names would grow
+            # the metrics without end (and push real models' series into the overflow).
+            label = model if model in self._pool.catalog else ""
+            self._telemetry.stream_ended(label, tokens, first_token_ms / 1000, outcome)
         final.timings.time_to_first_token_ms = first_token_ms
         yield final
 

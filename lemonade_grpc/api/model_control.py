@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -29,7 +29,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
     @errors.stream
     async def Load(
         self, request: pb.LoadRequest, context: Context[pb.LoadRequest, pb.LoadResponse]
-    ) -> AsyncIterator[pb.LoadResponse]:
+    ) -> AsyncGenerator[pb.LoadResponse, None]:
         job = self._pool.load(
             request.model,
             convert.requested_options(request.options, request.HasField("options")),
@@ -76,7 +76,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
     @errors.stream
     async def Watch(
         self, request: pb.WatchRequest, context: Context[pb.WatchRequest, pb.WatchResponse]
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncGenerator[pb.WatchResponse, None]:
         bus = self._pool.bus
         # Subscribe before taking the snapshot: no event can fall between them.
         subscription = bus.subscribe()

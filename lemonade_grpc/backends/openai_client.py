@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,7 +207,7 @@ class OpenAIClient:
         payload: Mapping[str, Any],
         on_open: Callable[[Callable[[], None]], None] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[list[Chunk]]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """POST `payload` to `path` with streaming on; yield the events as they arrive.
 
         Each batch holds every event that had arrived when it was read: one

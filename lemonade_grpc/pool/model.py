@@ -109,6 +109,8 @@ class Model:
     # The pool-owned task stopping it, once it is UNLOADING: every stop of
     # the same model joins it (stopping twice is one stop).
     stopping: asyncio.Task[None] | None = None
+    # Its crash was reported as its unload: the stop that clears it away later is not a second one.
+    crash_reported: bool = False
 
     def __post_init__(self) -> None:
         self.no_leases.set()

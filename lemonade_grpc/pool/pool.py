@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -207,7 +208,10 @@ class Pool:
             )
         self._jobs[job.key] = job
         self._waiting.append(job)
-        self._progress(job, LoadPhase.QUEUED, queue_position=self._queue_position(job))
+        position = self._queue_position(job)
+        self._progress(
+            job, LoadPhase.QUEUED, queue_position=position, attributes={"lemonade.queue_position": position}
+        )
         job.task = self._work.spawn(self._run(job), f"load {name}")
         job.task.add_done_callback(lambda task: self._job_ended(job, task))
         return job
@@ -272,7 +276,12 @@ class Pool:
         for job in self._waiting:
             position = self._queue_position(job)
             if job.history[-1].queue_position != position:
-                self._progress(job, LoadPhase.QUEUED, queue_position=position)
+                self._progress(
+                    job,
+                    LoadPhase.QUEUED,
+                    queue_position=position,
+                    attributes={"lemonade.queue_position": position},
+                )
 
     def _progress(
         self,
@@ -461,12 +470,14 @@ class Pool:
         if state is ModelState.READY:
             self.bus.publish(ModelLoaded(model_view(model)))
         elif state is ModelState.FAILED and old is ModelState.READY:
+            model.crash_reported = True
             self._observer.unloaded(model.name, UnloadReason.CRASHED, pid, message)
             self.bus.publish(ModelUnloaded(model.name, UnloadReason.CRASHED, pid, message))
         elif state is ModelState.STOPPED:
             if self._models.get(model.name) is model:
                 del self._models[model.name]
-            self._observer.unloaded(model.name, reason or UnloadReason.REQUESTED, pid, message)
+            if not model.crash_reported:
+                self._observer.unloaded(model.name, reason or UnloadReason.REQUESTED, pid, message)
             self.bus.publish(ModelUnloaded(model.name, reason or UnloadReason.REQUESTED, pid, message))
         else:
             self.bus.publish(ModelStateChanged(model.name, state, reason, message))
@@ -589,7 +600,9 @@ class Pool:
             f"{model.name} crashed; restarting it in {delay:g} s with its pin and options",
             model.name,
         )
-        model.restart_timer = asyncio.get_running_loop().call_later(delay, self._restart, model)
+        model.restart_timer = asyncio.get_running_loop().call_later(
+            delay, self._restart, model, context=contextvars.Context()
+        )
 
     def _restart(self, model: Model) -> None:
         model.restart_timer = None
@@ -630,7 +643,10 @@ class Pool:
         if seconds <= 0 or model.pinned or model.leases or model.state is not ModelState.READY:
             return
         model.idle_unload_at = self._clock() + seconds
-        model.idle_timer = asyncio.get_running_loop().call_later(seconds, self._idle_expired, model)
+        # The pool's timer, not the last request's: its own context (no request's trace in its log line).
+        model.idle_timer = asyncio.get_running_loop().call_later(
+            seconds, self._idle_expired, model, context=contextvars.Context()
+        )
 
     @staticmethod
     def _cancel_idle(model: Model) -> None:

@@ -11,10 +11,14 @@ log line through it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import orjson
 from opentelemetry import trace
@@ -64,7 +68,12 @@ class JSONFormatter(logging.Formatter):
                 line.setdefault(key, value)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except orjson.JSONEncodeError:
+            # A lone surrogate (a path that is not UTF-8, decoded with surrogateescape):
+            # the standard library escapes it, orjson refuses it.
+            return json.dumps(line, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def _timestamp(created: float) -> str:
@@ -74,9 +83,62 @@ def _timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{milliseconds:03d}Z"
 
 
+# What gRPC's core (absl) writes to file descriptor 2: "I1129 22:12:52.909311   15094 file.cc:1403] text".
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] ?(.*)$")
+_ABSL_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+_stderr: TextIO | None = None  # the real standard error, once file descriptor 2 is a pipe to us
+
+
+def _pump(read_end: int) -> None:
+    """Log each line written to file descriptor 2 (C libraries, bare prints), until it is closed."""
+    core = logging.getLogger("grpc.core")
+    other = logging.getLogger("stderr")
+    with os.fdopen(read_end, "rb") as pipe:
+        for raw in pipe:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if not line.strip():
+                continue
+            match = _ABSL_LINE.match(line)
+            if match:
+                core.log(
+                    _ABSL_LEVELS[match.group(1)],
+                    "%s",
+                    match.group(3),
+                    extra={"fields": {"source": match.group(2)}},
+                )
+            else:
+                other.warning("%s", line)
+
+
+def _capture_stderr() -> TextIO:
+    """Make file descriptor 2 a pipe whose lines are logged; return the real standard error.
+
+    For JSON logs: gRPC's core writes its own lines (a GOAWAY from a
+    collector going away, say) to file descriptor 2, past Python's logging,
+    and they broke the one-object-per-line stream. Python's `sys.stderr` is
+    on the same descriptor, so a bare print or a traceback becomes a JSON
+    line too.
+    """
+    global _stderr
+    if _stderr is None:
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        sys.stderr.flush()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        _stderr = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        threading.Thread(target=_pump, args=(read_end,), name="stderr-to-log", daemon=True).start()
+    return _stderr
+
+
+def json_enabled() -> bool:
+    """Whether the root logger writes JSON lines."""
+    return any(isinstance(h.formatter, JSONFormatter) for h in logging.getLogger().handlers)
+
+
 def configure(log_format: LogFormat, level: str) -> None:
     """Send every log record to stderr in `log_format`, at `level` and above (replaces earlier set-up)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_capture_stderr() if log_format == "json" else _stderr or sys.stderr)
     handler.setFormatter(JSONFormatter() if log_format == "json" else PlainFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

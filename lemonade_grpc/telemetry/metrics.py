@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics
 
+from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.views import PoolView
 
@@ -139,16 +140,16 @@ class Instruments:
         if view is None:
             return []
         counts = collections.Counter((m.type.value, m.state.value) for m in view.models)
-        # Zero for every type seen and READY, so a dashboard's line drops to 0 instead of vanishing.
-        for kind in {m.type.value for m in view.models}:
-            counts.setdefault((kind, ModelState.READY.value), 0)
+        # Zero READY for every type, so a dashboard's line drops to 0 instead of vanishing.
+        for kind in ModelType:
+            counts.setdefault((kind.value, ModelState.READY.value), 0)
         return [metrics.Observation(n, {"type": t, "state": s}) for (t, s), n in sorted(counts.items())]
 
     def _pinned(self, _options: metrics.CallbackOptions) -> Observations:
         view = self._snapshots()
         if view is None:
             return []
-        counts = collections.Counter({m.type.value: 0 for m in view.models})
+        counts = collections.Counter({kind.value: 0 for kind in ModelType})
         counts.update(m.type.value for m in view.models if m.pinned)
         return [metrics.Observation(n, {"type": t}) for t, n in sorted(counts.items())]
 

@@ -11,9 +11,12 @@ under way get no second load span (their RPC spans show the wait).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from opentelemetry import trace
 
@@ -48,6 +51,22 @@ def _requested(job: LoadJob) -> dict[str, int]:
     return attributes
 
 
+Hook = TypeVar("Hook", bound=Callable[..., None])
+
+
+def _never_raises(hook: Hook) -> Hook:
+    """`hook`, logging instead of raising: the pool calls it in the middle of its own work."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("telemetry: %s failed (ignored)", hook.__name__)
+
+    return cast(Hook, guarded)
+
+
 class PoolTelemetry(PoolObserver):
     """Spans (with `tracer`), metrics (with `instruments`) and log lines for the pool's events."""
 
@@ -56,6 +75,7 @@ class PoolTelemetry(PoolObserver):
         self._instruments = instruments
         self._loads: dict[LoadJob, _Load] = {}
 
+    @_never_raises
     def load_phase(self, job: LoadJob, phase: LoadPhase, attributes: Attributes) -> None:
         now = time.perf_counter()
         load = self._loads.get(job)
@@ -71,14 +91,14 @@ class PoolTelemetry(PoolObserver):
             )
             self._loads[job] = _Load(span, phase, self._phase_span(span, phase, attributes), now, now)
             return
+        if "lemonade.pid" in attributes:  # the process serving it (a port retry starts another)
+            load.span.set_attribute("lemonade.pid", attributes["lemonade.pid"])
         if phase is load.phase:
             load.phase_span.add_event(phase.name.lower(), dict(attributes))
             return
         self._end_phase(job, load, now)
         load.phase, load.phase_started = phase, now
         load.phase_span = self._phase_span(load.span, phase, attributes)
-        if "lemonade.pid" in attributes:
-            load.span.set_attribute("lemonade.pid", attributes["lemonade.pid"])
 
     def _phase_span(self, parent: trace.Span, phase: LoadPhase, attributes: Attributes) -> trace.Span:
         return self._tracer.start_span(
@@ -92,6 +112,7 @@ class PoolTelemetry(PoolObserver):
                 now - load.phase_started, {"model": job.name, "phase": load.phase.name.lower()}
             )
 
+    @_never_raises
     def load_ended(self, job: LoadJob, result: LoadResult | None, error: PoolError | None) -> None:
         if result is not None:
             outcome = "already_loaded" if result.already_loaded else "loaded"
@@ -135,6 +156,7 @@ class PoolTelemetry(PoolObserver):
                 extra={"fields": {**fields_, "pid": result.model.pid, "evicted": list(result.evicted)}},
             )
 
+    @_never_raises
     def unloaded(self, name: str, reason: UnloadReason, pid: int, message: str) -> None:
         if self._instruments is not None:
             self._instruments.unloads.add(1, {"model": name, "reason": reason.value})
@@ -145,6 +167,7 @@ class PoolTelemetry(PoolObserver):
         else:
             log.info("%s: unloaded (%s), pid %d", name, reason.value, pid, extra={"fields": fields_})
 
+    @_never_raises
     def restarting(self, name: str) -> None:
         if self._instruments is not None:
             self._instruments.restarts.add(1, {"model": name})

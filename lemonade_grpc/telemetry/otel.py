@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,45 @@ def otlp_protocol(env: Mapping[str, str], signal: Signal) -> str:
     return protocol
 
 
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+def _sampler(env: Mapping[str, str]) -> Sampler:
+    """The sampler `OTEL_TRACES_SAMPLER` (and `…_ARG`) name; a typo is an error, not "sample everything".
+
+    The SDK, left to read them itself, logs a warning and samples every trace.
+    """
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in SAMPLERS:
+        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER={name!r}: must be one of {', '.join(SAMPLERS)}")
+    if not name.endswith("traceidratio"):
+        return {
+            "always_on": sampling.ALWAYS_ON,
+            "always_off": sampling.ALWAYS_OFF,
+            "parentbased_always_on": sampling.DEFAULT_ON,
+            "parentbased_always_off": sampling.DEFAULT_OFF,
+        }[name]
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise TelemetryConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw!r}: must be a ratio in [0, 1] for {name}")
+    if name == "traceidratio":
+        return sampling.TraceIdRatioBased(ratio)
+    return sampling.ParentBasedTraceIdRatio(ratio)
+
+
 def _resource() -> Resource:
     from opentelemetry.sdk.resources import Resource
 
@@ -91,7 +131,8 @@ def _tracer_provider(env: Mapping[str, str], resource: Resource) -> TracerProvid
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    provider = TracerProvider(resource=resource)
+    # shutdown_on_exit off: `Telemetry.close` flushes, bounded; an atexit flush would block the exit again.
+    provider = TracerProvider(resource=resource, sampler=_sampler(env), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 
@@ -134,7 +175,27 @@ class Providers:
 
 
 def providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...] = ()) -> Providers:
-    """The providers `env` asks for, with `extra_readers` (Prometheus) added to the metrics."""
+    """The providers `env` asks for, with `extra_readers` (Prometheus) added to the metrics.
+
+    Raises `TelemetryConfigError` naming the problem when a variable cannot
+    be used: the SDK and the exporters read most of them themselves, in
+    their constructors, and raise what they raise (`ValueError` for
+    `OTEL_EXPORTER_OTLP_TIMEOUT=ten` or an endpoint `http://[::1`, their own
+    exception for an unknown compression).
+    """
+    try:
+        return _providers(env, extra_readers)
+    except TelemetryConfigError:
+        raise
+    except Exception as error:
+        # Their messages do not say which variable; name those set (not their values: headers hold keys).
+        names = ", ".join(sorted(name for name in env if name.startswith("OTEL_")))
+        raise TelemetryConfigError(
+            f"the OTEL_* environment cannot be used (set: {names}): {str(error) or type(error).__name__}"
+        ) from error
+
+
+def _providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...]) -> Providers:
     want_traces = otlp_wanted(env, "TRACES")
     readers = list(extra_readers)
     if otlp_wanted(env, "METRICS"):
@@ -150,6 +211,6 @@ def providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...] = 
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 
-        result.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+        result.meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
         result.meter = result.meter_provider.get_meter(SCOPE, _version())
     return result

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
+from aiohttp import web
 
+from lemonade_grpc.api.tracing import TracingInterceptor
 from lemonade_grpc.pool.views import PoolView
 from lemonade_grpc.telemetry import otel
 from lemonade_grpc.telemetry.logs import LogFormat
@@ -25,7 +28,8 @@ from lemonade_grpc.telemetry.observer import PoolTelemetry
 from lemonade_grpc.telemetry.streams import RecordingStreams, StreamTelemetry
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from prometheus_client import CollectorRegistry
 
     from lemonade_grpc.pool.pool import Pool
 
@@ -34,6 +38,10 @@ log = logging.getLogger(__name__)
 # Spans for our own services only: Health is probed every few seconds by
 # load balancers and kubelets, reflection by grpcurl; neither is worth a trace.
 TRACED_SERVICE_PREFIX = "/lemonade.v1."
+# The longest a stop waits for the exporters to send what they hold.
+FLUSH_SECONDS = 3.0
+# An idle scrape connection is closed after this long (Prometheus scrapes every 15-60 s and reconnects).
+PROMETHEUS_KEEPALIVE_SECONDS = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +56,10 @@ class PrometheusListenError(RuntimeError):
     """The Prometheus endpoint could not listen on its address."""
 
 
-def _traced(details: grpc.HandlerCallDetails) -> bool:
-    return str(details.method).startswith(TRACED_SERVICE_PREFIX)
-
-
 class Telemetry:
     """What telemetry the settings and environment ask for; no-ops for the rest."""
 
-    def __init__(self, providers: otel.Providers, prometheus: WSGIServer | None = None) -> None:
+    def __init__(self, providers: otel.Providers, prometheus: web.AppRunner | None = None) -> None:
         self._providers = providers
         self._prometheus = prometheus
         self._snapshots: Callable[[], PoolView | None] = lambda: None
@@ -68,35 +72,29 @@ class Telemetry:
         )
 
     @classmethod
-    def start(cls, settings: TelemetrySettings, env: Mapping[str, str] | None = None) -> Telemetry:
+    async def start(cls, settings: TelemetrySettings, env: Mapping[str, str] | None = None) -> Telemetry:
         """Providers from `env` (default: the process's), and the Prometheus endpoint if configured.
 
         Raises `otel.TelemetryConfigError` for an unusable `OTEL_*` value and
         `PrometheusListenError` when the endpoint cannot listen.
         """
         env = os.environ if env is None else env
-        readers: tuple[Any, ...] = ()
-        prometheus = None
-        if settings.prometheus_listen is not None:
-            reader, prometheus = _start_prometheus(settings.prometheus_listen)
-            readers = (reader,)
+        if settings.prometheus_listen is None:
+            return cls(otel.providers(env))
+        reader, registry = _prometheus_reader()
+        providers = otel.providers(env, (reader,))
         try:
-            return cls(otel.providers(env, readers), prometheus)
+            endpoint = await _serve_prometheus(settings.prometheus_listen, registry)
         except BaseException:
-            if prometheus is not None:
-                prometheus.shutdown()
+            await asyncio.to_thread(providers.shutdown)
             raise
+        return cls(providers, endpoint)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The span-per-RPC interceptor when tracing, to run outermost; else nothing."""
         if not self._providers.tracing:
             return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self._providers.tracer_provider, filter_=_traced
-        )
-        return [interceptor]
+        return [TracingInterceptor(self._providers.tracer, TRACED_SERVICE_PREFIX)]
 
     def observe(self, pool: Pool) -> None:
         """Read the gauges from `pool` (call on the event loop's thread)."""
@@ -105,29 +103,75 @@ class Telemetry:
     def _read_pool(self) -> PoolView | None:
         return self._snapshots()
 
-    def close(self) -> None:
-        """Flush spans and metrics, stop the exporters and the endpoint. Blocking: run it in a thread."""
-        try:
-            self._providers.shutdown()
-        except Exception:
-            log.exception("telemetry: flushing the exporters failed")
+    async def close(self, flush_seconds: float = FLUSH_SECONDS) -> None:
+        """Stop the endpoint; flush spans and metrics for at most `flush_seconds`, then drop them.
+
+        An exporter retries an unreachable collector with backoff for up to
+        its timeout (10 s by default) per signal, one after the other: a stop
+        took 13-16 s with the collector down. The flush runs in a daemon
+        thread and is abandoned after `flush_seconds`: the process exits on
+        time and what was not sent is lost, as it would be anyway.
+        """
         if self._prometheus is not None:
-            self._prometheus.shutdown()
-            self._prometheus.server_close()
+            await self._prometheus.cleanup()
+        if not (self._providers.tracing or self._providers.metering):
+            return
+        done = threading.Event()
+
+        def flush() -> None:
+            try:
+                self._providers.shutdown()
+            except Exception:
+                log.exception("telemetry: flushing the exporters failed")
+            finally:
+                done.set()
+
+        threading.Thread(target=flush, name="telemetry-flush", daemon=True).start()
+        if not await asyncio.to_thread(done.wait, flush_seconds):
+            log.warning(
+                "telemetry: the exporters did not flush within %g s (collector unreachable?);"
+                " what they held is dropped",
+                flush_seconds,
+            )
 
 
-def _start_prometheus(listen: str) -> tuple[Any, WSGIServer]:
-    """A Prometheus reader and its scrape endpoint (HTTP, `GET /metrics`) on `listen` (HOST:PORT)."""
+def _prometheus_reader() -> tuple[MetricReader, CollectorRegistry]:
+    """A Prometheus reader on a registry of its own, with the control plane's own process metrics."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector
 
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the control plane's own CPU, memory and descriptors
-    reader = PrometheusMetricReader(registry=registry)
+    return PrometheusMetricReader(registry=registry), registry
+
+
+async def _serve_prometheus(listen: str, registry: CollectorRegistry) -> web.AppRunner:
+    """`GET /metrics` on `listen` (HOST:PORT), served on the event loop.
+
+    Not prometheus_client's own server: a thread per connection, kept as long
+    as the client keeps it, and a traceback printed to stderr (past the log
+    format) for each connection reset. Here a connection costs a socket, an
+    idle one is closed after `PROMETHEUS_KEEPALIVE_SECONDS`, and the
+    collection (the gauges' snapshot, the process metrics) runs in a thread.
+    """
+    from prometheus_client.exposition import choose_encoder
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = await asyncio.to_thread(encoder, registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=PROMETHEUS_KEEPALIVE_SECONDS)
+    await runner.setup()
     host, _, port = listen.rpartition(":")
     try:
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    except OSError as error:
+        site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=128)
+        await site.start()
+    except (OSError, UnicodeError, ValueError) as error:
+        await runner.cleanup()
         raise PrometheusListenError(f"cannot listen on {listen} for Prometheus: {error}") from error
-    log.info("prometheus: http://%s:%d/metrics", host, server.server_address[1])
-    return reader, server
+    bound = runner.addresses[0]
+    log.info("prometheus: http://%s:%d/metrics", host, bound[1])
+    return runner

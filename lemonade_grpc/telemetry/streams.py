@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.telemetry.metrics import Instruments
@@ -19,6 +20,7 @@ from lemonade_grpc.telemetry.metrics import Instruments
 # Yields the headers to send with the backend request, or None.
 CallHeaders = AbstractContextManager[dict[str, str] | None]
 _NOTHING: CallHeaders = contextlib.nullcontext()
+PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class StreamTelemetry:
@@ -41,7 +43,10 @@ class RecordingStreams(StreamTelemetry):
 
     @contextlib.contextmanager
     def _call(self, model: str, path: str, backend: Backend) -> Iterator[dict[str, str] | None]:
-        with self._tracer.start_as_current_span(
+        # Started, not made current: this runs inside the relay's generator,
+        # which may be closed in another task; a context attached here could
+        # not be detached there.
+        span = self._tracer.start_span(
             f"POST {path}",
             kind=trace.SpanKind.CLIENT,
             attributes={
@@ -52,16 +57,24 @@ class RecordingStreams(StreamTelemetry):
                 "server.address": "127.0.0.1",
                 "server.port": backend.port,
             },
-        ):
-            headers: dict[str, str] = {}
-            propagate.inject(headers)  # a backend that traces (vLLM, say) continues the trace
+        )
+        headers: dict[str, str] = {}
+        # A backend that traces (vLLM, say) continues the trace; W3C trace context only, no baggage.
+        PROPAGATOR.inject(headers, trace.set_span_in_context(span))
+        try:
             yield headers
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(trace.StatusCode.ERROR, str(error))
+            raise
+        finally:
+            span.end()
 
     def backend_call(self, model: str, path: str, backend: Backend) -> CallHeaders:
         return self._call(model, path, backend)
 
     def stream_ended(self, model: str, tokens: int, first_token_seconds: float, outcome: str) -> None:
-        span = trace.get_current_span()  # the RPC's
+        span = trace.get_current_span()  # the RPC's: the tracing interceptor makes it current here
         span.set_attribute("lemonade.tokens", tokens)
         if tokens:
             span.set_attribute("lemonade.time_to_first_token_ms", round(first_token_seconds * 1000, 3))
