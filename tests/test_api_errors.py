@@ -387,6 +387,7 @@ class _OneLeasePool:
     """Stands in for `Pool` in `Inference`: every lease is `lease`, whose backend fails with `error`."""
 
     def __init__(self, error: BaseException, revoked: BaseException | None = None) -> None:
+        self.catalog: dict[str, object] = {}
         self.lease_object = SimpleNamespace(
             backend=SimpleNamespace(client=_FailingClient(error)), revoked=revoked, on_revoke=lambda cut: None
         )
