@@ -30,6 +30,8 @@ import pytest
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
+from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.pool import BackendLauncher
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
@@ -196,6 +198,18 @@ class ServerFactory:
         for process in leaked:
             process.kill()
         assert not leaked, f"processes left running after the test: {[p.cmdline() for p in leaked]}"
+
+
+def fake_spec(name: str, model_file: Path, *flags: str) -> ModelSpec:
+    """A catalog entry (in process) running tests/fake_backend.py with `flags` through the command recipe."""
+    return ModelSpec(
+        name=name,
+        recipe=Recipe.COMMAND,
+        path=model_file,
+        type=ModelType.LLM,
+        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
+        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags),
+    )
 
 
 def fake_model(name: str, model_file: Path, *flags: str, type_: str = "llm") -> str:

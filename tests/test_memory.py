@@ -8,17 +8,16 @@ eviction gives memory back as it would on a real host.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, is_gone, launcher
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from conftest import eventually, fake_spec, is_gone, launcher
+from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.errors import InsufficientMemory
 from lemonade_grpc.pool.events import Envelope, ModelUnloaded, PoolWarning, UnloadReason
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import PoolSettings
 
@@ -44,17 +43,6 @@ class FakeMemory:
         return self.budget - sum(view.rss_bytes for view in self.pool.views())
 
 
-def spec(name: str, model_file: Path) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        recipe=Recipe.COMMAND,
-        path=model_file,
-        type=ModelType.LLM,
-        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
-        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}"),
-    )
-
-
 PoolMaker = Callable[..., tuple[Pool, FakeMemory]]
 
 
@@ -65,7 +53,7 @@ async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker
     def make(needs: dict[str, int], memory_check_seconds: float = 0.0) -> tuple[Pool, FakeMemory]:
         memory = FakeMemory()
         pool = Pool(
-            {name: spec(name, tiny_model) for name in needs},
+            {name: fake_spec(name, tiny_model) for name in needs},
             PoolSettings(
                 max_loaded={ModelType.LLM: len(needs)},
                 memory_reserve_mb=RESERVE // MIB,

@@ -7,14 +7,13 @@ the command recipe); memory figures and the memory estimate are injected.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, is_gone, launcher
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from conftest import eventually, fake_spec, is_gone, launcher
+from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded
 from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
 from lemonade_grpc.pool.model import ModelState
@@ -37,17 +36,6 @@ class FixedMemory:
 
     def available_bytes(self) -> int:
         return self.available
-
-
-def spec(name: str, model_file: Path, *flags: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        recipe=Recipe.COMMAND,
-        path=model_file,
-        type=ModelType.LLM,
-        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
-        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags),
-    )
 
 
 PoolMaker = Callable[[dict[str, ModelSpec], MemoryEstimator, FixedMemory], Pool]
@@ -91,9 +79,9 @@ async def test_a_model_chosen_for_eviction_cannot_be_pinned_meanwhile_issue_9_fi
     # in between succeeded, was saved, and then the pinned y was evicted.
     memory = FixedMemory(GIB)
     catalog = {
-        "x": spec("x", tiny_model, "--ignore-sigterm"),
-        "y": spec("y", tiny_model),
-        "c": spec("c", tiny_model),
+        "x": fake_spec("x", tiny_model, "--ignore-sigterm"),
+        "y": fake_spec("y", tiny_model),
+        "c": fake_spec("c", tiny_model),
     }
     pool = make_pool(catalog, lambda s, o: {"x": 1, "y": 1, "c": GIB + 1}[s.name], memory)
     for name in ("x", "y"):
@@ -133,7 +121,7 @@ async def test_a_load_that_fails_unexpectedly_ends_and_leaves_nothing_issue_9_fi
             raise RuntimeError("a bug in the estimate")
         return 1
 
-    pool = make_pool({"m": spec("m", tiny_model)}, estimate, FixedMemory(GIB))
+    pool = make_pool({"m": fake_spec("m", tiny_model)}, estimate, FixedMemory(GIB))
     job = pool.load("m", RequestedOptions())
     with pytest.raises(InternalError):
         await asyncio.wait_for(job.outcome(), 10)  # before the fix: waited forever
@@ -150,7 +138,7 @@ async def test_a_reload_that_cannot_fit_keeps_the_working_model_issue_9_finding_
     make_pool: PoolMaker, tiny_model: Path
 ) -> None:
     memory = FixedMemory(GIB)
-    pool = make_pool({"m": spec("m", tiny_model)}, lambda s, o: o.ctx_size * 1024, memory)
+    pool = make_pool({"m": fake_spec("m", tiny_model)}, lambda s, o: o.ctx_size * 1024, memory)
     before = await pool.load("m", RequestedOptions()).outcome()
     memory.available = 100 << 20
     with pytest.raises(InsufficientMemory):

@@ -39,6 +39,17 @@ def one(spans: list[Span], name: str, trace_id: str) -> Span | None:
     return found[0] if found else None
 
 
+async def arrived(receiver: Receiver, *wanted: tuple[str, str]) -> list[Span]:
+    """The span named so in each (name, trace id) of `wanted`, once all have reached the receiver."""
+
+    async def found() -> list[Span] | None:
+        spans = receiver.received.spans()
+        matches = [one(spans, name, trace_id) for name, trace_id in wanted]
+        return [m for m in matches if m is not None] if all(matches) else None
+
+    return await poll(found, WAIT_SECONDS, f"the spans {wanted} at the receiver")
+
+
 def log_lines(server: Server) -> list[dict[str, Any]]:
     """The server's log, each line parsed as JSON (fails on a line that is not)."""
     lines = []
@@ -77,13 +88,11 @@ async def test_a_load_and_a_completion_make_one_span_tree_each(
         assert responses[-1].phase == pb.LOAD_PHASE_READY
         tokens = await complete(server, complete_metadata)
 
-        async def tree() -> tuple[Span, Span] | None:
-            spans = receiver.received.spans()
-            load_rpc = one(spans, "/lemonade.v1.ModelControl/Load", load_trace)
-            complete_rpc = one(spans, "/lemonade.v1.Inference/Complete", complete_trace)
-            return (load_rpc, complete_rpc) if load_rpc and complete_rpc else None
-
-        load_rpc, complete_rpc = await poll(tree, WAIT_SECONDS, "both RPC spans at the receiver")
+        load_rpc, complete_rpc = await arrived(
+            receiver,
+            ("/lemonade.v1.ModelControl/Load", load_trace),
+            ("/lemonade.v1.Inference/Complete", complete_trace),
+        )
         # Let the children (ended before their RPC span) arrive too: they are in the same or an earlier batch.
         spans = receiver.received.spans()
 
@@ -282,13 +291,11 @@ async def test_a_stream_the_client_gives_up_on_says_so_on_its_span(
                     pass
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
-        async def both() -> tuple[Span, Span] | None:
-            spans = receiver.received.spans()
-            gone = one(spans, "/lemonade.v1.Inference/Complete", cancelled_trace)
-            late = one(spans, "/lemonade.v1.Inference/Complete", expired_trace)
-            return (gone, late) if gone and late else None
-
-        gone, late = await poll(both, WAIT_SECONDS, "the two streams' spans")
+        gone, late = await arrived(
+            receiver,
+            ("/lemonade.v1.Inference/Complete", cancelled_trace),
+            ("/lemonade.v1.Inference/Complete", expired_trace),
+        )
     assert attributes(gone.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert attributes(late.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     for span in (gone, late):

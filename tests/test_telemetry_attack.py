@@ -15,7 +15,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,11 +32,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (
-    FAKE_BACKEND,
     TAG_VAR,
     ServerFactory,
     connect,
     fake_model,
+    fake_spec,
     launcher,
     poll,
     serve_command,
@@ -45,7 +44,7 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import PoolSettings
@@ -53,59 +52,13 @@ from lemonade_grpc.telemetry.logs import JSONFormatter
 from lemonade_grpc.telemetry.otel import Providers
 from lemonade_grpc.telemetry.service import Telemetry
 from otlp_receiver import attributes, grpc_receiver, named
+from recorded import Recorded
 
 WAIT_SECONDS = 15.0
 UNREACHABLE_OTLP = "http://127.0.0.1:9"  # the discard port: connection refused
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def spec(name: str, model_file: Path, *flags: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        recipe=Recipe.COMMAND,
-        path=model_file,
-        type=ModelType.LLM,
-        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
-        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags),
-    )
-
-
-class Recorded:
-    """Telemetry wired to the SDK's in-memory exporter and reader, plus a tracer for "request" spans."""
-
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.metrics = InMemoryMetricReader()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        meter_provider = MeterProvider(metric_readers=[self.metrics])
-        self.tracer = tracer_provider.get_tracer("test")
-        self.telemetry = Telemetry(
-            Providers(
-                tracer=self.tracer,
-                meter=meter_provider.get_meter("test"),
-                tracer_provider=tracer_provider,
-                meter_provider=meter_provider,
-            )
-        )
-
-    def finished(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-    def points(self, name: str) -> list[tuple[dict[str, Any], float]]:
-        data = self.metrics.get_metrics_data()
-        found: list[tuple[dict[str, Any], float]] = []
-        if data is None:
-            return found
-        for resource in data.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            found.append((dict(point.attributes or {}), point.value))  # type: ignore[union-attr]
-        return found
 
 
 def run_serve(tmp_path: Path, env: dict[str, str], seconds: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -279,7 +232,7 @@ async def test_a_restart_after_a_crash_is_a_root_span_even_when_a_request_loaded
     starts the load span with no explicit context, so it takes the stale RPC span as parent."""
     record = Recorded()
     pool = Pool(
-        {"crashy": spec("crashy", tiny_model, "--exit-after-seconds", "0.5")},
+        {"crashy": fake_spec("crashy", tiny_model, "--exit-after-seconds", "0.5")},
         PoolSettings(restart_backoff_seconds=0.05, max_restarts=1, stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
         observer=record.telemetry.observer,
@@ -318,7 +271,7 @@ async def test_an_idle_unload_line_does_not_carry_the_last_requests_trace(
     following "a log line leads to its trace" land on an unrelated, finished request."""
     record = Recorded()
     pool = Pool(
-        {"m": spec("m", tiny_model)},
+        {"m": fake_spec("m", tiny_model)},
         PoolSettings(idle_unload_seconds=1, stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
         observer=record.telemetry.observer,
@@ -423,7 +376,7 @@ async def test_the_models_gauge_drops_to_zero_when_the_last_model_leaves(
     asynchronous gauge. test_telemetry.py's scrape looks right only because a FAILED model stays."""
     record = Recorded()
     pool = Pool(
-        {"m": spec("m", tiny_model)},
+        {"m": fake_spec("m", tiny_model)},
         PoolSettings(stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
         observer=record.telemetry.observer,
@@ -651,10 +604,10 @@ async def test_no_load_span_or_state_is_left_behind_however_the_loads_end(
         )
     )
     catalog = {
-        "a": spec("a", tiny_model, "--ignore-sigterm"),
-        "b": spec("b", tiny_model),
-        "slow": spec("slow", tiny_model, "--load-seconds", "30"),
-        "c": spec("c", tiny_model),
+        "a": fake_spec("a", tiny_model, "--ignore-sigterm"),
+        "b": fake_spec("b", tiny_model),
+        "slow": fake_spec("slow", tiny_model, "--load-seconds", "30"),
+        "c": fake_spec("c", tiny_model),
     }
     pool = Pool(
         catalog,
@@ -831,7 +784,7 @@ async def test_the_load_span_names_the_pid_that_serves_after_a_port_retry(
         return await real(spec, options, on_spawned=on_spawned)
 
     pool = Pool(
-        {"m": spec("m", tiny_model)},
+        {"m": fake_spec("m", tiny_model)},
         PoolSettings(stop_grace_seconds=1.5),
         retrying,
         observer=record.telemetry.observer,
@@ -852,7 +805,7 @@ async def test_a_queued_load_span_has_an_event_per_queue_move(tmp_path: Path, ti
     a move (and could not say where to: the position is not in its arguments)."""
     record = Recorded()
     pool = Pool(
-        {name: spec(name, tiny_model, "--load-seconds", "0.5") for name in ("a", "b", "c")},
+        {name: fake_spec(name, tiny_model, "--load-seconds", "0.5") for name in ("a", "b", "c")},
         PoolSettings(max_loaded={ModelType.LLM: 3}, stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
         observer=record.telemetry.observer,

@@ -8,89 +8,31 @@ load cancelled by Unload, a request that changes nothing.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 
-from conftest import FAKE_BACKEND, is_gone, launcher, poll
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from conftest import fake_spec, is_gone, launcher, poll
+from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.errors import LoadCancelled, PoolError
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import PoolSettings
-from lemonade_grpc.telemetry.otel import Providers, TelemetryConfigError, otlp_protocol, otlp_wanted
-from lemonade_grpc.telemetry.service import Telemetry
-
-
-def spec(name: str, model_file: Path, *flags: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        recipe=Recipe.COMMAND,
-        path=model_file,
-        type=ModelType.LLM,
-        defaults=EffectiveOptions(ctx_size=256, idle_unload_seconds=None, backend_args=()),
-        command=(sys.executable, str(FAKE_BACKEND), "--port", "{port}", "--model", "{path}", *flags),
-    )
-
-
-class Recorded:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.metrics = InMemoryMetricReader()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        meter_provider = MeterProvider(metric_readers=[self.metrics])
-        self.telemetry = Telemetry(
-            Providers(
-                tracer=tracer_provider.get_tracer("test"),
-                meter=meter_provider.get_meter("test"),
-                tracer_provider=tracer_provider,
-                meter_provider=meter_provider,
-            )
-        )
-
-    def finished(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-    def phases(self, load: ReadableSpan) -> list[tuple[str, dict[str, Any]]]:
-        assert load.context is not None
-        return [
-            (s.name, dict(s.attributes or {}))
-            for s in sorted(self.spans.get_finished_spans(), key=lambda s: s.start_time or 0)
-            if s.parent is not None and s.parent.span_id == load.context.span_id
-        ]
-
-    def counter(self, name: str, **labels: str) -> float:
-        data = self.metrics.get_metrics_data()
-        assert data is not None
-        total = 0.0
-        for resource in data.resource_metrics:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            if labels.items() <= dict(point.attributes or {}).items():
-                                total += point.value  # type: ignore[union-attr]
-        return total
+from lemonade_grpc.telemetry.otel import TelemetryConfigError, otlp_protocol, otlp_wanted
+from recorded import Recorded
 
 
 @pytest.fixture
 async def recorded(tmp_path: Path, tiny_model: Path) -> AsyncIterator[tuple[Recorded, Pool]]:
     record = Recorded()
     catalog = {
-        "a": spec("a", tiny_model),
-        "b": spec("b", tiny_model),
-        "broken": spec("broken", tiny_model, "--fail-start"),
-        "slow": spec("slow", tiny_model, "--load-seconds", "30"),
+        "a": fake_spec("a", tiny_model),
+        "b": fake_spec("b", tiny_model),
+        "broken": fake_spec("broken", tiny_model, "--fail-start"),
+        "slow": fake_spec("slow", tiny_model, "--load-seconds", "30"),
     }
     pool = Pool(
         catalog,
@@ -186,7 +128,7 @@ async def test_a_crash_and_its_restart_are_counted_and_the_restart_is_a_root_spa
 ) -> None:
     record = Recorded()
     pool = Pool(
-        {"crashy": spec("crashy", tiny_model, "--exit-after-seconds", "0.3")},
+        {"crashy": fake_spec("crashy", tiny_model, "--exit-after-seconds", "0.3")},
         PoolSettings(restart_backoff_seconds=0.05, max_restarts=1, stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
         observer=record.telemetry.observer,

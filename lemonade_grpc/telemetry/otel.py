@@ -211,6 +211,8 @@ def _providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...]) 
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 
-        result.meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
+        result.meter_provider = MeterProvider(
+            metric_readers=readers, resource=resource, shutdown_on_exit=False
+        )
         result.meter = result.meter_provider.get_meter(SCOPE, _version())
     return result
