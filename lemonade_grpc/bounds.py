@@ -59,6 +59,7 @@ HEALTH_CHECK_FAILURES = Range(1, 100)
 BACKOFF_SECONDS = Range(0, DAY)  # restart_backoff_seconds, restart_backoff_max_seconds
 MAX_RESTARTS = Range(0, 1_000)
 RESTART_WINDOW_SECONDS = Range(0, YEAR)
+PROGRESS_SECONDS = Range(0.01, 60)
 
 # [limits]
 MAX_STREAMS = Range(1, 65_536)  # max_streams, max_streams_per_model

@@ -170,6 +170,7 @@ _POOL_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "restart_backoff_max_seconds": (bounds.BACKOFF_SECONDS, float),
     "max_restarts": (bounds.MAX_RESTARTS, int),
     "restart_window_seconds": (bounds.RESTART_WINDOW_SECONDS, float),
+    "progress_seconds": (bounds.PROGRESS_SECONDS, float),
 }
 _LIMITS_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "max_streams": (bounds.MAX_STREAMS, int),

@@ -778,10 +778,10 @@ async def test_the_load_span_names_the_pid_that_serves_after_a_port_retry(
         pid = 999_999  # the first attempt's process, stopped after losing its port
 
     async def retrying(
-        spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None]
+        spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None], **more: Any
     ) -> Backend:
         on_spawned(cast(Backend, Lost()))
-        return await real(spec, options, on_spawned=on_spawned)
+        return await real(spec, options, on_spawned=on_spawned, **more)
 
     pool = Pool(
         {"m": fake_spec("m", tiny_model)},

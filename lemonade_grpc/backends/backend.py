@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -19,18 +20,29 @@ import aiohttp
 
 from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
+from lemonade_grpc.backends.progress import LoadProgress, model_bytes_in
 from lemonade_grpc.backends.recipes import backend_argv
 from lemonade_grpc.backends.registry import BackendRegistry
-from lemonade_grpc.catalog import ModelSpec
+from lemonade_grpc.catalog import ModelSpec, Recipe
 from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound
-from lemonade_grpc.tasks import settle
+from lemonade_grpc.tasks import settle, wait_for_any
 
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_SECONDS = 0.02
 HEALTH_REQUEST_SECONDS = 5.0
+# How often a load's progress is read from /proc and reported (at most).
+PROGRESS_SECONDS = 0.25
+# A line by which a server says it is listening: llama-server's "listening on
+# http://127.0.0.1:PORT", uvicorn's "running on", and the like. It wakes the
+# readiness check at once instead of at its next poll.
+READY_HINT = re.compile(
+    r"listening on|running on|server started|started server|ready to accept", re.IGNORECASE
+)
+
+ProgressCallback = Callable[[float, str], None]
 
 
 def free_port() -> int:
@@ -58,12 +70,28 @@ class Backend:
     Does not restart itself, and does not decide anything: the pool does.
     """
 
-    def __init__(self, process: BackendProcess, port: int, registry: BackendRegistry | None = None) -> None:
+    def __init__(
+        self,
+        process: BackendProcess,
+        port: int,
+        registry: BackendRegistry | None = None,
+        load_progress: LoadProgress | None = None,
+    ) -> None:
         self.process = process
         self.port = port
         self._registry = registry
         self.client = OpenAIClient(f"http://127.0.0.1:{port}")
         self._stopping: asyncio.Task[int] | None = None
+        # Until it is ready: its output wakes the readiness check and feeds the load's progress.
+        self._ready_hint = asyncio.Event()
+        self._load_progress = load_progress
+        self._stop_following = process.output.listen(self._follow)
+
+    def _follow(self, line: str) -> None:
+        if READY_HINT.search(line):
+            self._ready_hint.set()
+        if self._load_progress is not None:
+            self._load_progress.line(line)
 
     @property
     def pid(self) -> int:
@@ -80,6 +108,8 @@ class Backend:
         health_timeout: float,
         stop_grace: float,
         on_spawned: Callable[[Backend], None] | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress_seconds: float = PROGRESS_SECONDS,
         choose_port: Callable[[], int] = free_port,
         attempts: int = 3,
     ) -> Backend:
@@ -87,7 +117,11 @@ class Backend:
 
         Each attempt: pick a port with `choose_port`, spawn, call
         `on_spawned(backend)`, record the pid in `registry` (durably), then poll /health
-        (up to `health_timeout` seconds per attempt). A 200 counts only if
+        (up to `health_timeout` seconds per attempt), at once when the
+        backend prints that it listens (`READY_HINT`), else every
+        `HEALTH_POLL_SECONDS`. Meanwhile, for llama-server, `on_progress(fraction,
+        message)` is called at most every `progress_seconds` when the load's
+        progress changed (`backends.progress`). A 200 counts only if
         the process or one of its descendants listens on the port (issue 9,
         finding 8: any process that took the port first could answer). When
         another process holds the port, whether it answered 200 or ours
@@ -111,7 +145,7 @@ class Backend:
                 if on_spawned is not None:
                     on_spawned(backend)
                 await backend._record(spec.name)
-                await backend._wait_ready(health_timeout)
+                await backend._wait_ready(health_timeout, spec, on_progress, progress_seconds)
             except PortTaken as error:
                 await settle(asyncio.ensure_future(backend.stop(stop_grace)))
                 log.warning("%s: %s; retrying on another port", spec.name, error.message)
@@ -139,10 +173,13 @@ class Backend:
         """Spawn the process; raises BackendStartFailed, with nothing left running, when it cannot."""
         try:
             argv = backend_argv(spec, options, port)
+            # Its size first: progress is measured against it (llama-server only: its log names the stages).
+            size = spec.path.stat().st_size if spec.recipe is Recipe.LLAMACPP else None
             process = await BackendProcess.spawn(argv, log_path=log_dir / f"{spec.name}.log")
         except (LlamaServerNotFound, OSError) as error:
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
-        return cls(process, port, registry)
+        # Created before any await: the backend's first lines are not missed.
+        return cls(process, port, registry, LoadProgress(size) if size is not None else None)
 
     async def _record(self, model: str) -> None:
         """Record the process in the registry, durably; StateWriteFailed when the file cannot be written."""
@@ -155,7 +192,40 @@ class Backend:
                 f"cannot record the backend of {model} (pid {self.pid}) in {self._registry.path}: {error}"
             ) from error
 
-    async def _wait_ready(self, limit_seconds: float) -> None:
+    async def _wait_ready(
+        self,
+        limit_seconds: float,
+        spec: ModelSpec,
+        on_progress: ProgressCallback | None,
+        progress_seconds: float,
+    ) -> None:
+        reporter = None
+        if on_progress is not None and self._load_progress is not None:
+            reporter = asyncio.ensure_future(
+                self._report_progress(self._load_progress, spec.path, on_progress, progress_seconds)
+            )
+        try:
+            await self._poll_ready(limit_seconds)
+        finally:
+            self._stop_following()
+            if reporter is not None:
+                reporter.cancel()
+                await asyncio.gather(reporter, return_exceptions=True)
+
+    async def _report_progress(
+        self, progress: LoadProgress, model: Path, report: ProgressCallback, seconds: float
+    ) -> None:
+        """Read how far the load has got every `seconds`; report it when it changed."""
+        last: tuple[float, str] | None = None
+        while True:
+            await asyncio.sleep(seconds)
+            progress.read(await asyncio.to_thread(model_bytes_in, self.pid, model))
+            now = (progress.fraction, progress.message)
+            if now != last:
+                report(*now)
+                last = now
+
+    async def _poll_ready(self, limit_seconds: float) -> None:
         deadline = time.monotonic() + limit_seconds
         while True:
             if self.process.returncode is not None:
@@ -187,7 +257,9 @@ class Backend:
                 raise BackendStartFailed(
                     f"backend not healthy after {limit_seconds:g} s:\n{self.process.log_tail()}"
                 )
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            # The next poll, or sooner: when the backend says it listens.
+            await wait_for_any([self._ready_hint], HEALTH_POLL_SECONDS)
+            self._ready_hint.clear()
 
     def _port_taken(self, holder: str, what: str) -> PortTaken:
         return PortTaken(

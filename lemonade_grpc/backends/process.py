@@ -24,7 +24,11 @@ from pathlib import Path
 
 import psutil
 
+from lemonade_grpc.backends.output import OutputPump
+
 SETPRIV = shutil.which("setpriv")
+# After the group is killed, how long the rest of its output may take to arrive.
+OUTPUT_DRAIN_SECONDS = 1.0
 
 
 class BackendProcess:
@@ -33,8 +37,12 @@ class BackendProcess:
     Created with `spawn`; `stop` is idempotent and safe to call concurrently.
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, log_path: Path, log_offset: int = 0) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, log_path: Path, log_offset: int, output: OutputPump
+    ) -> None:
         self._process = process
+        # Its output, followed line by line (and copied to `log_path`).
+        self.output = output
         self.log_path = log_path
         # Where this run's output starts in the log, which earlier runs of
         # the same model share (issue 9, finding 14: a failed start's
@@ -47,7 +55,7 @@ class BackendProcess:
     async def spawn(
         cls, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
     ) -> BackendProcess:
-        """Start `argv` with its output appended to `log_path`.
+        """Start `argv`, its output (stdout and stderr) followed and appended to `log_path`.
 
         Raises OSError when the program cannot be started.
         """
@@ -55,17 +63,22 @@ class BackendProcess:
         if SETPRIV is not None:
             command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        log = log_path.open("ab")
+        try:
             offset = os.fstat(log.fileno()).st_size
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
             )
-        return cls(process, log_path, offset)
+        except BaseException:
+            log.close()
+            raise
+        assert process.stdout is not None
+        return cls(process, log_path, offset, OutputPump(process.stdout, log))
 
     @property
     def returncode(self) -> int | None:
@@ -90,6 +103,7 @@ class BackendProcess:
             status = await self._process.wait()
         # The leader is gone; make sure nothing it started lingers in its group.
         self._signal_group(signal.SIGKILL)
+        await self.output.close(OUTPUT_DRAIN_SECONDS)
         return status
 
     def kill_group(self) -> None:

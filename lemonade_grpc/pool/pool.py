@@ -84,12 +84,18 @@ MemoryEstimator = Callable[[ModelSpec, EffectiveOptions], int]
 class BackendLauncher(Protocol):
     """Starts a backend and returns it once healthy (`Backend.launch` with its settings bound).
 
-    Calls `on_spawned` with each process it spawns. On failure or
+    Calls `on_spawned` with each process it spawns, and `on_progress(fraction,
+    message)` as the load advances (when it can tell). On failure or
     cancellation it stops whatever it spawned before raising.
     """
 
     def __call__(
-        self, spec: ModelSpec, options: EffectiveOptions, *, on_spawned: Callable[[Backend], None]
+        self,
+        spec: ModelSpec,
+        options: EffectiveOptions,
+        *,
+        on_spawned: Callable[[Backend], None],
+        on_progress: Callable[[float, str], None],
     ) -> Awaitable[Backend]: ...
 
 
@@ -387,8 +393,11 @@ class Pool:
                 attributes={"lemonade.pid": backend.pid},
             )
 
+        def progressed(fraction: float, message: str) -> None:
+            self._progress(job, LoadPhase.LOADING, message, fraction=fraction)
+
         try:
-            backend = await self._launch(spec, wanted, on_spawned=spawned)
+            backend = await self._launch(spec, wanted, on_spawned=spawned, on_progress=progressed)
         except asyncio.CancelledError:
             shutdown = isinstance(job.cancel_error, LoadAbortedByShutdown)
             self._set_state(

@@ -45,6 +45,8 @@ class PoolSettings:
     restart_backoff_max_seconds: float = 60.0
     max_restarts: int = 5
     restart_window_seconds: float = 600.0
+    # How often a loading llama-server's progress is read and reported, at most.
+    progress_seconds: float = 0.25
 
     def slots(self, model_type: ModelType) -> int:
         """How many models of `model_type` may be resident at once."""

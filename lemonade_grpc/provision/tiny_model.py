@@ -125,21 +125,40 @@ def generate(
     os.replace(temporary, path)
 
 
+# The sizes the generator makes. `medium` (about 400 MB of F32 weights, 8
+# layers 1024 wide) loads for long enough that its progress can be watched
+# (issue 12); the same vocabulary and template as `tiny`.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "medium": {"n_embd": 1024, "n_layer": 8, "n_head": 8, "n_ff": 2816},
+}
+
+
+def model_path(size: str = "tiny") -> Path:
+    """Where the generated model of `size` is cached for this generator version."""
+    return cache_root() / "models" / f"{size}-v{GENERATOR_VERSION}.gguf"
+
+
 def tiny_model_path() -> Path:
     """Where the bundled model is cached for this generator version."""
-    return cache_root() / "models" / f"tiny-v{GENERATOR_VERSION}.gguf"
+    return model_path("tiny")
 
 
-def ensure_tiny_model() -> Path:
-    """Generate the bundled model unless it is cached; return its path.
+def ensure_model(size: str = "tiny") -> Path:
+    """Generate the model of `size` (a key of `SIZES`) unless it is cached; return its path.
 
     Safe to call twice or from two processes at once: each writes its own
     temporary file and the rename is atomic.
     """
-    path = tiny_model_path()
+    path = model_path(size)
     if not path.is_file():
-        generate(path)
+        generate(path, **SIZES[size])
     return path
+
+
+def ensure_tiny_model() -> Path:
+    """Generate the bundled model unless it is cached; return its path."""
+    return ensure_model("tiny")
 
 
 def sha256(path: Path) -> str:
