@@ -10,6 +10,9 @@ import asyncio
 import gc
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,11 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 
 from conftest import FAKE_BACKEND, eventually, is_gone
+from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend, PortTaken, free_port
 from lemonade_grpc.backends.openai_client import OpenAIClient
+from lemonade_grpc.backends.process import (
+    _diag_listeners,
+    _proc_listeners,
+    descendants,
+    loopback_listeners,
+    socket_inodes,
+)
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
@@ -342,3 +354,59 @@ async def test_last_activity_moves_with_each_read(
     finally:
         await backend.stop(2.0)
     assert is_gone(backend.pid)
+
+
+# --- issue 12: readiness follows the backend's output --------------------------------------------
+
+
+async def test_llama_servers_listening_line_makes_it_ready_without_waiting_for_a_poll(
+    tiny_model: Path,
+    llama_server_binary: Path,
+    tmp_path: Path,
+    spawned: list[Backend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A poll an hour apart: the launch can only end within the test's time if the
+    # "listening on" line wakes the readiness check.
+    monkeypatch.setattr(backend_module, "HEALTH_POLL_SECONDS", 3600.0)
+    backend = await launch(llama_spec(tiny_model), tmp_path, spawned, health_timeout=7200.0)
+    try:
+        assert await backend.is_healthy(5.0)
+        assert backend.process.listens_on(backend.port)
+    finally:
+        await backend.stop(2.0)
+    # Its output reached the log file as well as the listeners.
+    log = (tmp_path / "llama.log").read_text()
+    assert "model loaded" in log
+    assert "listening on" in log
+
+
+def test_the_kernels_listening_sockets_agree_with_proc_net() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        inode = os.fstat(listener.fileno()).st_ino
+        assert loopback_listeners(port) == {inode}
+        assert socket_inodes(os.getpid()) >= {inode}
+        assert sorted(_diag_listeners(socket.AF_INET) + _diag_listeners(socket.AF_INET6)) == sorted(
+            _proc_listeners()
+        )
+    assert loopback_listeners(port) == set()
+
+
+def test_descendants_are_the_process_tree(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    script = f"sleep 30 & sleep 30 & (sleep 30 & wait) & touch {ready}; wait"
+    shell = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expected = sorted(p.pid for p in psutil.Process(shell.pid).children(recursive=True))
+        assert len(expected) == 4  # two sleeps, a subshell and its sleep
+        assert sorted(descendants(shell.pid)) == expected
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+    assert descendants(shell.pid) == []

@@ -19,6 +19,9 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
+import struct
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -116,21 +119,16 @@ class BackendProcess:
 
     def rss_bytes(self) -> int:
         """Resident memory of the process and its children; 0 when it is gone."""
-        try:
-            process = psutil.Process(self.pid)
-            total = process.memory_info().rss
-            for child in process.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
-            return int(total)
-        except psutil.Error:
-            return 0
+        total = 0
+        for process in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
 
     def tree(self) -> list[psutil.Process]:
         """The process and its live descendants; [] when it is gone."""
         try:
-            process = psutil.Process(self.pid)
-            return [process, *process.children(recursive=True)]
+            return [psutil.Process(self.pid), *(psutil.Process(pid) for pid in descendants(self.pid))]
         except psutil.Error:
             return []
 
@@ -143,12 +141,14 @@ class BackendProcess:
         """
         if self.returncode is not None:
             return False
-        for process in self.tree():
-            with contextlib.suppress(psutil.Error):
-                connections = process.net_connections(kind="tcp")
-                if any(_is_loopback_listener(c.status, c.laddr, port) for c in connections):
-                    return True
-        return False
+        listeners = loopback_listeners(port)
+        if not listeners:
+            return False
+        # The process itself first (llama-server): its descendants are found by
+        # scanning every process of the host, several milliseconds.
+        if socket_inodes(self.pid) & listeners:
+            return True
+        return any(socket_inodes(child.pid) & listeners for child in self.tree()[1:])
 
     def log_tail(self, limit: int = 2000) -> str:
         """The last `limit` bytes of this process's own output (none of earlier runs'), for error messages.
@@ -176,6 +176,121 @@ def _is_loopback_listener(status: str, laddr: tuple[object, ...], port: int) -> 
         and laddr[1] == port
         and laddr[0] in _LOOPBACK_REACHABLE
     )
+
+
+# sock_diag (netlink), as `ss` asks the kernel: only the listening sockets, in microseconds.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x301
+_NLMSG_DONE, _NLMSG_ERROR = 3, 2
+_TCP_LISTEN = 10
+
+
+def _diag_listeners(family: int) -> list[tuple[str, int, int]]:
+    """(address, port, inode) of every listening TCP socket of `family`, from the kernel's sock_diag."""
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
+    found: list[tuple[str, int, int]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(1.0)
+        diag.sendall(header + request)
+        while True:
+            data = diag.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR or length < 16:
+                    raise OSError("sock_diag answered with an error")
+                body = data[offset + 16 : offset + length]  # struct inet_diag_msg
+                size = 4 if body[0] == socket.AF_INET else 16
+                (port,) = struct.unpack_from("!H", body, 4)
+                (inode,) = struct.unpack_from("=I", body, 68)
+                found.append((socket.inet_ntop(body[0], body[8 : 8 + size]), port, inode))
+                offset += (length + 3) & ~3
+
+
+def _proc_listeners() -> list[tuple[str, int, int]]:
+    """The same from /proc/net/tcp and tcp6 (where sock_diag is missing): it walks every socket, slowly."""
+    found: list[tuple[str, int, int]] = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with contextlib.suppress(OSError, ValueError, IndexError), open(table, encoding="ascii") as lines:
+            next(lines, None)  # the header
+            for line in lines:
+                fields = line.split()
+                if fields[3] != "0A":  # LISTEN
+                    continue
+                hex_address, _, hex_port = fields[1].partition(":")
+                raw = bytes.fromhex(hex_address)  # 32-bit words in host order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((socket.inet_ntop(family, raw), int(hex_port, 16), int(fields[9])))
+    return found
+
+
+def loopback_listeners(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening where 127.0.0.1:`port` reaches.
+
+    Asked of the kernel's sock_diag, which lists only listening sockets: what
+    psutil's `net_connections` read from /proc/net/tcp{,6} took 7 ms here (it
+    walks the whole connection table), and a start waited for it (issue 12:
+    most of the 9 ms the control plane added to a backend's start).
+    """
+    try:
+        listeners = _diag_listeners(socket.AF_INET) + _diag_listeners(socket.AF_INET6)
+    except OSError:
+        listeners = _proc_listeners()
+    return {inode for address, bound, inode in listeners if bound == port and address in _LOOPBACK_REACHABLE}
+
+
+# Linux lists each task's children in /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN).
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of `pid`'s descendants, from /proc's children lists.
+
+    psutil's `children(recursive=True)` reads every process of the host to
+    find them: about a millisecond here, paid twice on the way to READY (the
+    model's memory is in its status). This reads the few files of the tree.
+    """
+    if not _PROC_CHILDREN:
+        with contextlib.suppress(psutil.Error):
+            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        return []
+    found: list[int] = []
+    parents = [pid]
+    while parents:
+        parent = parents.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            with (
+                contextlib.suppress(OSError, ValueError),
+                open(f"/proc/{parent}/task/{task}/children") as file,
+            ):
+                children = [int(child) for child in file.read().split()]
+                found += children
+                parents += children
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` holds open (empty when it is gone or not ours to read)."""
+    inodes: set[int] = set()
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
 
 
 def port_holder(port: int) -> str | None:
