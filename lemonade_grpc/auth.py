@@ -2,7 +2,7 @@
 
 An admin token may call everything. An inference token may call
 `Inference` and the read-only `ModelControl` calls (Status, Watch,
-ListModels), not Load, Unload or Pin. Health and reflection stay open to
+ListModels, Plan), not Load, Unload or Pin. Health and reflection stay open to
 all (probes and tools need them before they hold a token). With no token
 configured, every call is allowed, and the server keeps to loopback unless
 told otherwise (`--insecure-allow-remote`).
@@ -29,7 +29,7 @@ class Role(enum.Enum):
 
 
 # Calls an inference token may make besides Inference's.
-READ_ONLY_CONTROL = frozenset({"Status", "Watch", "ListModels"})
+READ_ONLY_CONTROL = frozenset({"Status", "Watch", "ListModels", "Plan"})
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 
 

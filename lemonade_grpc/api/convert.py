@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool import events
+from lemonade_grpc.pool import events, forecast
 from lemonade_grpc.pool.jobs import LoadResult
 from lemonade_grpc.pool.model import ModelState, ModelView
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
@@ -212,4 +212,29 @@ def catalog_model(spec: ModelSpec, view: ModelView | None, server_idle_default: 
         loaded=view is not None,
         pinned=view.pinned if view else False,
         state=MODEL_STATES[view.state] if view else pb.MODEL_STATE_UNSPECIFIED,
+    )
+
+
+PLAN_OUTCOMES = {
+    forecast.Outcome.ALREADY_LOADED: pb.PLAN_OUTCOME_ALREADY_LOADED,
+    forecast.Outcome.REUSE: pb.PLAN_OUTCOME_REUSE,
+    forecast.Outcome.LOAD: pb.PLAN_OUTCOME_LOAD,
+    forecast.Outcome.SLOTS_PINNED: pb.PLAN_OUTCOME_SLOTS_PINNED,
+    forecast.Outcome.INSUFFICIENT_MEMORY: pb.PLAN_OUTCOME_INSUFFICIENT_MEMORY,
+}
+
+
+def plan_response(told: forecast.LoadForecast, server_idle_default: int) -> pb.PlanResponse:
+    """What a Load would do, as the Plan RPC answers it."""
+    return pb.PlanResponse(
+        model=told.model,
+        outcome=PLAN_OUTCOMES[told.outcome],
+        options=load_options(told.options, server_idle_default),
+        reload=told.reload,
+        evictions=[pb.Eviction(model=name, reason=UNLOAD_REASONS[reason]) for name, reason in told.evictions],
+        need_bytes=told.need_bytes,
+        available_bytes=told.available_bytes,
+        reserve_bytes=told.reserve_bytes,
+        loads_ahead=told.loads_ahead,
+        message=told.message,
     )

@@ -73,6 +73,17 @@ class ModelControl(pb_grpc.ModelControlServicer):
         view = await self._pool.pin(request.model, request.pinned)
         return pb.PinResponse(status=convert.model_status(view, self._idle_default))
 
+    @errors.unary
+    async def Plan(
+        self, request: pb.PlanRequest, context: Context[pb.PlanRequest, pb.PlanResponse]
+    ) -> pb.PlanResponse:
+        told = await self._pool.plan(
+            request.model,
+            convert.requested_options(request.options, request.HasField("options")),
+            request.pinned if request.HasField("pinned") else None,
+        )
+        return convert.plan_response(told, self._idle_default)
+
     @errors.stream
     async def Watch(
         self, request: pb.WatchRequest, context: Context[pb.WatchRequest, pb.WatchResponse]

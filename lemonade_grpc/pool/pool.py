@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -64,6 +65,7 @@ from lemonade_grpc.pool.events import (
     PoolWarning,
     UnloadReason,
 )
+from lemonade_grpc.pool.forecast import LoadForecast, Outcome
 from lemonade_grpc.pool.jobs import JobKey, LoadJob, LoadOrigin, LoadResult
 from lemonade_grpc.pool.memory import MemoryProbe, SystemMemory, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
@@ -105,6 +107,22 @@ def file_size(spec: ModelSpec, options: EffectiveOptions) -> int:
         return spec.path.stat().st_size
     except OSError:
         return 0
+
+
+def _slots_pinned(spec: ModelSpec, plan: policy.NoRoom) -> SlotsPinned:
+    return SlotsPinned(
+        f"every {spec.type.value} slot is held by a pinned model ({', '.join(plan.pinned)});"
+        f" unpin one to load {spec.name}"
+    )
+
+
+def _insufficient_memory(spec: ModelSpec, plan: policy.NotEnoughMemory) -> InsufficientMemory:
+    return InsufficientMemory(
+        f"{spec.name} needs about {mib(plan.need)} ({plan.need:,} bytes: model file and context);"
+        f" {mib(plan.available)} is available, {mib(plan.reserve)} is kept in reserve"
+        f" ([pool] memory_reserve_mb), and evicting every idle unpinned model would free"
+        f" only {mib(plan.freeable)}"
+    )
 
 
 class Pool:
@@ -332,28 +350,11 @@ class Pool:
             if self._ready(job.name) is running and self._awaiting_restart(job.name) is crashed:
                 break  # nothing this decision rests on changed while we waited
 
-        residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
-        plan = policy.plan_load(
-            job.name,
-            spec.type,
-            need,
-            residents,
-            self.settings.slots(spec.type),
-            available=self._memory.available_bytes(),
-            reserve=self.settings.memory_reserve_bytes,
-        )
+        plan = self._placement(spec, need)
         if isinstance(plan, policy.NoRoom):
-            raise SlotsPinned(
-                f"every {spec.type.value} slot is held by a pinned model ({', '.join(plan.pinned)});"
-                f" unpin one to load {job.name}"
-            )
+            raise _slots_pinned(spec, plan)
         if isinstance(plan, policy.NotEnoughMemory):
-            raise InsufficientMemory(
-                f"{job.name} needs about {mib(plan.need)} ({plan.need:,} bytes: model file and context);"
-                f" {mib(plan.available)} is available, {mib(plan.reserve)} is kept in reserve"
-                f" ([pool] memory_reserve_mb), and evicting every idle unpinned model would free"
-                f" only {mib(plan.freeable)}"
-            )
+            raise _insufficient_memory(spec, plan)
         pinned = job.pinned if job.pinned is not None else bool(base and base.pinned)
         previous = self._models.get(job.name)
         if previous is not None and previous.state in (ModelState.READY, ModelState.FAILED):
@@ -374,6 +375,70 @@ class Pool:
                     self._stop(self._models[victim], reason)
         await self._teardowns_done()
         return await self._start(job, spec, wanted, pinned)
+
+    def _placement(
+        self, spec: ModelSpec, need: int
+    ) -> policy.LoadPlan | policy.NoRoom | policy.NotEnoughMemory:
+        """Where a load of `spec` needing `need` bytes fits now: the one decision `load` and `plan` share."""
+        residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
+        return policy.plan_load(
+            spec.name,
+            spec.type,
+            need,
+            residents,
+            self.settings.slots(spec.type),
+            available=self._memory.available_bytes(),
+            reserve=self.settings.memory_reserve_bytes,
+        )
+
+    async def plan(self, name: str, requested: RequestedOptions, pinned: bool | None = None) -> LoadForecast:
+        """What `load(name, requested, pinned)` would do now, without doing it (issue 12).
+
+        Raises what `load` raises at once for a request it refuses. Decided
+        by the functions the load path runs, and at the same points of it:
+        what changes nothing, what keeps the process, then the placement;
+        a failure carries the load's own message.
+        """
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        spec = self._spec(name)
+        opts.validate(requested, name, spec.allowed_args)
+        running = self._ready(name)
+        base = running or self._awaiting_restart(name)
+        wanted = opts.resolve(requested, base.options if base else None, spec.defaults)
+        told = functools.partial(
+            LoadForecast,
+            name,
+            options=wanted,
+            available_bytes=self._memory.available_bytes(),
+            reserve_bytes=self.settings.memory_reserve_bytes,
+            loads_ahead=len(self._waiting) + (self._current is not None),
+        )
+        if running is not None and policy.changes_nothing(running.options, running.pinned, wanted, pinned):
+            return told(Outcome.ALREADY_LOADED, message=f"{name} is loaded as asked: nothing to do")
+        if running is not None and policy.reuses_process(running.options, wanted):
+            return told(Outcome.REUSE, message=f"{name} keeps its process; only its settings change")
+        need = await asyncio.to_thread(self._estimate, spec, wanted)
+        plan = self._placement(spec, need)
+        if isinstance(plan, policy.NoRoom):
+            return told(Outcome.SLOTS_PINNED, message=_slots_pinned(spec, plan).message)
+        if isinstance(plan, policy.NotEnoughMemory):
+            return told(
+                Outcome.INSUFFICIENT_MEMORY, message=_insufficient_memory(spec, plan).message, need_bytes=need
+            )
+        evictions = tuple((victim, UnloadReason.EVICTED_LRU) for victim in plan.slot_victims) + tuple(
+            (victim, UnloadReason.MEMORY_PRESSURE) for victim in plan.memory_victims
+        )
+        stops = [f"{victim} ({reason.value})" for victim, reason in evictions]
+        if plan.reload:
+            stops.insert(0, f"its own process running with other options ({UnloadReason.RELOAD.value})")
+        return told(
+            Outcome.LOAD,
+            message=f"{name} would be started" + (f" after stopping {', '.join(stops)}" if stops else ""),
+            reload=plan.reload,
+            evictions=evictions,
+            need_bytes=need,
+        )
 
     async def _start(
         self, job: LoadJob, spec: ModelSpec, wanted: EffectiveOptions, pinned: bool

@@ -159,6 +159,60 @@ UNLOAD_REASON_RELOAD: UnloadReason.ValueType  # 7
 """Replaced by a load of the same model with different options."""
 Global___UnloadReason: _TypeAlias = UnloadReason  # noqa: Y015
 
+class _PlanOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlanOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlanOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLAN_OUTCOME_UNSPECIFIED: _PlanOutcome.ValueType  # 0
+    PLAN_OUTCOME_ALREADY_LOADED: _PlanOutcome.ValueType  # 1
+    """Nothing: loaded with these options and pin. The Load answers READY at
+    once with `already_loaded`.
+    """
+    PLAN_OUTCOME_REUSE: _PlanOutcome.ValueType  # 2
+    """Keep the running process, change only what needs no restart (the pin,
+    the idle timeout).
+    """
+    PLAN_OUTCOME_LOAD: _PlanOutcome.ValueType  # 3
+    """Start a process: after stopping `evictions` and, when `reload`, the
+    model's own process running with other options.
+    """
+    PLAN_OUTCOME_SLOTS_PINNED: _PlanOutcome.ValueType  # 4
+    """The Load would fail FAILED_PRECONDITION, reason SLOTS_PINNED: pinned
+    models hold every slot of the model's type.
+    """
+    PLAN_OUTCOME_INSUFFICIENT_MEMORY: _PlanOutcome.ValueType  # 5
+    """The Load would fail RESOURCE_EXHAUSTED, reason INSUFFICIENT_MEMORY:
+    evicting every idle unpinned model would not free enough.
+    """
+
+class PlanOutcome(_PlanOutcome, metaclass=_PlanOutcomeEnumTypeWrapper):
+    """PlanOutcome is what the Load would do."""
+
+PLAN_OUTCOME_UNSPECIFIED: PlanOutcome.ValueType  # 0
+PLAN_OUTCOME_ALREADY_LOADED: PlanOutcome.ValueType  # 1
+"""Nothing: loaded with these options and pin. The Load answers READY at
+once with `already_loaded`.
+"""
+PLAN_OUTCOME_REUSE: PlanOutcome.ValueType  # 2
+"""Keep the running process, change only what needs no restart (the pin,
+the idle timeout).
+"""
+PLAN_OUTCOME_LOAD: PlanOutcome.ValueType  # 3
+"""Start a process: after stopping `evictions` and, when `reload`, the
+model's own process running with other options.
+"""
+PLAN_OUTCOME_SLOTS_PINNED: PlanOutcome.ValueType  # 4
+"""The Load would fail FAILED_PRECONDITION, reason SLOTS_PINNED: pinned
+models hold every slot of the model's type.
+"""
+PLAN_OUTCOME_INSUFFICIENT_MEMORY: PlanOutcome.ValueType  # 5
+"""The Load would fail RESOURCE_EXHAUSTED, reason INSUFFICIENT_MEMORY:
+evicting every idle unpinned model would not free enough.
+"""
+Global___PlanOutcome: _TypeAlias = PlanOutcome  # noqa: Y015
+
 @_typing.final
 class BackendArgs(_message.Message):
     """BackendArgs is a list of extra command-line arguments for the backend.
@@ -1154,3 +1208,135 @@ class CatalogModel(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CatalogModel: _TypeAlias = CatalogModel  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    """PlanRequest has the fields of a LoadRequest: the Load it asks about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Catalog name of the model. Required; the rules of LoadRequest.model."""
+    pinned: _builtins.bool
+    """The pin, as in LoadRequest."""
+    @_builtins.property
+    def options(self) -> Global___LoadOptions:
+        """Requested options, as in LoadRequest."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        options: Global___LoadOptions | None = ...,
+        pinned: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_pinned", b"_pinned", "options", b"options", "pinned", b"pinned"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_pinned", b"_pinned", "model", b"model", "options", b"options", "pinned", b"pinned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__pinned: _TypeAlias = _typing.Literal["pinned"]  # noqa: Y015
+    _WhichOneofArgType__pinned: _TypeAlias = _typing.Literal["_pinned", b"_pinned"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pinned) -> _WhichOneofReturnType__pinned | None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class Eviction(_message.Message):
+    """Eviction is one model a Load would stop, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model."""
+    reason: Global___UnloadReason.ValueType
+    """UNLOAD_REASON_EVICTED_LRU (for a slot) or UNLOAD_REASON_MEMORY_PRESSURE."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        reason: Global___UnloadReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Eviction: _TypeAlias = Eviction  # noqa: Y015
+
+@_typing.final
+class PlanResponse(_message.Message):
+    """PlanResponse is what a Load would do now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    RELOAD_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    NEED_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVE_BYTES_FIELD_NUMBER: _builtins.int
+    LOADS_AHEAD_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model asked about."""
+    outcome: Global___PlanOutcome.ValueType
+    """What the Load would do."""
+    reload: _builtins.bool
+    """On LOAD: the model runs now with other options, and its process would
+    be replaced.
+    """
+    need_bytes: _builtins.int
+    """On LOAD and INSUFFICIENT_MEMORY: the estimated memory the model needs
+    (model file and context), in bytes; 0 otherwise.
+    """
+    available_bytes: _builtins.int
+    """Memory available now and kept in reserve (`[pool] memory_reserve_mb`),
+    in bytes.
+    """
+    reserve_bytes: _builtins.int
+    """The reserve, in bytes."""
+    loads_ahead: _builtins.int
+    """Loads running or queued for the load lock now: the Load would wait for
+    them, and what they do may change the plan.
+    """
+    message: _builtins.str
+    """A sentence: what would happen, or the message the Load would fail with."""
+    @_builtins.property
+    def options(self) -> Global___LoadOptions:
+        """The options the model would run with (for ALREADY_LOADED and REUSE,
+        those it runs with after the Load).
+        """
+
+    @_builtins.property
+    def evictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Eviction]:
+        """On LOAD: the models that would be stopped first, in order."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        outcome: Global___PlanOutcome.ValueType = ...,
+        options: Global___LoadOptions | None = ...,
+        reload: _builtins.bool = ...,
+        evictions: _abc.Iterable[Global___Eviction] | None = ...,
+        need_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        reserve_bytes: _builtins.int = ...,
+        loads_ahead: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "evictions", b"evictions", "loads_ahead", b"loads_ahead", "message", b"message", "model", b"model", "need_bytes", b"need_bytes", "options", b"options", "outcome", b"outcome", "reload", b"reload", "reserve_bytes", b"reserve_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015

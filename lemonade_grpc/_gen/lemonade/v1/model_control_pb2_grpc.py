@@ -67,6 +67,11 @@ class ModelControlStub:
                 request_serializer=lemonade_dot_v1_dot_model__control__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=lemonade_dot_v1_dot_model__control__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/lemonade.v1.ModelControl/Plan',
+                request_serializer=lemonade_dot_v1_dot_model__control__pb2.PlanRequest.SerializeToString,
+                response_deserializer=lemonade_dot_v1_dot_model__control__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class ModelControlServicer:
@@ -124,6 +129,21 @@ class ModelControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Plan answers what a Load with the same fields would do now, without
+        doing it: nothing (already loaded as asked), keep the process and change
+        settings, or start one, evicting which models and why; and whether the
+        memory estimate fits. A Load that would fail SLOTS_PINNED or
+        INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+        message the Load would fail with. The plan comes from the same decision
+        functions a Load runs; like any status it may be stale the moment it is
+        sent. Read-only: an inference token may call it. A request a Load would
+        refuse (bad name or options) is refused the same way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +176,11 @@ def add_ModelControlServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=lemonade_dot_v1_dot_model__control__pb2.ListModelsRequest.FromString,
                     response_serializer=lemonade_dot_v1_dot_model__control__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=lemonade_dot_v1_dot_model__control__pb2.PlanRequest.FromString,
+                    response_serializer=lemonade_dot_v1_dot_model__control__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -323,6 +348,33 @@ class ModelControl:
             '/lemonade.v1.ModelControl/ListModels',
             lemonade_dot_v1_dot_model__control__pb2.ListModelsRequest.SerializeToString,
             lemonade_dot_v1_dot_model__control__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lemonade.v1.ModelControl/Plan',
+            lemonade_dot_v1_dot_model__control__pb2.PlanRequest.SerializeToString,
+            lemonade_dot_v1_dot_model__control__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

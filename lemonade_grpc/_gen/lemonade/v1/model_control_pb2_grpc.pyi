@@ -66,6 +66,17 @@ class ModelControlStub:
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_model_control_pb2.ListModelsRequest, _model_control_pb2.ListModelsResponse]
     """ListModels returns the catalog, each entry with whether it is loaded."""
+    Plan: _grpc.UnaryUnaryMultiCallable[_model_control_pb2.PlanRequest, _model_control_pb2.PlanResponse]
+    """Plan answers what a Load with the same fields would do now, without
+    doing it: nothing (already loaded as asked), keep the process and change
+    settings, or start one, evicting which models and why; and whether the
+    memory estimate fits. A Load that would fail SLOTS_PINNED or
+    INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+    message the Load would fail with. The plan comes from the same decision
+    functions a Load runs; like any status it may be stale the moment it is
+    sent. Read-only: an inference token may call it. A request a Load would
+    refuse (bad name or options) is refused the same way.
+    """
 
 @_typing.type_check_only
 class ModelControlAsyncStub(ModelControlStub):
@@ -98,6 +109,17 @@ class ModelControlAsyncStub(ModelControlStub):
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_model_control_pb2.ListModelsRequest, _model_control_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels returns the catalog, each entry with whether it is loaded."""
+    Plan: _aio.UnaryUnaryMultiCallable[_model_control_pb2.PlanRequest, _model_control_pb2.PlanResponse]  # type: ignore[assignment]
+    """Plan answers what a Load with the same fields would do now, without
+    doing it: nothing (already loaded as asked), keep the process and change
+    settings, or start one, evicting which models and why; and whether the
+    memory estimate fits. A Load that would fail SLOTS_PINNED or
+    INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+    message the Load would fail with. The plan comes from the same decision
+    functions a Load runs; like any status it may be stale the moment it is
+    sent. Read-only: an inference token may call it. A request a Load would
+    refuse (bad name or options) is refused the same way.
+    """
 
 class ModelControlServicer(metaclass=_abc_1.ABCMeta):
     """ModelControl loads, unloads and pins models and reports the pool's state.
@@ -163,5 +185,22 @@ class ModelControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_control_pb2.ListModelsResponse, _abc.Awaitable[_model_control_pb2.ListModelsResponse]]:
         """ListModels returns the catalog, each entry with whether it is loaded."""
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _model_control_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_control_pb2.PlanResponse, _abc.Awaitable[_model_control_pb2.PlanResponse]]:
+        """Plan answers what a Load with the same fields would do now, without
+        doing it: nothing (already loaded as asked), keep the process and change
+        settings, or start one, evicting which models and why; and whether the
+        memory estimate fits. A Load that would fail SLOTS_PINNED or
+        INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+        message the Load would fail with. The plan comes from the same decision
+        functions a Load runs; like any status it may be stale the moment it is
+        sent. Read-only: an inference token may call it. A request a Load would
+        refuse (bad name or options) is refused the same way.
+        """
 
 def add_ModelControlServicer_to_server(servicer: ModelControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

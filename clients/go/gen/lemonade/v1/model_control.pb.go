@@ -279,6 +279,75 @@ func (UnloadReason) EnumDescriptor() ([]byte, []int) {
 	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{3}
 }
 
+// PlanOutcome is what the Load would do.
+type PlanOutcome int32
+
+const (
+	PlanOutcome_PLAN_OUTCOME_UNSPECIFIED PlanOutcome = 0
+	// Nothing: loaded with these options and pin. The Load answers READY at
+	// once with `already_loaded`.
+	PlanOutcome_PLAN_OUTCOME_ALREADY_LOADED PlanOutcome = 1
+	// Keep the running process, change only what needs no restart (the pin,
+	// the idle timeout).
+	PlanOutcome_PLAN_OUTCOME_REUSE PlanOutcome = 2
+	// Start a process: after stopping `evictions` and, when `reload`, the
+	// model's own process running with other options.
+	PlanOutcome_PLAN_OUTCOME_LOAD PlanOutcome = 3
+	// The Load would fail FAILED_PRECONDITION, reason SLOTS_PINNED: pinned
+	// models hold every slot of the model's type.
+	PlanOutcome_PLAN_OUTCOME_SLOTS_PINNED PlanOutcome = 4
+	// The Load would fail RESOURCE_EXHAUSTED, reason INSUFFICIENT_MEMORY:
+	// evicting every idle unpinned model would not free enough.
+	PlanOutcome_PLAN_OUTCOME_INSUFFICIENT_MEMORY PlanOutcome = 5
+)
+
+// Enum value maps for PlanOutcome.
+var (
+	PlanOutcome_name = map[int32]string{
+		0: "PLAN_OUTCOME_UNSPECIFIED",
+		1: "PLAN_OUTCOME_ALREADY_LOADED",
+		2: "PLAN_OUTCOME_REUSE",
+		3: "PLAN_OUTCOME_LOAD",
+		4: "PLAN_OUTCOME_SLOTS_PINNED",
+		5: "PLAN_OUTCOME_INSUFFICIENT_MEMORY",
+	}
+	PlanOutcome_value = map[string]int32{
+		"PLAN_OUTCOME_UNSPECIFIED":         0,
+		"PLAN_OUTCOME_ALREADY_LOADED":      1,
+		"PLAN_OUTCOME_REUSE":               2,
+		"PLAN_OUTCOME_LOAD":                3,
+		"PLAN_OUTCOME_SLOTS_PINNED":        4,
+		"PLAN_OUTCOME_INSUFFICIENT_MEMORY": 5,
+	}
+)
+
+func (x PlanOutcome) Enum() *PlanOutcome {
+	p := new(PlanOutcome)
+	*p = x
+	return p
+}
+
+func (x PlanOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PlanOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_lemonade_v1_model_control_proto_enumTypes[4].Descriptor()
+}
+
+func (PlanOutcome) Type() protoreflect.EnumType {
+	return &file_lemonade_v1_model_control_proto_enumTypes[4]
+}
+
+func (x PlanOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PlanOutcome.Descriptor instead.
+func (PlanOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{4}
+}
+
 // BackendArgs is a list of extra command-line arguments for the backend.
 // It is a message, not a bare repeated field, so that "absent" (keep the
 // current arguments) can be told from "present and empty" (no extra
@@ -2264,6 +2333,257 @@ func (x *CatalogModel) GetState() ModelState {
 	return ModelState_MODEL_STATE_UNSPECIFIED
 }
 
+// PlanRequest has the fields of a LoadRequest: the Load it asks about.
+type PlanRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog name of the model. Required; the rules of LoadRequest.model.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Requested options, as in LoadRequest.
+	Options *LoadOptions `protobuf:"bytes,2,opt,name=options,proto3" json:"options,omitempty"`
+	// The pin, as in LoadRequest.
+	Pinned        *bool `protobuf:"varint,3,opt,name=pinned,proto3,oneof" json:"pinned,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlanRequest) Reset() {
+	*x = PlanRequest{}
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlanRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlanRequest) ProtoMessage() {}
+
+func (x *PlanRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlanRequest.ProtoReflect.Descriptor instead.
+func (*PlanRequest) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *PlanRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *PlanRequest) GetOptions() *LoadOptions {
+	if x != nil {
+		return x.Options
+	}
+	return nil
+}
+
+func (x *PlanRequest) GetPinned() bool {
+	if x != nil && x.Pinned != nil {
+		return *x.Pinned
+	}
+	return false
+}
+
+// Eviction is one model a Load would stop, and why.
+type Eviction struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// UNLOAD_REASON_EVICTED_LRU (for a slot) or UNLOAD_REASON_MEMORY_PRESSURE.
+	Reason        UnloadReason `protobuf:"varint,2,opt,name=reason,proto3,enum=lemonade.v1.UnloadReason" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Eviction) Reset() {
+	*x = Eviction{}
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Eviction) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Eviction) ProtoMessage() {}
+
+func (x *Eviction) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Eviction.ProtoReflect.Descriptor instead.
+func (*Eviction) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *Eviction) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Eviction) GetReason() UnloadReason {
+	if x != nil {
+		return x.Reason
+	}
+	return UnloadReason_UNLOAD_REASON_UNSPECIFIED
+}
+
+// PlanResponse is what a Load would do now.
+type PlanResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model asked about.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// What the Load would do.
+	Outcome PlanOutcome `protobuf:"varint,2,opt,name=outcome,proto3,enum=lemonade.v1.PlanOutcome" json:"outcome,omitempty"`
+	// The options the model would run with (for ALREADY_LOADED and REUSE,
+	// those it runs with after the Load).
+	Options *LoadOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
+	// On LOAD: the model runs now with other options, and its process would
+	// be replaced.
+	Reload bool `protobuf:"varint,4,opt,name=reload,proto3" json:"reload,omitempty"`
+	// On LOAD: the models that would be stopped first, in order.
+	Evictions []*Eviction `protobuf:"bytes,5,rep,name=evictions,proto3" json:"evictions,omitempty"`
+	// On LOAD and INSUFFICIENT_MEMORY: the estimated memory the model needs
+	// (model file and context), in bytes; 0 otherwise.
+	NeedBytes int64 `protobuf:"varint,6,opt,name=need_bytes,json=needBytes,proto3" json:"need_bytes,omitempty"`
+	// Memory available now and kept in reserve (`[pool] memory_reserve_mb`),
+	// in bytes.
+	AvailableBytes int64 `protobuf:"varint,7,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
+	// The reserve, in bytes.
+	ReserveBytes int64 `protobuf:"varint,8,opt,name=reserve_bytes,json=reserveBytes,proto3" json:"reserve_bytes,omitempty"`
+	// Loads running or queued for the load lock now: the Load would wait for
+	// them, and what they do may change the plan.
+	LoadsAhead uint32 `protobuf:"varint,9,opt,name=loads_ahead,json=loadsAhead,proto3" json:"loads_ahead,omitempty"`
+	// A sentence: what would happen, or the message the Load would fail with.
+	Message       string `protobuf:"bytes,10,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlanResponse) Reset() {
+	*x = PlanResponse{}
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlanResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlanResponse) ProtoMessage() {}
+
+func (x *PlanResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlanResponse.ProtoReflect.Descriptor instead.
+func (*PlanResponse) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *PlanResponse) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *PlanResponse) GetOutcome() PlanOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return PlanOutcome_PLAN_OUTCOME_UNSPECIFIED
+}
+
+func (x *PlanResponse) GetOptions() *LoadOptions {
+	if x != nil {
+		return x.Options
+	}
+	return nil
+}
+
+func (x *PlanResponse) GetReload() bool {
+	if x != nil {
+		return x.Reload
+	}
+	return false
+}
+
+func (x *PlanResponse) GetEvictions() []*Eviction {
+	if x != nil {
+		return x.Evictions
+	}
+	return nil
+}
+
+func (x *PlanResponse) GetNeedBytes() int64 {
+	if x != nil {
+		return x.NeedBytes
+	}
+	return 0
+}
+
+func (x *PlanResponse) GetAvailableBytes() int64 {
+	if x != nil {
+		return x.AvailableBytes
+	}
+	return 0
+}
+
+func (x *PlanResponse) GetReserveBytes() int64 {
+	if x != nil {
+		return x.ReserveBytes
+	}
+	return 0
+}
+
+func (x *PlanResponse) GetLoadsAhead() uint32 {
+	if x != nil {
+		return x.LoadsAhead
+	}
+	return 0
+}
+
+func (x *PlanResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_lemonade_v1_model_control_proto protoreflect.FileDescriptor
 
 const file_lemonade_v1_model_control_proto_rawDesc = "" +
@@ -2410,7 +2730,29 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x0fdefault_options\x18\x05 \x01(\v2\x18.lemonade.v1.LoadOptionsR\x0edefaultOptions\x12\x16\n" +
 	"\x06loaded\x18\x06 \x01(\bR\x06loaded\x12\x16\n" +
 	"\x06pinned\x18\a \x01(\bR\x06pinned\x12-\n" +
-	"\x05state\x18\b \x01(\x0e2\x17.lemonade.v1.ModelStateR\x05state*U\n" +
+	"\x05state\x18\b \x01(\x0e2\x17.lemonade.v1.ModelStateR\x05state\"\x7f\n" +
+	"\vPlanRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x122\n" +
+	"\aoptions\x18\x02 \x01(\v2\x18.lemonade.v1.LoadOptionsR\aoptions\x12\x1b\n" +
+	"\x06pinned\x18\x03 \x01(\bH\x00R\x06pinned\x88\x01\x01B\t\n" +
+	"\a_pinned\"S\n" +
+	"\bEviction\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x121\n" +
+	"\x06reason\x18\x02 \x01(\x0e2\x19.lemonade.v1.UnloadReasonR\x06reason\"\x81\x03\n" +
+	"\fPlanResponse\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x122\n" +
+	"\aoutcome\x18\x02 \x01(\x0e2\x18.lemonade.v1.PlanOutcomeR\aoutcome\x122\n" +
+	"\aoptions\x18\x03 \x01(\v2\x18.lemonade.v1.LoadOptionsR\aoptions\x12\x16\n" +
+	"\x06reload\x18\x04 \x01(\bR\x06reload\x123\n" +
+	"\tevictions\x18\x05 \x03(\v2\x15.lemonade.v1.EvictionR\tevictions\x12\x1d\n" +
+	"\n" +
+	"need_bytes\x18\x06 \x01(\x03R\tneedBytes\x12'\n" +
+	"\x0favailable_bytes\x18\a \x01(\x03R\x0eavailableBytes\x12#\n" +
+	"\rreserve_bytes\x18\b \x01(\x03R\freserveBytes\x12\x1f\n" +
+	"\vloads_ahead\x18\t \x01(\rR\n" +
+	"loadsAhead\x12\x18\n" +
+	"\amessage\x18\n" +
+	" \x01(\tR\amessage*U\n" +
 	"\tModelType\x12\x1a\n" +
 	"\x16MODEL_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eMODEL_TYPE_LLM\x10\x01\x12\x18\n" +
@@ -2437,7 +2779,14 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x1dUNLOAD_REASON_MEMORY_PRESSURE\x10\x04\x12\x19\n" +
 	"\x15UNLOAD_REASON_CRASHED\x10\x05\x12\x1a\n" +
 	"\x16UNLOAD_REASON_SHUTDOWN\x10\x06\x12\x18\n" +
-	"\x14UNLOAD_REASON_RELOAD\x10\a2\x9e\x03\n" +
+	"\x14UNLOAD_REASON_RELOAD\x10\a*\xc0\x01\n" +
+	"\vPlanOutcome\x12\x1c\n" +
+	"\x18PLAN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bPLAN_OUTCOME_ALREADY_LOADED\x10\x01\x12\x16\n" +
+	"\x12PLAN_OUTCOME_REUSE\x10\x02\x12\x15\n" +
+	"\x11PLAN_OUTCOME_LOAD\x10\x03\x12\x1d\n" +
+	"\x19PLAN_OUTCOME_SLOTS_PINNED\x10\x04\x12$\n" +
+	" PLAN_OUTCOME_INSUFFICIENT_MEMORY\x10\x052\xdb\x03\n" +
 	"\fModelControl\x12=\n" +
 	"\x04Load\x12\x18.lemonade.v1.LoadRequest\x1a\x19.lemonade.v1.LoadResponse0\x01\x12A\n" +
 	"\x06Unload\x12\x1a.lemonade.v1.UnloadRequest\x1a\x1b.lemonade.v1.UnloadResponse\x128\n" +
@@ -2445,7 +2794,8 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x06Status\x12\x1a.lemonade.v1.StatusRequest\x1a\x1b.lemonade.v1.StatusResponse\x12@\n" +
 	"\x05Watch\x12\x19.lemonade.v1.WatchRequest\x1a\x1a.lemonade.v1.WatchResponse0\x01\x12M\n" +
 	"\n" +
-	"ListModels\x12\x1e.lemonade.v1.ListModelsRequest\x1a\x1f.lemonade.v1.ListModelsResponseB\xbf\x01\n" +
+	"ListModels\x12\x1e.lemonade.v1.ListModelsRequest\x1a\x1f.lemonade.v1.ListModelsResponse\x12;\n" +
+	"\x04Plan\x12\x18.lemonade.v1.PlanRequest\x1a\x19.lemonade.v1.PlanResponseB\xbf\x01\n" +
 	"\x0fcom.lemonade.v1B\x11ModelControlProtoP\x01ZLgithub.com/lemonade-grpc/lemonade-grpc/clients/go/gen/lemonade/v1;lemonadev1\xa2\x02\x03LXX\xaa\x02\vLemonade.V1\xca\x02\vLemonade\\V1\xe2\x02\x17Lemonade\\V1\\GPBMetadata\xea\x02\fLemonade::V1b\x06proto3"
 
 var (
@@ -2460,98 +2810,109 @@ func file_lemonade_v1_model_control_proto_rawDescGZIP() []byte {
 	return file_lemonade_v1_model_control_proto_rawDescData
 }
 
-var file_lemonade_v1_model_control_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_lemonade_v1_model_control_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_lemonade_v1_model_control_proto_goTypes = []any{
 	(ModelType)(0),                // 0: lemonade.v1.ModelType
 	(ModelState)(0),               // 1: lemonade.v1.ModelState
 	(LoadPhase)(0),                // 2: lemonade.v1.LoadPhase
 	(UnloadReason)(0),             // 3: lemonade.v1.UnloadReason
-	(*BackendArgs)(nil),           // 4: lemonade.v1.BackendArgs
-	(*LoadOptions)(nil),           // 5: lemonade.v1.LoadOptions
-	(*LoadRequest)(nil),           // 6: lemonade.v1.LoadRequest
-	(*LoadResponse)(nil),          // 7: lemonade.v1.LoadResponse
-	(*ModelStatus)(nil),           // 8: lemonade.v1.ModelStatus
-	(*UnloadRequest)(nil),         // 9: lemonade.v1.UnloadRequest
-	(*UnloadResponse)(nil),        // 10: lemonade.v1.UnloadResponse
-	(*PinRequest)(nil),            // 11: lemonade.v1.PinRequest
-	(*PinResponse)(nil),           // 12: lemonade.v1.PinResponse
-	(*StatusRequest)(nil),         // 13: lemonade.v1.StatusRequest
-	(*StatusResponse)(nil),        // 14: lemonade.v1.StatusResponse
-	(*SlotUsage)(nil),             // 15: lemonade.v1.SlotUsage
-	(*MemoryStatus)(nil),          // 16: lemonade.v1.MemoryStatus
-	(*LoadInFlight)(nil),          // 17: lemonade.v1.LoadInFlight
-	(*PoolStatus)(nil),            // 18: lemonade.v1.PoolStatus
-	(*WatchRequest)(nil),          // 19: lemonade.v1.WatchRequest
-	(*WatchResponse)(nil),         // 20: lemonade.v1.WatchResponse
-	(*LoadProgress)(nil),          // 21: lemonade.v1.LoadProgress
-	(*ModelLoaded)(nil),           // 22: lemonade.v1.ModelLoaded
-	(*ModelUnloaded)(nil),         // 23: lemonade.v1.ModelUnloaded
-	(*ModelStateChanged)(nil),     // 24: lemonade.v1.ModelStateChanged
-	(*PinChanged)(nil),            // 25: lemonade.v1.PinChanged
-	(*LoadFailed)(nil),            // 26: lemonade.v1.LoadFailed
-	(*Warning)(nil),               // 27: lemonade.v1.Warning
-	(*ListModelsRequest)(nil),     // 28: lemonade.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 29: lemonade.v1.ListModelsResponse
-	(*CatalogModel)(nil),          // 30: lemonade.v1.CatalogModel
-	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
+	(PlanOutcome)(0),              // 4: lemonade.v1.PlanOutcome
+	(*BackendArgs)(nil),           // 5: lemonade.v1.BackendArgs
+	(*LoadOptions)(nil),           // 6: lemonade.v1.LoadOptions
+	(*LoadRequest)(nil),           // 7: lemonade.v1.LoadRequest
+	(*LoadResponse)(nil),          // 8: lemonade.v1.LoadResponse
+	(*ModelStatus)(nil),           // 9: lemonade.v1.ModelStatus
+	(*UnloadRequest)(nil),         // 10: lemonade.v1.UnloadRequest
+	(*UnloadResponse)(nil),        // 11: lemonade.v1.UnloadResponse
+	(*PinRequest)(nil),            // 12: lemonade.v1.PinRequest
+	(*PinResponse)(nil),           // 13: lemonade.v1.PinResponse
+	(*StatusRequest)(nil),         // 14: lemonade.v1.StatusRequest
+	(*StatusResponse)(nil),        // 15: lemonade.v1.StatusResponse
+	(*SlotUsage)(nil),             // 16: lemonade.v1.SlotUsage
+	(*MemoryStatus)(nil),          // 17: lemonade.v1.MemoryStatus
+	(*LoadInFlight)(nil),          // 18: lemonade.v1.LoadInFlight
+	(*PoolStatus)(nil),            // 19: lemonade.v1.PoolStatus
+	(*WatchRequest)(nil),          // 20: lemonade.v1.WatchRequest
+	(*WatchResponse)(nil),         // 21: lemonade.v1.WatchResponse
+	(*LoadProgress)(nil),          // 22: lemonade.v1.LoadProgress
+	(*ModelLoaded)(nil),           // 23: lemonade.v1.ModelLoaded
+	(*ModelUnloaded)(nil),         // 24: lemonade.v1.ModelUnloaded
+	(*ModelStateChanged)(nil),     // 25: lemonade.v1.ModelStateChanged
+	(*PinChanged)(nil),            // 26: lemonade.v1.PinChanged
+	(*LoadFailed)(nil),            // 27: lemonade.v1.LoadFailed
+	(*Warning)(nil),               // 28: lemonade.v1.Warning
+	(*ListModelsRequest)(nil),     // 29: lemonade.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 30: lemonade.v1.ListModelsResponse
+	(*CatalogModel)(nil),          // 31: lemonade.v1.CatalogModel
+	(*PlanRequest)(nil),           // 32: lemonade.v1.PlanRequest
+	(*Eviction)(nil),              // 33: lemonade.v1.Eviction
+	(*PlanResponse)(nil),          // 34: lemonade.v1.PlanResponse
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
 }
 var file_lemonade_v1_model_control_proto_depIdxs = []int32{
-	4,  // 0: lemonade.v1.LoadOptions.backend_args:type_name -> lemonade.v1.BackendArgs
-	5,  // 1: lemonade.v1.LoadRequest.options:type_name -> lemonade.v1.LoadOptions
+	5,  // 0: lemonade.v1.LoadOptions.backend_args:type_name -> lemonade.v1.BackendArgs
+	6,  // 1: lemonade.v1.LoadRequest.options:type_name -> lemonade.v1.LoadOptions
 	2,  // 2: lemonade.v1.LoadResponse.phase:type_name -> lemonade.v1.LoadPhase
-	8,  // 3: lemonade.v1.LoadResponse.status:type_name -> lemonade.v1.ModelStatus
+	9,  // 3: lemonade.v1.LoadResponse.status:type_name -> lemonade.v1.ModelStatus
 	0,  // 4: lemonade.v1.ModelStatus.type:type_name -> lemonade.v1.ModelType
 	1,  // 5: lemonade.v1.ModelStatus.state:type_name -> lemonade.v1.ModelState
-	5,  // 6: lemonade.v1.ModelStatus.options:type_name -> lemonade.v1.LoadOptions
-	31, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
-	31, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
-	31, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
-	8,  // 10: lemonade.v1.PinResponse.status:type_name -> lemonade.v1.ModelStatus
-	18, // 11: lemonade.v1.StatusResponse.pool:type_name -> lemonade.v1.PoolStatus
+	6,  // 6: lemonade.v1.ModelStatus.options:type_name -> lemonade.v1.LoadOptions
+	35, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
+	35, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
+	35, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
+	9,  // 10: lemonade.v1.PinResponse.status:type_name -> lemonade.v1.ModelStatus
+	19, // 11: lemonade.v1.StatusResponse.pool:type_name -> lemonade.v1.PoolStatus
 	0,  // 12: lemonade.v1.SlotUsage.type:type_name -> lemonade.v1.ModelType
 	2,  // 13: lemonade.v1.LoadInFlight.phase:type_name -> lemonade.v1.LoadPhase
-	31, // 14: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
-	8,  // 15: lemonade.v1.PoolStatus.models:type_name -> lemonade.v1.ModelStatus
-	15, // 16: lemonade.v1.PoolStatus.slots:type_name -> lemonade.v1.SlotUsage
-	16, // 17: lemonade.v1.PoolStatus.memory:type_name -> lemonade.v1.MemoryStatus
-	17, // 18: lemonade.v1.PoolStatus.load_in_flight:type_name -> lemonade.v1.LoadInFlight
-	17, // 19: lemonade.v1.PoolStatus.queue:type_name -> lemonade.v1.LoadInFlight
-	31, // 20: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
-	18, // 21: lemonade.v1.WatchResponse.snapshot:type_name -> lemonade.v1.PoolStatus
-	21, // 22: lemonade.v1.WatchResponse.load_progress:type_name -> lemonade.v1.LoadProgress
-	22, // 23: lemonade.v1.WatchResponse.model_loaded:type_name -> lemonade.v1.ModelLoaded
-	23, // 24: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
-	25, // 25: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
-	26, // 26: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
-	27, // 27: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
-	24, // 28: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
+	35, // 14: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
+	9,  // 15: lemonade.v1.PoolStatus.models:type_name -> lemonade.v1.ModelStatus
+	16, // 16: lemonade.v1.PoolStatus.slots:type_name -> lemonade.v1.SlotUsage
+	17, // 17: lemonade.v1.PoolStatus.memory:type_name -> lemonade.v1.MemoryStatus
+	18, // 18: lemonade.v1.PoolStatus.load_in_flight:type_name -> lemonade.v1.LoadInFlight
+	18, // 19: lemonade.v1.PoolStatus.queue:type_name -> lemonade.v1.LoadInFlight
+	35, // 20: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
+	19, // 21: lemonade.v1.WatchResponse.snapshot:type_name -> lemonade.v1.PoolStatus
+	22, // 22: lemonade.v1.WatchResponse.load_progress:type_name -> lemonade.v1.LoadProgress
+	23, // 23: lemonade.v1.WatchResponse.model_loaded:type_name -> lemonade.v1.ModelLoaded
+	24, // 24: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
+	26, // 25: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
+	27, // 26: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
+	28, // 27: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
+	25, // 28: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
 	2,  // 29: lemonade.v1.LoadProgress.phase:type_name -> lemonade.v1.LoadPhase
-	8,  // 30: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
+	9,  // 30: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
 	3,  // 31: lemonade.v1.ModelUnloaded.reason:type_name -> lemonade.v1.UnloadReason
 	1,  // 32: lemonade.v1.ModelStateChanged.state:type_name -> lemonade.v1.ModelState
 	3,  // 33: lemonade.v1.ModelStateChanged.reason:type_name -> lemonade.v1.UnloadReason
-	30, // 34: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
+	31, // 34: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
 	0,  // 35: lemonade.v1.CatalogModel.type:type_name -> lemonade.v1.ModelType
-	5,  // 36: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
+	6,  // 36: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
 	1,  // 37: lemonade.v1.CatalogModel.state:type_name -> lemonade.v1.ModelState
-	6,  // 38: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
-	9,  // 39: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
-	11, // 40: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
-	13, // 41: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
-	19, // 42: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
-	28, // 43: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
-	7,  // 44: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
-	10, // 45: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
-	12, // 46: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
-	14, // 47: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
-	20, // 48: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
-	29, // 49: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
-	44, // [44:50] is the sub-list for method output_type
-	38, // [38:44] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	6,  // 38: lemonade.v1.PlanRequest.options:type_name -> lemonade.v1.LoadOptions
+	3,  // 39: lemonade.v1.Eviction.reason:type_name -> lemonade.v1.UnloadReason
+	4,  // 40: lemonade.v1.PlanResponse.outcome:type_name -> lemonade.v1.PlanOutcome
+	6,  // 41: lemonade.v1.PlanResponse.options:type_name -> lemonade.v1.LoadOptions
+	33, // 42: lemonade.v1.PlanResponse.evictions:type_name -> lemonade.v1.Eviction
+	7,  // 43: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
+	10, // 44: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
+	12, // 45: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
+	14, // 46: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
+	20, // 47: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
+	29, // 48: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
+	32, // 49: lemonade.v1.ModelControl.Plan:input_type -> lemonade.v1.PlanRequest
+	8,  // 50: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
+	11, // 51: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
+	13, // 52: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
+	15, // 53: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
+	21, // 54: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
+	30, // 55: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
+	34, // 56: lemonade.v1.ModelControl.Plan:output_type -> lemonade.v1.PlanResponse
+	50, // [50:57] is the sub-list for method output_type
+	43, // [43:50] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_model_control_proto_init() }
@@ -2573,13 +2934,14 @@ func file_lemonade_v1_model_control_proto_init() {
 		(*WatchResponse_Warning)(nil),
 		(*WatchResponse_ModelStateChanged)(nil),
 	}
+	file_lemonade_v1_model_control_proto_msgTypes[27].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_model_control_proto_rawDesc), len(file_lemonade_v1_model_control_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   27,
+			NumEnums:      5,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

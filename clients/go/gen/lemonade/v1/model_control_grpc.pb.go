@@ -33,6 +33,7 @@ const (
 	ModelControl_Status_FullMethodName     = "/lemonade.v1.ModelControl/Status"
 	ModelControl_Watch_FullMethodName      = "/lemonade.v1.ModelControl/Watch"
 	ModelControl_ListModels_FullMethodName = "/lemonade.v1.ModelControl/ListModels"
+	ModelControl_Plan_FullMethodName       = "/lemonade.v1.ModelControl/Plan"
 )
 
 // ModelControlClient is the client API for ModelControl service.
@@ -62,6 +63,16 @@ type ModelControlClient interface {
 	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchResponse], error)
 	// ListModels returns the catalog, each entry with whether it is loaded.
 	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
+	// Plan answers what a Load with the same fields would do now, without
+	// doing it: nothing (already loaded as asked), keep the process and change
+	// settings, or start one, evicting which models and why; and whether the
+	// memory estimate fits. A Load that would fail SLOTS_PINNED or
+	// INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+	// message the Load would fail with. The plan comes from the same decision
+	// functions a Load runs; like any status it may be stale the moment it is
+	// sent. Read-only: an inference token may call it. A request a Load would
+	// refuse (bad name or options) is refused the same way.
+	Plan(ctx context.Context, in *PlanRequest, opts ...grpc.CallOption) (*PlanResponse, error)
 }
 
 type modelControlClient struct {
@@ -150,6 +161,16 @@ func (c *modelControlClient) ListModels(ctx context.Context, in *ListModelsReque
 	return out, nil
 }
 
+func (c *modelControlClient) Plan(ctx context.Context, in *PlanRequest, opts ...grpc.CallOption) (*PlanResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PlanResponse)
+	err := c.cc.Invoke(ctx, ModelControl_Plan_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelControlServer is the server API for ModelControl service.
 // All implementations must embed UnimplementedModelControlServer
 // for forward compatibility.
@@ -177,6 +198,16 @@ type ModelControlServer interface {
 	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error
 	// ListModels returns the catalog, each entry with whether it is loaded.
 	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
+	// Plan answers what a Load with the same fields would do now, without
+	// doing it: nothing (already loaded as asked), keep the process and change
+	// settings, or start one, evicting which models and why; and whether the
+	// memory estimate fits. A Load that would fail SLOTS_PINNED or
+	// INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+	// message the Load would fail with. The plan comes from the same decision
+	// functions a Load runs; like any status it may be stale the moment it is
+	// sent. Read-only: an inference token may call it. A request a Load would
+	// refuse (bad name or options) is refused the same way.
+	Plan(context.Context, *PlanRequest) (*PlanResponse, error)
 	mustEmbedUnimplementedModelControlServer()
 }
 
@@ -204,6 +235,9 @@ func (UnimplementedModelControlServer) Watch(*WatchRequest, grpc.ServerStreaming
 }
 func (UnimplementedModelControlServer) ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListModels not implemented")
+}
+func (UnimplementedModelControlServer) Plan(context.Context, *PlanRequest) (*PlanResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Plan not implemented")
 }
 func (UnimplementedModelControlServer) mustEmbedUnimplementedModelControlServer() {}
 func (UnimplementedModelControlServer) testEmbeddedByValue()                      {}
@@ -320,6 +354,24 @@ func _ModelControl_ListModels_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelControl_Plan_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PlanRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelControlServer).Plan(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ModelControl_Plan_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelControlServer).Plan(ctx, req.(*PlanRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ModelControl_ServiceDesc is the grpc.ServiceDesc for ModelControl service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -342,6 +394,10 @@ var ModelControl_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListModels",
 			Handler:    _ModelControl_ListModels_Handler,
+		},
+		{
+			MethodName: "Plan",
+			Handler:    _ModelControl_Plan_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

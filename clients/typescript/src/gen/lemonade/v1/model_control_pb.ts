@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/model_control.proto.
  */
 export const file_lemonade_v1_model_control: GenFile = /*@__PURE__*/
-  fileDesc("Ch9sZW1vbmFkZS92MS9tb2RlbF9jb250cm9sLnByb3RvEgtsZW1vbmFkZS52MSIbCgtCYWNrZW5kQXJncxIMCgRhcmdzGAEgAygJIpsBCgtMb2FkT3B0aW9ucxIVCghjdHhfc2l6ZRgBIAEoDUgAiAEBEiAKE2lkbGVfdW5sb2FkX3NlY29uZHMYAiABKANIAYgBARIuCgxiYWNrZW5kX2FyZ3MYAyABKAsyGC5sZW1vbmFkZS52MS5CYWNrZW5kQXJnc0ILCglfY3R4X3NpemVCFgoUX2lkbGVfdW5sb2FkX3NlY29uZHMiZwoLTG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQi0gEKDExvYWRSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIlCgVwaGFzZRgCIAEoDjIWLmxlbW9uYWRlLnYxLkxvYWRQaGFzZRIQCghmcmFjdGlvbhgDIAEoARIPCgdtZXNzYWdlGAQgASgJEhYKDnF1ZXVlX3Bvc2l0aW9uGAUgASgNEhYKDmFscmVhZHlfbG9hZGVkGAYgASgIEg8KB2V2aWN0ZWQYByADKAkSKAoGc3RhdHVzGAggASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiigMKC01vZGVsU3RhdHVzEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRImCgVzdGF0ZRgDIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSDgoGcGlubmVkGAQgASgIEikKB29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxILCgNwaWQYBiABKA0SLQoJbG9hZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWluX2ZsaWdodBgJIAEoDRIyCg5pZGxlX3VubG9hZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcnNzX2J5dGVzGAsgASgEEg4KBnJlY2lwZRgMIAEoCRIMCgRwb3J0GA0gASgNIh4KDVVubG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkiIgoOVW5sb2FkUmVzcG9uc2USEAoIdW5sb2FkZWQYASADKAkiOwoKUGluUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgZwaW5uZWQYAiABKAhIAIgBAUIJCgdfcGlubmVkIjcKC1BpblJlc3BvbnNlEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzIg8KDVN0YXR1c1JlcXVlc3QiNwoOU3RhdHVzUmVzcG9uc2USJQoEcG9vbBgBIAEoCzIXLmxlbW9uYWRlLnYxLlBvb2xTdGF0dXMiYwoJU2xvdFVzYWdlEiQKBHR5cGUYASABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSEgoKbWF4X2xvYWRlZBgCIAEoDRIMCgR1c2VkGAMgASgNEg4KBnBpbm5lZBgEIAEoDSJYCgxNZW1vcnlTdGF0dXMSEwoLdG90YWxfYnl0ZXMYASABKAQSFwoPYXZhaWxhYmxlX2J5dGVzGAIgASgEEhoKEmJhY2tlbmRzX3Jzc19ieXRlcxgDIAEoBCKXAQoMTG9hZEluRmxpZ2h0Eg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEi4KCnN0YXJ0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhaXRlcnMYBSABKA0iwgIKClBvb2xTdGF0dXMSKAoGbW9kZWxzGAEgAygLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMSJQoFc2xvdHMYAiADKAsyFi5sZW1vbmFkZS52MS5TbG90VXNhZ2USKQoGbWVtb3J5GAMgASgLMhkubGVtb25hZGUudjEuTWVtb3J5U3RhdHVzEjEKDmxvYWRfaW5fZmxpZ2h0GAQgASgLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EigKBXF1ZXVlGAUgAygLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EhAKCHNlcXVlbmNlGAYgASgEEhgKEGJhY2tlbmRzX3N0YXJ0ZWQYByABKAQSFwoPc3RyZWFtc19ydW5uaW5nGAggASgNEhYKDnN0cmVhbXNfcXVldWVkGAkgASgNIj4KDFdhdGNoUmVxdWVzdBIbCg5zaW5jZV9zZXF1ZW5jZRgBIAEoBEgAiAEBQhEKD19zaW5jZV9zZXF1ZW5jZSL1AwoNV2F0Y2hSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZXN5bmMYAyABKAgSKwoIc25hcHNob3QYCiABKAsyFy5sZW1vbmFkZS52MS5Qb29sU3RhdHVzSAASMgoNbG9hZF9wcm9ncmVzcxgLIAEoCzIZLmxlbW9uYWRlLnYxLkxvYWRQcm9ncmVzc0gAEjAKDG1vZGVsX2xvYWRlZBgMIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsTG9hZGVkSAASNAoObW9kZWxfdW5sb2FkZWQYDSABKAsyGi5sZW1vbmFkZS52MS5Nb2RlbFVubG9hZGVkSAASLgoLcGluX2NoYW5nZWQYDiABKAsyFy5sZW1vbmFkZS52MS5QaW5DaGFuZ2VkSAASLgoLbG9hZF9mYWlsZWQYDyABKAsyFy5sZW1vbmFkZS52MS5Mb2FkRmFpbGVkSAASJwoHd2FybmluZxgQIAEoCzIULmxlbW9uYWRlLnYxLldhcm5pbmdIABI9ChNtb2RlbF9zdGF0ZV9jaGFuZ2VkGBEgASgLMh4ubGVtb25hZGUudjEuTW9kZWxTdGF0ZUNoYW5nZWRIAEIHCgVldmVudCJnCgxMb2FkUHJvZ3Jlc3MSDQoFbW9kZWwYASABKAkSJQoFcGhhc2UYAiABKA4yFi5sZW1vbmFkZS52MS5Mb2FkUGhhc2USEAoIZnJhY3Rpb24YAyABKAESDwoHbWVzc2FnZRgEIAEoCSI3CgtNb2RlbExvYWRlZBIoCgZzdGF0dXMYASABKAsyGC5sZW1vbmFkZS52MS5Nb2RlbFN0YXR1cyJnCg1Nb2RlbFVubG9hZGVkEg0KBW1vZGVsGAEgASgJEikKBnJlYXNvbhgCIAEoDjIZLmxlbW9uYWRlLnYxLlVubG9hZFJlYXNvbhILCgNwaWQYAyABKA0SDwoHbWVzc2FnZRgEIAEoCSKGAQoRTW9kZWxTdGF0ZUNoYW5nZWQSDQoFbW9kZWwYASABKAkSJgoFc3RhdGUYAiABKA4yFy5sZW1vbmFkZS52MS5Nb2RlbFN0YXRlEikKBnJlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLlVubG9hZFJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIisKClBpbkNoYW5nZWQSDQoFbW9kZWwYASABKAkSDgoGcGlubmVkGAIgASgIIjwKCkxvYWRGYWlsZWQSDQoFbW9kZWwYASABKAkSDgoGcmVhc29uGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiOAoHV2FybmluZxIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDgoGbW9kZWxzGAMgAygJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij8KEkxpc3RNb2RlbHNSZXNwb25zZRIpCgZtb2RlbHMYASADKAsyGS5sZW1vbmFkZS52MS5DYXRhbG9nTW9kZWwi2wEKDENhdGFsb2dNb2RlbBIMCgRuYW1lGAEgASgJEiQKBHR5cGUYAiABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSDgoGcmVjaXBlGAMgASgJEgwKBHBhdGgYBCABKAkSMQoPZGVmYXVsdF9vcHRpb25zGAUgASgLMhgubGVtb25hZGUudjEuTG9hZE9wdGlvbnMSDgoGbG9hZGVkGAYgASgIEg4KBnBpbm5lZBgHIAEoCBImCgVzdGF0ZRgIIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUqVQoJTW9kZWxUeXBlEhoKFk1PREVMX1RZUEVfVU5TUEVDSUZJRUQQABISCg5NT0RFTF9UWVBFX0xMTRABEhgKFE1PREVMX1RZUEVfRU1CRURESU5HEAIqjAEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9MT0FESU5HEAESFQoRTU9ERUxfU1RBVEVfUkVBRFkQAhIZChVNT0RFTF9TVEFURV9VTkxPQURJTkcQAxIWChJNT0RFTF9TVEFURV9GQUlMRUQQBCqeAQoJTG9hZFBoYXNlEhoKFkxPQURfUEhBU0VfVU5TUEVDSUZJRUQQABIVChFMT0FEX1BIQVNFX1FVRVVFRBABEhcKE0xPQURfUEhBU0VfRVZJQ1RJTkcQAhIXChNMT0FEX1BIQVNFX1NUQVJUSU5HEAMSFgoSTE9BRF9QSEFTRV9MT0FESU5HEAQSFAoQTE9BRF9QSEFTRV9SRUFEWRAFKvUBCgxVbmxvYWRSZWFzb24SHQoZVU5MT0FEX1JFQVNPTl9VTlNQRUNJRklFRBAAEhsKF1VOTE9BRF9SRUFTT05fUkVRVUVTVEVEEAESHQoZVU5MT0FEX1JFQVNPTl9FVklDVEVEX0xSVRACEhYKElVOTE9BRF9SRUFTT05fSURMRRADEiEKHVVOTE9BRF9SRUFTT05fTUVNT1JZX1BSRVNTVVJFEAQSGQoVVU5MT0FEX1JFQVNPTl9DUkFTSEVEEAUSGgoWVU5MT0FEX1JFQVNPTl9TSFVURE9XThAGEhgKFFVOTE9BRF9SRUFTT05fUkVMT0FEEAcyngMKDE1vZGVsQ29udHJvbBI9CgRMb2FkEhgubGVtb25hZGUudjEuTG9hZFJlcXVlc3QaGS5sZW1vbmFkZS52MS5Mb2FkUmVzcG9uc2UwARJBCgZVbmxvYWQSGi5sZW1vbmFkZS52MS5VbmxvYWRSZXF1ZXN0GhsubGVtb25hZGUudjEuVW5sb2FkUmVzcG9uc2USOAoDUGluEhcubGVtb25hZGUudjEuUGluUmVxdWVzdBoYLmxlbW9uYWRlLnYxLlBpblJlc3BvbnNlEkEKBlN0YXR1cxIaLmxlbW9uYWRlLnYxLlN0YXR1c1JlcXVlc3QaGy5sZW1vbmFkZS52MS5TdGF0dXNSZXNwb25zZRJACgVXYXRjaBIZLmxlbW9uYWRlLnYxLldhdGNoUmVxdWVzdBoaLmxlbW9uYWRlLnYxLldhdGNoUmVzcG9uc2UwARJNCgpMaXN0TW9kZWxzEh4ubGVtb25hZGUudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy5sZW1vbmFkZS52MS5MaXN0TW9kZWxzUmVzcG9uc2VCvwEKD2NvbS5sZW1vbmFkZS52MUIRTW9kZWxDb250cm9sUHJvdG9QAVpMZ2l0aHViLmNvbS9sZW1vbmFkZS1ncnBjL2xlbW9uYWRlLWdycGMvY2xpZW50cy9nby9nZW4vbGVtb25hZGUvdjE7bGVtb25hZGV2MaICA0xYWKoCC0xlbW9uYWRlLlYxygILTGVtb25hZGVcVjHiAhdMZW1vbmFkZVxWMVxHUEJNZXRhZGF0YeoCDExlbW9uYWRlOjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("Ch9sZW1vbmFkZS92MS9tb2RlbF9jb250cm9sLnByb3RvEgtsZW1vbmFkZS52MSIbCgtCYWNrZW5kQXJncxIMCgRhcmdzGAEgAygJIpsBCgtMb2FkT3B0aW9ucxIVCghjdHhfc2l6ZRgBIAEoDUgAiAEBEiAKE2lkbGVfdW5sb2FkX3NlY29uZHMYAiABKANIAYgBARIuCgxiYWNrZW5kX2FyZ3MYAyABKAsyGC5sZW1vbmFkZS52MS5CYWNrZW5kQXJnc0ILCglfY3R4X3NpemVCFgoUX2lkbGVfdW5sb2FkX3NlY29uZHMiZwoLTG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQi0gEKDExvYWRSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIlCgVwaGFzZRgCIAEoDjIWLmxlbW9uYWRlLnYxLkxvYWRQaGFzZRIQCghmcmFjdGlvbhgDIAEoARIPCgdtZXNzYWdlGAQgASgJEhYKDnF1ZXVlX3Bvc2l0aW9uGAUgASgNEhYKDmFscmVhZHlfbG9hZGVkGAYgASgIEg8KB2V2aWN0ZWQYByADKAkSKAoGc3RhdHVzGAggASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiigMKC01vZGVsU3RhdHVzEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRImCgVzdGF0ZRgDIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSDgoGcGlubmVkGAQgASgIEikKB29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxILCgNwaWQYBiABKA0SLQoJbG9hZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWluX2ZsaWdodBgJIAEoDRIyCg5pZGxlX3VubG9hZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcnNzX2J5dGVzGAsgASgEEg4KBnJlY2lwZRgMIAEoCRIMCgRwb3J0GA0gASgNIh4KDVVubG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkiIgoOVW5sb2FkUmVzcG9uc2USEAoIdW5sb2FkZWQYASADKAkiOwoKUGluUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgZwaW5uZWQYAiABKAhIAIgBAUIJCgdfcGlubmVkIjcKC1BpblJlc3BvbnNlEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzIg8KDVN0YXR1c1JlcXVlc3QiNwoOU3RhdHVzUmVzcG9uc2USJQoEcG9vbBgBIAEoCzIXLmxlbW9uYWRlLnYxLlBvb2xTdGF0dXMiYwoJU2xvdFVzYWdlEiQKBHR5cGUYASABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSEgoKbWF4X2xvYWRlZBgCIAEoDRIMCgR1c2VkGAMgASgNEg4KBnBpbm5lZBgEIAEoDSJYCgxNZW1vcnlTdGF0dXMSEwoLdG90YWxfYnl0ZXMYASABKAQSFwoPYXZhaWxhYmxlX2J5dGVzGAIgASgEEhoKEmJhY2tlbmRzX3Jzc19ieXRlcxgDIAEoBCKXAQoMTG9hZEluRmxpZ2h0Eg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEi4KCnN0YXJ0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhaXRlcnMYBSABKA0iwgIKClBvb2xTdGF0dXMSKAoGbW9kZWxzGAEgAygLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMSJQoFc2xvdHMYAiADKAsyFi5sZW1vbmFkZS52MS5TbG90VXNhZ2USKQoGbWVtb3J5GAMgASgLMhkubGVtb25hZGUudjEuTWVtb3J5U3RhdHVzEjEKDmxvYWRfaW5fZmxpZ2h0GAQgASgLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EigKBXF1ZXVlGAUgAygLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EhAKCHNlcXVlbmNlGAYgASgEEhgKEGJhY2tlbmRzX3N0YXJ0ZWQYByABKAQSFwoPc3RyZWFtc19ydW5uaW5nGAggASgNEhYKDnN0cmVhbXNfcXVldWVkGAkgASgNIj4KDFdhdGNoUmVxdWVzdBIbCg5zaW5jZV9zZXF1ZW5jZRgBIAEoBEgAiAEBQhEKD19zaW5jZV9zZXF1ZW5jZSL1AwoNV2F0Y2hSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZXN5bmMYAyABKAgSKwoIc25hcHNob3QYCiABKAsyFy5sZW1vbmFkZS52MS5Qb29sU3RhdHVzSAASMgoNbG9hZF9wcm9ncmVzcxgLIAEoCzIZLmxlbW9uYWRlLnYxLkxvYWRQcm9ncmVzc0gAEjAKDG1vZGVsX2xvYWRlZBgMIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsTG9hZGVkSAASNAoObW9kZWxfdW5sb2FkZWQYDSABKAsyGi5sZW1vbmFkZS52MS5Nb2RlbFVubG9hZGVkSAASLgoLcGluX2NoYW5nZWQYDiABKAsyFy5sZW1vbmFkZS52MS5QaW5DaGFuZ2VkSAASLgoLbG9hZF9mYWlsZWQYDyABKAsyFy5sZW1vbmFkZS52MS5Mb2FkRmFpbGVkSAASJwoHd2FybmluZxgQIAEoCzIULmxlbW9uYWRlLnYxLldhcm5pbmdIABI9ChNtb2RlbF9zdGF0ZV9jaGFuZ2VkGBEgASgLMh4ubGVtb25hZGUudjEuTW9kZWxTdGF0ZUNoYW5nZWRIAEIHCgVldmVudCJnCgxMb2FkUHJvZ3Jlc3MSDQoFbW9kZWwYASABKAkSJQoFcGhhc2UYAiABKA4yFi5sZW1vbmFkZS52MS5Mb2FkUGhhc2USEAoIZnJhY3Rpb24YAyABKAESDwoHbWVzc2FnZRgEIAEoCSI3CgtNb2RlbExvYWRlZBIoCgZzdGF0dXMYASABKAsyGC5sZW1vbmFkZS52MS5Nb2RlbFN0YXR1cyJnCg1Nb2RlbFVubG9hZGVkEg0KBW1vZGVsGAEgASgJEikKBnJlYXNvbhgCIAEoDjIZLmxlbW9uYWRlLnYxLlVubG9hZFJlYXNvbhILCgNwaWQYAyABKA0SDwoHbWVzc2FnZRgEIAEoCSKGAQoRTW9kZWxTdGF0ZUNoYW5nZWQSDQoFbW9kZWwYASABKAkSJgoFc3RhdGUYAiABKA4yFy5sZW1vbmFkZS52MS5Nb2RlbFN0YXRlEikKBnJlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLlVubG9hZFJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIisKClBpbkNoYW5nZWQSDQoFbW9kZWwYASABKAkSDgoGcGlubmVkGAIgASgIIjwKCkxvYWRGYWlsZWQSDQoFbW9kZWwYASABKAkSDgoGcmVhc29uGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiOAoHV2FybmluZxIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDgoGbW9kZWxzGAMgAygJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij8KEkxpc3RNb2RlbHNSZXNwb25zZRIpCgZtb2RlbHMYASADKAsyGS5sZW1vbmFkZS52MS5DYXRhbG9nTW9kZWwi2wEKDENhdGFsb2dNb2RlbBIMCgRuYW1lGAEgASgJEiQKBHR5cGUYAiABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSDgoGcmVjaXBlGAMgASgJEgwKBHBhdGgYBCABKAkSMQoPZGVmYXVsdF9vcHRpb25zGAUgASgLMhgubGVtb25hZGUudjEuTG9hZE9wdGlvbnMSDgoGbG9hZGVkGAYgASgIEg4KBnBpbm5lZBgHIAEoCBImCgVzdGF0ZRgIIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUiZwoLUGxhblJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQiRAoIRXZpY3Rpb24SDQoFbW9kZWwYASABKAkSKQoGcmVhc29uGAIgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uIpcCCgxQbGFuUmVzcG9uc2USDQoFbW9kZWwYASABKAkSKQoHb3V0Y29tZRgCIAEoDjIYLmxlbW9uYWRlLnYxLlBsYW5PdXRjb21lEikKB29wdGlvbnMYAyABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxIOCgZyZWxvYWQYBCABKAgSKAoJZXZpY3Rpb25zGAUgAygLMhUubGVtb25hZGUudjEuRXZpY3Rpb24SEgoKbmVlZF9ieXRlcxgGIAEoAxIXCg9hdmFpbGFibGVfYnl0ZXMYByABKAMSFQoNcmVzZXJ2ZV9ieXRlcxgIIAEoAxITCgtsb2Fkc19haGVhZBgJIAEoDRIPCgdtZXNzYWdlGAogASgJKlUKCU1vZGVsVHlwZRIaChZNT0RFTF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoOTU9ERUxfVFlQRV9MTE0QARIYChRNT0RFTF9UWVBFX0VNQkVERElORxACKowBCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTTU9ERUxfU1RBVEVfTE9BRElORxABEhUKEU1PREVMX1NUQVRFX1JFQURZEAISGQoVTU9ERUxfU1RBVEVfVU5MT0FESU5HEAMSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAQqngEKCUxvYWRQaGFzZRIaChZMT0FEX1BIQVNFX1VOU1BFQ0lGSUVEEAASFQoRTE9BRF9QSEFTRV9RVUVVRUQQARIXChNMT0FEX1BIQVNFX0VWSUNUSU5HEAISFwoTTE9BRF9QSEFTRV9TVEFSVElORxADEhYKEkxPQURfUEhBU0VfTE9BRElORxAEEhQKEExPQURfUEhBU0VfUkVBRFkQBSr1AQoMVW5sb2FkUmVhc29uEh0KGVVOTE9BRF9SRUFTT05fVU5TUEVDSUZJRUQQABIbChdVTkxPQURfUkVBU09OX1JFUVVFU1RFRBABEh0KGVVOTE9BRF9SRUFTT05fRVZJQ1RFRF9MUlUQAhIWChJVTkxPQURfUkVBU09OX0lETEUQAxIhCh1VTkxPQURfUkVBU09OX01FTU9SWV9QUkVTU1VSRRAEEhkKFVVOTE9BRF9SRUFTT05fQ1JBU0hFRBAFEhoKFlVOTE9BRF9SRUFTT05fU0hVVERPV04QBhIYChRVTkxPQURfUkVBU09OX1JFTE9BRBAHKsABCgtQbGFuT3V0Y29tZRIcChhQTEFOX09VVENPTUVfVU5TUEVDSUZJRUQQABIfChtQTEFOX09VVENPTUVfQUxSRUFEWV9MT0FERUQQARIWChJQTEFOX09VVENPTUVfUkVVU0UQAhIVChFQTEFOX09VVENPTUVfTE9BRBADEh0KGVBMQU5fT1VUQ09NRV9TTE9UU19QSU5ORUQQBBIkCiBQTEFOX09VVENPTUVfSU5TVUZGSUNJRU5UX01FTU9SWRAFMtsDCgxNb2RlbENvbnRyb2wSPQoETG9hZBIYLmxlbW9uYWRlLnYxLkxvYWRSZXF1ZXN0GhkubGVtb25hZGUudjEuTG9hZFJlc3BvbnNlMAESQQoGVW5sb2FkEhoubGVtb25hZGUudjEuVW5sb2FkUmVxdWVzdBobLmxlbW9uYWRlLnYxLlVubG9hZFJlc3BvbnNlEjgKA1BpbhIXLmxlbW9uYWRlLnYxLlBpblJlcXVlc3QaGC5sZW1vbmFkZS52MS5QaW5SZXNwb25zZRJBCgZTdGF0dXMSGi5sZW1vbmFkZS52MS5TdGF0dXNSZXF1ZXN0GhsubGVtb25hZGUudjEuU3RhdHVzUmVzcG9uc2USQAoFV2F0Y2gSGS5sZW1vbmFkZS52MS5XYXRjaFJlcXVlc3QaGi5sZW1vbmFkZS52MS5XYXRjaFJlc3BvbnNlMAESTQoKTGlzdE1vZGVscxIeLmxlbW9uYWRlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh8ubGVtb25hZGUudjEuTGlzdE1vZGVsc1Jlc3BvbnNlEjsKBFBsYW4SGC5sZW1vbmFkZS52MS5QbGFuUmVxdWVzdBoZLmxlbW9uYWRlLnYxLlBsYW5SZXNwb25zZUK/AQoPY29tLmxlbW9uYWRlLnYxQhFNb2RlbENvbnRyb2xQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * BackendArgs is a list of extra command-line arguments for the backend.
@@ -1130,6 +1130,158 @@ export const CatalogModelSchema: GenMessage<CatalogModel> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_model_control, 26);
 
 /**
+ * PlanRequest has the fields of a LoadRequest: the Load it asks about.
+ *
+ * @generated from message lemonade.v1.PlanRequest
+ */
+export type PlanRequest = Message<"lemonade.v1.PlanRequest"> & {
+  /**
+   * Catalog name of the model. Required; the rules of LoadRequest.model.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Requested options, as in LoadRequest.
+   *
+   * @generated from field: lemonade.v1.LoadOptions options = 2;
+   */
+  options?: LoadOptions | undefined;
+
+  /**
+   * The pin, as in LoadRequest.
+   *
+   * @generated from field: optional bool pinned = 3;
+   */
+  pinned?: boolean | undefined;
+};
+
+/**
+ * Describes the message lemonade.v1.PlanRequest.
+ * Use `create(PlanRequestSchema)` to create a new message.
+ */
+export const PlanRequestSchema: GenMessage<PlanRequest> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_model_control, 27);
+
+/**
+ * Eviction is one model a Load would stop, and why.
+ *
+ * @generated from message lemonade.v1.Eviction
+ */
+export type Eviction = Message<"lemonade.v1.Eviction"> & {
+  /**
+   * The model.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * UNLOAD_REASON_EVICTED_LRU (for a slot) or UNLOAD_REASON_MEMORY_PRESSURE.
+   *
+   * @generated from field: lemonade.v1.UnloadReason reason = 2;
+   */
+  reason: UnloadReason;
+};
+
+/**
+ * Describes the message lemonade.v1.Eviction.
+ * Use `create(EvictionSchema)` to create a new message.
+ */
+export const EvictionSchema: GenMessage<Eviction> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_model_control, 28);
+
+/**
+ * PlanResponse is what a Load would do now.
+ *
+ * @generated from message lemonade.v1.PlanResponse
+ */
+export type PlanResponse = Message<"lemonade.v1.PlanResponse"> & {
+  /**
+   * The model asked about.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * What the Load would do.
+   *
+   * @generated from field: lemonade.v1.PlanOutcome outcome = 2;
+   */
+  outcome: PlanOutcome;
+
+  /**
+   * The options the model would run with (for ALREADY_LOADED and REUSE,
+   * those it runs with after the Load).
+   *
+   * @generated from field: lemonade.v1.LoadOptions options = 3;
+   */
+  options?: LoadOptions | undefined;
+
+  /**
+   * On LOAD: the model runs now with other options, and its process would
+   * be replaced.
+   *
+   * @generated from field: bool reload = 4;
+   */
+  reload: boolean;
+
+  /**
+   * On LOAD: the models that would be stopped first, in order.
+   *
+   * @generated from field: repeated lemonade.v1.Eviction evictions = 5;
+   */
+  evictions: Eviction[];
+
+  /**
+   * On LOAD and INSUFFICIENT_MEMORY: the estimated memory the model needs
+   * (model file and context), in bytes; 0 otherwise.
+   *
+   * @generated from field: int64 need_bytes = 6;
+   */
+  needBytes: bigint;
+
+  /**
+   * Memory available now and kept in reserve (`[pool] memory_reserve_mb`),
+   * in bytes.
+   *
+   * @generated from field: int64 available_bytes = 7;
+   */
+  availableBytes: bigint;
+
+  /**
+   * The reserve, in bytes.
+   *
+   * @generated from field: int64 reserve_bytes = 8;
+   */
+  reserveBytes: bigint;
+
+  /**
+   * Loads running or queued for the load lock now: the Load would wait for
+   * them, and what they do may change the plan.
+   *
+   * @generated from field: uint32 loads_ahead = 9;
+   */
+  loadsAhead: number;
+
+  /**
+   * A sentence: what would happen, or the message the Load would fail with.
+   *
+   * @generated from field: string message = 10;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message lemonade.v1.PlanResponse.
+ * Use `create(PlanResponseSchema)` to create a new message.
+ */
+export const PlanResponseSchema: GenMessage<PlanResponse> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_model_control, 29);
+
+/**
  * ModelType selects the slot pool a model occupies (`[pool] max_loaded`).
  *
  * @generated from enum lemonade.v1.ModelType
@@ -1329,6 +1481,64 @@ export const UnloadReasonSchema: GenEnum<UnloadReason> = /*@__PURE__*/
   enumDesc(file_lemonade_v1_model_control, 3);
 
 /**
+ * PlanOutcome is what the Load would do.
+ *
+ * @generated from enum lemonade.v1.PlanOutcome
+ */
+export enum PlanOutcome {
+  /**
+   * @generated from enum value: PLAN_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Nothing: loaded with these options and pin. The Load answers READY at
+   * once with `already_loaded`.
+   *
+   * @generated from enum value: PLAN_OUTCOME_ALREADY_LOADED = 1;
+   */
+  ALREADY_LOADED = 1,
+
+  /**
+   * Keep the running process, change only what needs no restart (the pin,
+   * the idle timeout).
+   *
+   * @generated from enum value: PLAN_OUTCOME_REUSE = 2;
+   */
+  REUSE = 2,
+
+  /**
+   * Start a process: after stopping `evictions` and, when `reload`, the
+   * model's own process running with other options.
+   *
+   * @generated from enum value: PLAN_OUTCOME_LOAD = 3;
+   */
+  LOAD = 3,
+
+  /**
+   * The Load would fail FAILED_PRECONDITION, reason SLOTS_PINNED: pinned
+   * models hold every slot of the model's type.
+   *
+   * @generated from enum value: PLAN_OUTCOME_SLOTS_PINNED = 4;
+   */
+  SLOTS_PINNED = 4,
+
+  /**
+   * The Load would fail RESOURCE_EXHAUSTED, reason INSUFFICIENT_MEMORY:
+   * evicting every idle unpinned model would not free enough.
+   *
+   * @generated from enum value: PLAN_OUTCOME_INSUFFICIENT_MEMORY = 5;
+   */
+  INSUFFICIENT_MEMORY = 5,
+}
+
+/**
+ * Describes the enum lemonade.v1.PlanOutcome.
+ */
+export const PlanOutcomeSchema: GenEnum<PlanOutcome> = /*@__PURE__*/
+  enumDesc(file_lemonade_v1_model_control, 4);
+
+/**
  * ModelControl loads, unloads and pins models and reports the pool's state.
  * The name has no `Service` suffix on purpose: it is what ops type into
  * grpcurl.
@@ -1402,6 +1612,24 @@ export const ModelControl: GenService<{
     methodKind: "unary";
     input: typeof ListModelsRequestSchema;
     output: typeof ListModelsResponseSchema;
+  },
+  /**
+   * Plan answers what a Load with the same fields would do now, without
+   * doing it: nothing (already loaded as asked), keep the process and change
+   * settings, or start one, evicting which models and why; and whether the
+   * memory estimate fits. A Load that would fail SLOTS_PINNED or
+   * INSUFFICIENT_MEMORY is an OK answer here, with that outcome and the
+   * message the Load would fail with. The plan comes from the same decision
+   * functions a Load runs; like any status it may be stale the moment it is
+   * sent. Read-only: an inference token may call it. A request a Load would
+   * refuse (bad name or options) is refused the same way.
+   *
+   * @generated from rpc lemonade.v1.ModelControl.Plan
+   */
+  plan: {
+    methodKind: "unary";
+    input: typeof PlanRequestSchema;
+    output: typeof PlanResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_lemonade_v1_model_control, 0);
