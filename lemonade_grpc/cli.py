@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "setup":
-        return _setup()
+        return _setup(args.model)
     try:
         return asyncio.run(_client(args))
     except grpc.aio.AioRpcError as error:
@@ -71,7 +71,16 @@ def _parser() -> argparse.ArgumentParser:
         help="listen on a non-loopback address with no token configured (anyone there may load models)",
     )
 
-    commands.add_parser("setup", help="build llama-server (cached) and generate the bundled tiny model")
+    setup = commands.add_parser(
+        "setup", help="build llama-server (cached) and generate the bundled tiny model"
+    )
+    setup.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        choices=["medium"],
+        help="also generate this test model (medium: about 400 MB, for watching load progress)",
+    )
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument(
@@ -94,9 +103,18 @@ def _parser() -> argparse.ArgumentParser:
         pin_parser.add_argument("model")
         pin_parser.set_defaults(pinned=value)
     watch = commands.add_parser(
-        "watch", parents=[address], help="print pool events as JSON lines (resuming across server restarts)"
+        "watch",
+        parents=[address],
+        help="print pool events, resuming across server restarts (a line each on a terminal, else JSON)",
     )
     watch.add_argument("--since", type=int, help="resume after this sequence number")
+    watch.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
+    plan = commands.add_parser(
+        "plan", parents=[address], help="say what `load` would do (evictions, memory), without doing it"
+    )
+    plan.add_argument("model")
+    plan.add_argument("--ctx-size", type=int)
+    plan.add_argument("--json", action="store_true", help="the whole answer as JSON")
     status = commands.add_parser("status", parents=[address], help="print the loaded models as a table")
     status.add_argument("--json", action="store_true", help="the whole pool status as JSON, for machines")
     commands.add_parser("models", parents=[address], help="print the catalog as JSON")
@@ -159,7 +177,7 @@ def _fatal(message: str) -> int:
     return EXIT_CONFIG
 
 
-def _setup() -> int:
+def _setup(sizes: list[str]) -> int:
     from lemonade_grpc.provision import llama_server, tiny_model
 
     started = time.monotonic()
@@ -169,8 +187,9 @@ def _setup() -> int:
     except llama_server.LlamaServerNotFound:
         binary = llama_server.build()
         print(f"llama-server: {binary} (built in {time.monotonic() - started:.0f} s)")
-    model = tiny_model.ensure_tiny_model()
-    print(f"tiny model: {model} ({model.stat().st_size} bytes)")
+    for size in ["tiny", *sizes]:
+        model = tiny_model.ensure_model(size)
+        print(f"{size} model: {model} ({model.stat().st_size:,} bytes)")
     return 0
 
 
@@ -190,16 +209,20 @@ async def _client(args: argparse.Namespace) -> int:
                 await client.control.Pin(model_control_pb2.PinRequest(model=args.model, pinned=args.pinned))
             )
         elif args.command == "watch":
-            async for event in client.watch(since=args.since):
-                print(
-                    json_format.MessageToJson(
-                        event,
-                        preserving_proto_field_name=True,
-                        indent=None,
-                        always_print_fields_with_no_presence=True,
+            await _watch(client, args)
+        elif args.command == "plan":
+            told = await client.control.Plan(
+                model_control_pb2.PlanRequest(
+                    model=args.model,
+                    options=model_control_pb2.LoadOptions(
+                        **({"ctx_size": args.ctx_size} if args.ctx_size is not None else {})
                     ),
-                    flush=True,
                 )
+            )
+            if args.json:
+                _print_json(told)
+            else:
+                print(cli_view.plan_text(told))
         elif args.command == "status":
             response = await client.control.Status(model_control_pb2.StatusRequest())
             if args.json:
@@ -221,10 +244,11 @@ async def _load(client: Client, args: argparse.Namespace) -> None:
         backend_args=args.backend_args,
         pinned=args.pinned,
     )
-    # On a terminal one line, rewritten as the load moves on; else a line per message.
+    # On a terminal one line with a progress bar, rewritten as the load moves on; else a line per message.
     live = sys.stdout.isatty()
+    colour = _colour(sys.stdout)
     async for progress in progress_stream:
-        line = cli_view.progress_line(progress)
+        line = cli_view.progress_bar(progress, colour=colour) if live else cli_view.progress_line(progress)
         if live:
             print(f"\r\x1b[2K{line}", end="", flush=True)
         else:
@@ -234,6 +258,33 @@ async def _load(client: Client, args: argparse.Namespace) -> None:
                 print()
             done = "already loaded" if progress.already_loaded else "loaded"
             print(f"{args.model} {done}: pid {progress.status.pid}, port {progress.status.port}")
+
+
+async def _watch(client: Client, args: argparse.Namespace) -> None:
+    """Events as JSON lines (for programs), or short lines on a terminal where a load's progress
+    rewrites one line until the load moves on."""
+    people = sys.stdout.isatty() and not args.json
+    progressing: str | None = None  # the model whose progress line is being rewritten
+    async for event in client.watch(since=args.since):
+        if not people:
+            print(
+                json_format.MessageToJson(
+                    event,
+                    preserving_proto_field_name=True,
+                    indent=None,
+                    always_print_fields_with_no_presence=True,
+                ),
+                flush=True,
+            )
+            continue
+        model = event.load_progress.model if event.HasField("load_progress") else None
+        if model is not None and model == progressing:
+            print(f"\r\x1b[2K{cli_view.watch_line(event)}", end="", flush=True)
+            continue
+        if progressing is not None:
+            print()
+        progressing = model
+        print(cli_view.watch_line(event), end="" if model else "\n", flush=True)
 
 
 async def _generate(client: Client, args: argparse.Namespace) -> None:
@@ -268,7 +319,8 @@ def _colour(stream: TextIO) -> bool:
 def _print_json(
     message: model_control_pb2.StatusResponse
     | model_control_pb2.ListModelsResponse
-    | model_control_pb2.PinResponse,
+    | model_control_pb2.PinResponse
+    | model_control_pb2.PlanResponse,
 ) -> None:
     print(
         json_format.MessageToJson(

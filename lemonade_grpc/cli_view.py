@@ -74,9 +74,73 @@ def status_table(pool: pb.PoolStatus, now: float, *, colour: bool = False) -> st
     return "\n".join(lines)
 
 
-def progress_line(progress: pb.LoadResponse) -> str:
-    """One load progress message as a line: `LOADING 40% backend pid 123: waiting for /health`."""
-    phase = pb.LoadPhase.Name(progress.phase).removeprefix("LOAD_PHASE_")
+BAR_WIDTH = 24
+
+
+def phase_name(phase: int) -> str:
+    return pb.LoadPhase.Name(phase).removeprefix("LOAD_PHASE_")  # type: ignore[arg-type]
+
+
+def progress_line(progress: pb.LoadResponse | pb.LoadProgress) -> str:
+    """One load progress message as a line: `LOADING 40% reading weights: 160 of 395 MiB`."""
     fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
+    queued = getattr(progress, "queue_position", 0)
+    position = f" (position {queued})" if queued else ""
+    return f"{phase_name(progress.phase)}{fraction}{position} {progress.message}".rstrip()
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """`[#########...............]` for `fraction` in [0, 1]; a blank bar when unknown (negative)."""
+    filled = round(min(1.0, fraction) * width) if fraction >= 0 else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def progress_bar(progress: pb.LoadResponse, *, colour: bool = False) -> str:
+    """The live line of `load` on a terminal: `LOADING   [#####.....]  45%  reading weights: ...`."""
+    phase = paint(f"{phase_name(progress.phase):<9}", "1", colour)
+    percent = f"{progress.fraction:4.0%}" if progress.fraction >= 0 else "  --"
     position = f" (position {progress.queue_position})" if progress.queue_position else ""
-    return f"{phase}{fraction}{position} {progress.message}".rstrip()
+    return f"{phase} {bar(progress.fraction)} {percent}{position}  {progress.message}".rstrip()
+
+
+def watch_line(event: pb.WatchResponse) -> str:
+    """One Watch event as a short line for people: `#12 tiny LOADING 45% reading weights ...`."""
+    which = event.WhichOneof("event")
+    head = f"#{event.sequence}"
+    if which == "load_progress":
+        progress = event.load_progress
+        return f"{head} {progress.model} {progress_line(progress)}"
+    if which == "model_loaded":
+        status = event.model_loaded.status
+        return f"{head} {status.name} loaded (pid {status.pid}, {size(status.rss_bytes)})"
+    if which == "model_unloaded":
+        gone = event.model_unloaded
+        reason = pb.UnloadReason.Name(gone.reason).removeprefix("UNLOAD_REASON_").lower()
+        return f"{head} {gone.model} unloaded ({reason}){': ' + gone.message if gone.message else ''}"
+    if which == "snapshot":
+        names = ", ".join(
+            f"{m.name} ({pb.ModelState.Name(m.state).removeprefix('MODEL_STATE_').lower()})"
+            for m in event.snapshot.models
+        )
+        return f"{head} {'resync' if event.resync else 'snapshot'}: {names or 'no models'}"
+    if which is None:
+        return head
+    detail = getattr(event, which)
+    fields = " ".join(
+        f"{field.name}={value}" for field, value in detail.ListFields() if not isinstance(value, bytes)
+    )
+    return f"{head} {which} {fields}".rstrip()
+
+
+def plan_text(plan: pb.PlanResponse) -> str:
+    """A Plan answer in a few lines for people."""
+    outcome = pb.PlanOutcome.Name(plan.outcome).removeprefix("PLAN_OUTCOME_")
+    lines = [f"{outcome}: {plan.message}"]
+    if plan.need_bytes:
+        lines.append(
+            f"memory: needs {size(plan.need_bytes)}, {size(plan.available_bytes)} available,"
+            f" {size(plan.reserve_bytes)} kept in reserve"
+        )
+    if plan.loads_ahead:
+        lines.append(f"{plan.loads_ahead} load(s) ahead of it; they may change this plan")
+    return "\n".join(lines)

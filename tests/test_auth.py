@@ -33,6 +33,7 @@ def test_roles_by_method() -> None:
     assert auth.required_role("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo") is None
     assert auth.required_role("/lemonade.v1.Inference/Complete") is auth.Role.INFERENCE
     assert auth.required_role("/lemonade.v1.ModelControl/Watch") is auth.Role.INFERENCE
+    assert auth.required_role("/lemonade.v1.ModelControl/Plan") is auth.Role.INFERENCE
     assert auth.required_role("/lemonade.v1.ModelControl/Load") is auth.Role.ADMIN
     assert auth.required_role("/lemonade.v1.ModelControl/Unknown") is auth.Role.ADMIN
     tokens = auth.Tokens(admin=(ADMIN.encode(),), inference=(INFERENCE.encode(),))
@@ -77,6 +78,7 @@ def control(channel: grpc.aio.Channel) -> dict[str, Any]:
         "Pin": lambda md: stub.Pin(pb.PinRequest(model="m", pinned=False), metadata=md),
         "Status": lambda md: stub.Status(pb.StatusRequest(), metadata=md),
         "ListModels": lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md),
+        "Plan": lambda md: stub.Plan(pb.PlanRequest(model="m"), metadata=md),
         "Watch": lambda md: first(stub.Watch(pb.WatchRequest(), metadata=md)),
         "Complete": lambda md: first(
             inference.Complete(ipb.CompleteRequest(model="m", prompt="x", max_tokens=1), metadata=md)
@@ -154,6 +156,7 @@ async def _roles_over_grpc(server: Server) -> None:
         "Pin": "PERMISSION_DENIED PERMISSION_DENIED",
         "Status": "OK",
         "ListModels": "OK",
+        "Plan": "OK",
         "Watch": "OK",
         "Complete": "OK",
         "Chat": "OK",

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,9 @@ def in_terminal(*args: str) -> str:
             os.close(child)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 async def test_in_a_terminal_load_rewrites_one_line_and_status_has_colours(servers: ServerFactory) -> None:
     # What tmux showed (capture-pane -e, 100x20), after `load tiny --pin && status`:
     #   READY 100% ready
@@ -117,8 +121,10 @@ async def test_in_a_terminal_load_rewrites_one_line_and_status_has_colours(serve
     # Every phase rewrites the line in place ("\r" + erase line); the first
     # newline comes after READY. (The terminal writes "\n" as "\r\n".)
     text = loaded.replace("\r\n", "\n")
-    updates = [part.removeprefix("\x1b[2K") for part in text.split("\r") if part]
+    updates = [ANSI.sub("", part) for part in text.split("\r") if part]
     assert updates[0].startswith("QUEUED")
+    # Each phase with a progress bar: `LOADING   [..........]   --  backend pid 123: ...`.
+    assert any(update.startswith("LOADING") and " [" in update for update in updates), updates
     assert all("\n" not in update for update in updates[:-1]), updates
     assert updates[-1].startswith("READY")
     assert "\ntiny loaded: pid " in updates[-1]

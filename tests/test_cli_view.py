@@ -5,7 +5,16 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.cli_view import duration, progress_line, size, status_table
+from lemonade_grpc.cli_view import (
+    bar,
+    duration,
+    plan_text,
+    progress_bar,
+    progress_line,
+    size,
+    status_table,
+    watch_line,
+)
 
 
 def test_the_table_lines_up_and_says_when_each_model_goes_idle() -> None:
@@ -46,3 +55,47 @@ def test_sizes_durations_and_progress_lines() -> None:
     loading = pb.LoadResponse(phase=pb.LOAD_PHASE_LOADING, fraction=0.4, message="waiting for /health")
     assert progress_line(queued) == "QUEUED (position 2)"
     assert progress_line(loading) == "LOADING 40% waiting for /health"
+
+
+def test_progress_bars_watch_lines_and_plans() -> None:
+    assert [bar(-1, 10), bar(0, 10), bar(0.45, 10), bar(1, 10)] == [
+        "[..........]",
+        "[..........]",
+        "[####......]",
+        "[##########]",
+    ]
+    reading = pb.LoadResponse(
+        phase=pb.LOAD_PHASE_LOADING, fraction=0.45, message="reading weights: 178 of 395 MiB"
+    )
+    assert progress_bar(reading) == f"LOADING   {bar(0.45)}  45%  reading weights: 178 of 395 MiB"
+    starting = pb.LoadResponse(phase=pb.LOAD_PHASE_STARTING, fraction=-1, message="starting backend")
+    assert progress_bar(starting) == f"STARTING  {bar(-1)}   --  starting backend"
+    assert progress_bar(reading, colour=True).startswith("\x1b[1mLOADING")
+    progress = pb.WatchResponse(
+        sequence=12,
+        load_progress=pb.LoadProgress(
+            model="tiny", phase=pb.LOAD_PHASE_LOADING, fraction=0.9, message="warming up"
+        ),
+    )
+    assert watch_line(progress) == "#12 tiny LOADING 90% warming up"
+    gone = pb.WatchResponse(
+        sequence=13, model_unloaded=pb.ModelUnloaded(model="tiny", reason=pb.UNLOAD_REASON_IDLE, pid=7)
+    )
+    assert watch_line(gone) == "#13 tiny unloaded (idle)"
+    snapshot = pb.WatchResponse(
+        sequence=1, snapshot=pb.PoolStatus(models=[pb.ModelStatus(name="a", state=pb.MODEL_STATE_READY)])
+    )
+    assert watch_line(snapshot) == "#1 snapshot: a (ready)"
+    told = pb.PlanResponse(
+        outcome=pb.PLAN_OUTCOME_LOAD,
+        message="b would be started after stopping a (evicted_lru)",
+        need_bytes=2 << 30,
+        available_bytes=10 << 30,
+        reserve_bytes=512 << 20,
+        loads_ahead=1,
+    )
+    assert plan_text(told).splitlines() == [
+        "LOAD: b would be started after stopping a (evicted_lru)",
+        "memory: needs 2.0 GiB, 10.0 GiB available, 512 MiB kept in reserve",
+        "1 load(s) ahead of it; they may change this plan",
+    ]

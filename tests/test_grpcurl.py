@@ -124,6 +124,10 @@ CHECKS: dict[str, tuple[int | None, Check]] = {
     "describe": (None, lambda f, out: "rpc Load ( .lemonade.v1.LoadRequest )" in out),
     "grpc.health.v1.Health/Check": (None, lambda f, out: f == [{"status": "SERVING"}]),
     "ListModels": (None, lambda f, out: [m["name"] for m in f[0]["models"]] == ["tiny"]),
+    "Plan": (
+        None,
+        lambda f, out: f[0]["outcome"] == "PLAN_OUTCOME_LOAD" and f[0]["options"]["ctx_size"] == 2048,
+    ),
     "Load": (None, ready()),
     "Load ctx_size": (None, ready(2048)),
     "Complete": (None, ended),
