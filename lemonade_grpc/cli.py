@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
@@ -86,16 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     address.add_argument(
         "--address", default=argparse.SUPPRESS, help="server address (env LEMONADE_GRPC_ADDRESS)"
     )
-    load = commands.add_parser("load", parents=[address], help="ensure a model is loaded, showing progress")
-    load.add_argument("model")
-    load.add_argument("--ctx-size", type=int)
-    load.add_argument("--idle-unload-seconds", type=int)
-    load.add_argument(
+    # What a Load takes, for `load` and for `plan` (what that load would do).
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("model")
+    loading.add_argument("--ctx-size", type=int)
+    loading.add_argument("--idle-unload-seconds", type=int)
+    loading.add_argument(
         "--arg", action="append", dest="backend_args", help="extra backend argument (repeatable)"
     )
-    pin = load.add_mutually_exclusive_group()
+    pin = loading.add_mutually_exclusive_group()
     pin.add_argument("--pin", dest="pinned", action="store_true", default=None)
     pin.add_argument("--no-pin", dest="pinned", action="store_false")
+    commands.add_parser("load", parents=[address, loading], help="ensure a model is loaded, showing progress")
     unload = commands.add_parser("unload", parents=[address], help="unload a model (all when none is named)")
     unload.add_argument("model", nargs="?", default="")
     for verb, value in (("pin", True), ("unpin", False)):
@@ -110,10 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--since", type=int, help="resume after this sequence number")
     watch.add_argument("--json", action="store_true", help="JSON lines even on a terminal")
     plan = commands.add_parser(
-        "plan", parents=[address], help="say what `load` would do (evictions, memory), without doing it"
+        "plan",
+        parents=[address, loading],
+        help="say what `load` with the same arguments would do (evictions, memory), doing nothing",
     )
-    plan.add_argument("model")
-    plan.add_argument("--ctx-size", type=int)
     plan.add_argument("--json", action="store_true", help="the whole answer as JSON")
     status = commands.add_parser("status", parents=[address], help="print the loaded models as a table")
     status.add_argument("--json", action="store_true", help="the whole pool status as JSON, for machines")
@@ -211,14 +213,7 @@ async def _client(args: argparse.Namespace) -> int:
         elif args.command == "watch":
             await _watch(client, args)
         elif args.command == "plan":
-            told = await client.control.Plan(
-                model_control_pb2.PlanRequest(
-                    model=args.model,
-                    options=model_control_pb2.LoadOptions(
-                        **({"ctx_size": args.ctx_size} if args.ctx_size is not None else {})
-                    ),
-                )
-            )
+            told = await client.plan(args.model, **_load_arguments(args))
             if args.json:
                 _print_json(told)
             else:
@@ -236,14 +231,18 @@ async def _client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The options and pin `load` and `plan` take, as `Client.load` and `Client.plan` take them."""
+    return {
+        "ctx_size": args.ctx_size,
+        "idle_unload_seconds": args.idle_unload_seconds,
+        "backend_args": args.backend_args,
+        "pinned": args.pinned,
+    }
+
+
 async def _load(client: Client, args: argparse.Namespace) -> None:
-    progress_stream = client.load(
-        args.model,
-        ctx_size=args.ctx_size,
-        idle_unload_seconds=args.idle_unload_seconds,
-        backend_args=args.backend_args,
-        pinned=args.pinned,
-    )
+    progress_stream = client.load(args.model, **_load_arguments(args))
     # On a terminal one line with a progress bar, rewritten as the load moves on; else a line per message.
     live = sys.stdout.isatty()
     colour = _colour(sys.stdout)

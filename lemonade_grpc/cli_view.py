@@ -16,6 +16,18 @@ _STATE_COLOURS = {
 HEADERS = ("NAME", "STATE", "PINNED", "PID", "MEMORY", "IN FLIGHT", "IDLE UNLOAD IN")
 
 
+def clean(text: str) -> str:
+    """`text` safe for a terminal line: control characters (escape sequences, newlines) shown escaped.
+
+    Messages can quote a backend's own output (a failed start's log tail):
+    printed raw, its escape sequences would reach the operator's terminal
+    (issue 12: a title change, a cleared screen, a fake prompt).
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def paint(text: str, code: str, colour: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
 
@@ -86,7 +98,7 @@ def progress_line(progress: pb.LoadResponse | pb.LoadProgress) -> str:
     fraction = f" {progress.fraction:.0%}" if progress.fraction >= 0 else ""
     queued = getattr(progress, "queue_position", 0)
     position = f" (position {queued})" if queued else ""
-    return f"{phase_name(progress.phase)}{fraction}{position} {progress.message}".rstrip()
+    return f"{phase_name(progress.phase)}{fraction}{position} {clean(progress.message)}".rstrip()
 
 
 def bar(fraction: float, width: int = BAR_WIDTH) -> str:
@@ -100,7 +112,7 @@ def progress_bar(progress: pb.LoadResponse, *, colour: bool = False) -> str:
     phase = paint(f"{phase_name(progress.phase):<9}", "1", colour)
     percent = f"{progress.fraction:4.0%}" if progress.fraction >= 0 else "  --"
     position = f" (position {progress.queue_position})" if progress.queue_position else ""
-    return f"{phase} {bar(progress.fraction)} {percent}{position}  {progress.message}".rstrip()
+    return f"{phase} {bar(progress.fraction)} {percent}{position}  {clean(progress.message)}".rstrip()
 
 
 def watch_line(event: pb.WatchResponse) -> str:
@@ -116,7 +128,7 @@ def watch_line(event: pb.WatchResponse) -> str:
     if which == "model_unloaded":
         gone = event.model_unloaded
         reason = pb.UnloadReason.Name(gone.reason).removeprefix("UNLOAD_REASON_").lower()
-        return f"{head} {gone.model} unloaded ({reason}){': ' + gone.message if gone.message else ''}"
+        return f"{head} {gone.model} unloaded ({reason}){': ' + clean(gone.message) if gone.message else ''}"
     if which == "snapshot":
         names = ", ".join(
             f"{m.name} ({pb.ModelState.Name(m.state).removeprefix('MODEL_STATE_').lower()})"
@@ -129,13 +141,13 @@ def watch_line(event: pb.WatchResponse) -> str:
     fields = " ".join(
         f"{field.name}={value}" for field, value in detail.ListFields() if not isinstance(value, bytes)
     )
-    return f"{head} {which} {fields}".rstrip()
+    return clean(f"{head} {which} {fields}".rstrip())
 
 
 def plan_text(plan: pb.PlanResponse) -> str:
     """A Plan answer in a few lines for people."""
     outcome = pb.PlanOutcome.Name(plan.outcome).removeprefix("PLAN_OUTCOME_")
-    lines = [f"{outcome}: {plan.message}"]
+    lines = [f"{outcome}: {clean(plan.message)}"]
     if plan.need_bytes:
         lines.append(
             f"memory: needs {size(plan.need_bytes)}, {size(plan.available_bytes)} available,"

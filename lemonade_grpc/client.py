@@ -151,17 +151,25 @@ class Client:
         pinned: bool | None = None,
     ) -> AsyncIterator[pb.LoadResponse]:
         """Load `model` (options left out keep the current ones); the progress, READY last."""
-        options = pb.LoadOptions()
-        if ctx_size is not None:
-            options.ctx_size = ctx_size
-        if idle_unload_seconds is not None:
-            options.idle_unload_seconds = idle_unload_seconds
-        if backend_args is not None:
-            options.backend_args.args.extend(backend_args)
-        request = pb.LoadRequest(model=model, options=options)
+        request = pb.LoadRequest(model=model, options=_options(ctx_size, idle_unload_seconds, backend_args))
         if pinned is not None:
             request.pinned = pinned
         return _messages(self.control.Load(request))
+
+    async def plan(
+        self,
+        model: str,
+        *,
+        ctx_size: int | None = None,
+        idle_unload_seconds: int | None = None,
+        backend_args: Sequence[str] | None = None,
+        pinned: bool | None = None,
+    ) -> pb.PlanResponse:
+        """What `load` with the same arguments would do now, without doing it."""
+        request = pb.PlanRequest(model=model, options=_options(ctx_size, idle_unload_seconds, backend_args))
+        if pinned is not None:
+            request.pinned = pinned
+        return await self.control.Plan(request)
 
     async def unload(self, model: str = "") -> list[str]:
         """Unload `model` (every model when ""); the names stopped."""
@@ -238,3 +246,17 @@ async def _messages(call: grpc.aio.UnaryStreamCall[Any, Reply]) -> AsyncIterator
             yield message
     finally:
         call.cancel()
+
+
+def _options(
+    ctx_size: int | None, idle_unload_seconds: int | None, backend_args: Sequence[str] | None
+) -> pb.LoadOptions:
+    """A request's options: those left out are absent (they keep the current values)."""
+    options = pb.LoadOptions()
+    if ctx_size is not None:
+        options.ctx_size = ctx_size
+    if idle_unload_seconds is not None:
+        options.idle_unload_seconds = idle_unload_seconds
+    if backend_args is not None:
+        options.backend_args.args.extend(backend_args)
+    return options

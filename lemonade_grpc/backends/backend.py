@@ -20,7 +20,7 @@ import aiohttp
 
 from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
-from lemonade_grpc.backends.progress import LoadProgress, model_bytes_in
+from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
 from lemonade_grpc.backends.recipes import backend_argv
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec, Recipe
@@ -217,9 +217,10 @@ class Backend:
     ) -> None:
         """Read how far the load has got every `seconds`; report it when it changed."""
         last: tuple[float, str] | None = None
+        probe = ModelBytes(self.pid, model)
         while True:
             await asyncio.sleep(seconds)
-            progress.read(await asyncio.to_thread(model_bytes_in, self.pid, model))
+            progress.read(await asyncio.to_thread(probe.read))
             now = (progress.fraction, progress.message)
             if now != last:
                 report(*now)
@@ -227,6 +228,7 @@ class Backend:
 
     async def _poll_ready(self, limit_seconds: float) -> None:
         deadline = time.monotonic() + limit_seconds
+        hinted = False
         while True:
             if self.process.returncode is not None:
                 # "Address already in use": someone took the port between our choosing it and the bind.
@@ -257,8 +259,16 @@ class Backend:
                 raise BackendStartFailed(
                     f"backend not healthy after {limit_seconds:g} s:\n{self.process.log_tail()}"
                 )
-            # The next poll, or sooner: when the backend says it listens.
-            await wait_for_any([self._ready_hint], HEALTH_POLL_SECONDS)
+            if hinted:
+                # A hint that did not make it ready (a line that only looked like one):
+                # a whole interval before the next check, or such lines would make this
+                # a busy poll (issue 12: 1,857 checks in 2 s for "layer 3 running on CPU").
+                await asyncio.sleep(HEALTH_POLL_SECONDS)
+                hinted = False
+            else:
+                # The next poll, or sooner: when the backend says it listens.
+                await wait_for_any([self._ready_hint], HEALTH_POLL_SECONDS)
+                hinted = self._ready_hint.is_set()
             self._ready_hint.clear()
 
     def _port_taken(self, holder: str, what: str) -> PortTaken:

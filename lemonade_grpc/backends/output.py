@@ -4,18 +4,20 @@ The backend writes to a pipe, not to its log file directly, so that the
 control plane sees its lines the moment they are written: llama-server's
 "listening on" (readiness without a polling delay) and its load phases
 (issue 12). Lines longer than `MAX_LINE_BYTES` reach listeners cut; the log
-file gets every byte.
+file gets every byte. With no listener (a backend that is ready), chunks
+go to the file without being split into lines.
 
-The pump is a task of its own (a fresh context: it is the process's, not
-the request's that started it). It ends when every writer has closed the
-pipe (the process group is gone) or when it is cancelled (`close`).
+The pipe is ours (`os.pipe`), read with the event loop's reader callback,
+not asyncio's subprocess pipe: with that one, `Process.wait()` returned
+only once every holder of the pipe had closed it, so a backend's child that
+kept it open hid the backend's own exit (a dead backend stayed READY).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
+import os
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -28,15 +30,18 @@ Listener = Callable[[str], None]
 
 
 class OutputPump:
-    """Copies `stream` to `log` and calls each listener with every complete line (without its newline)."""
+    """Copies what arrives on `read_fd` to `log_file`, and each complete line to the listeners."""
 
-    def __init__(self, stream: asyncio.StreamReader, log_file: BinaryIO) -> None:
-        self._stream = stream
+    def __init__(self, read_fd: int, log_file: BinaryIO) -> None:
+        self._fd = read_fd
         self._log = log_file
         self._listeners: list[Listener] = []
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(), name="backend output", context=contextvars.Context()
-        )
+        self._partial = b""
+        self._write_failed = False
+        self.done = asyncio.Event()
+        os.set_blocking(read_fd, False)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(read_fd, self._readable)
 
     def listen(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` with each line from now on; returns what stops it."""
@@ -48,26 +53,35 @@ class OutputPump:
 
         return stop
 
-    async def _run(self) -> None:
-        partial = b""
+    def _readable(self) -> None:
         try:
-            while chunk := await self._stream.read(READ_BYTES):
-                self._write(chunk)
-                *lines, partial = (partial + chunk).split(b"\n")
-                partial = partial[:MAX_LINE_BYTES]
-                for line in lines:
-                    self._tell(line[:MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r"))
-            if partial:
-                self._tell(partial.decode("utf-8", "replace"))
-        finally:
-            self._log.close()
+            chunk = os.read(self._fd, READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:  # every writer has closed it
+            if self._partial and self._listeners:
+                self._tell(self._partial.decode("utf-8", "replace"))
+            self._finish()
+            return
+        self._write(chunk)
+        if not self._listeners:
+            self._partial = b""
+            return
+        *lines, partial = (self._partial + chunk).split(b"\n")
+        self._partial = partial[:MAX_LINE_BYTES]
+        for line in lines:
+            self._tell(line[:MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r"))
 
     def _write(self, chunk: bytes) -> None:
         try:
             self._log.write(chunk)
             self._log.flush()  # error messages read this run's lines from the file
         except OSError as error:  # a full disk must not stop the pipe (the backend would block)
-            log.warning("cannot write backend output to %s: %s", self._log.name, error)
+            if not self._write_failed:
+                log.warning("cannot write backend output to %s: %s (said once)", self._log.name, error)
+            self._write_failed = True
 
     def _tell(self, line: str) -> None:
         for listener in list(self._listeners):
@@ -76,10 +90,19 @@ class OutputPump:
             except Exception:
                 log.exception("a backend output listener failed")
 
+    def _finish(self) -> None:
+        if self.done.is_set():
+            return
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._log.close()
+        self.done.set()
+
     async def close(self, seconds: float) -> None:
-        """Wait up to `seconds` for the rest of the output, then stop reading."""
+        """Wait up to `seconds` for the rest of the output (the group is gone), then stop reading."""
         try:
-            await asyncio.wait_for(asyncio.shield(self.task), seconds)
+            await asyncio.wait_for(self.done.wait(), seconds)
         except TimeoutError:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            pass  # a process outside the group holds the pipe: no longer ours to read
+        finally:
+            self._finish()

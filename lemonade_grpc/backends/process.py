@@ -31,7 +31,7 @@ from lemonade_grpc.backends.output import OutputPump
 
 SETPRIV = shutil.which("setpriv")
 # After the group is killed, how long the rest of its output may take to arrive.
-OUTPUT_DRAIN_SECONDS = 1.0
+OUTPUT_DRAIN_SECONDS = 0.1
 
 
 class BackendProcess:
@@ -67,21 +67,24 @@ class BackendProcess:
             command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("ab")
+        read_fd, write_fd = os.pipe()
         try:
             offset = os.fstat(log.fileno()).st_size
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=write_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
             )
         except BaseException:
+            os.close(read_fd)
             log.close()
             raise
-        assert process.stdout is not None
-        return cls(process, log_path, offset, OutputPump(process.stdout, log))
+        finally:
+            os.close(write_fd)  # the child has its copy: EOF comes when the last writer is gone
+        return cls(process, log_path, offset, OutputPump(read_fd, log))
 
     @property
     def returncode(self) -> int | None:
@@ -126,11 +129,21 @@ class BackendProcess:
         return total
 
     def tree(self) -> list[psutil.Process]:
-        """The process and its live descendants; [] when it is gone."""
+        """The process and its live descendants; [] when it is gone.
+
+        A descendant that exits while the tree is read is left out, not the
+        whole tree with it (issue 12: a backend whose child kept starting
+        short-lived processes read as no tree, 0 bytes and not listening).
+        """
         try:
-            return [psutil.Process(self.pid), *(psutil.Process(pid) for pid in descendants(self.pid))]
+            leader = psutil.Process(self.pid)
         except psutil.Error:
             return []
+        found = [leader]
+        for pid in descendants(self.pid):
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+        return found
 
     def listens_on(self, port: int) -> bool:
         """Whether the process or one of its descendants holds a TCP LISTEN socket on loopback `port`.

@@ -109,6 +109,9 @@ def file_size(spec: ModelSpec, options: EffectiveOptions) -> int:
         return 0
 
 
+PLAN_ESTIMATES = 4
+
+
 def _slots_pinned(spec: ModelSpec, plan: policy.NoRoom) -> SlotsPinned:
     return SlotsPinned(
         f"every {spec.type.value} slot is held by a pinned model ({', '.join(plan.pinned)});"
@@ -172,6 +175,8 @@ class Pool:
         )
         self._memory_low = False
         self._lock = asyncio.Lock()
+        # Plans' memory estimates (a file header read each, in a worker thread) at once, at most.
+        self._estimates = asyncio.Semaphore(PLAN_ESTIMATES)
         self._models: dict[str, Model] = {}
         self._jobs: dict[JobKey, LoadJob] = {}
         self._waiting: list[LoadJob] = []
@@ -225,11 +230,7 @@ class Pool:
         joined = self._jobs.get(job.key)
         if joined is not None and not joined.done:
             return joined
-        if len(self._waiting) >= self.limits.max_queued_loads:
-            raise Overloaded(
-                f"{len(self._waiting)} loads are already waiting for the load lock"
-                f" ([limits] max_queued_loads = {self.limits.max_queued_loads}); try again later"
-            )
+        self._check_queue_room()
         self._jobs[job.key] = job
         self._waiting.append(job)
         position = self._queue_position(job)
@@ -239,6 +240,14 @@ class Pool:
         job.task = self._work.spawn(self._run(job), f"load {name}")
         job.task.add_done_callback(lambda task: self._job_ended(job, task))
         return job
+
+    def _check_queue_room(self) -> None:
+        """`Overloaded` when `limits.max_queued_loads` loads already wait for the lock."""
+        if len(self._waiting) >= self.limits.max_queued_loads:
+            raise Overloaded(
+                f"{len(self._waiting)} loads are already waiting for the load lock"
+                f" ([limits] max_queued_loads = {self.limits.max_queued_loads}); try again later"
+            )
 
     def _queue_position(self, job: LoadJob) -> int:
         return self._waiting.index(job) + (self._current is not None)
@@ -356,8 +365,8 @@ class Pool:
         if isinstance(plan, policy.NotEnoughMemory):
             raise _insufficient_memory(spec, plan)
         pinned = job.pinned if job.pinned is not None else bool(base and base.pinned)
-        previous = self._models.get(job.name)
-        if previous is not None and previous.state in (ModelState.READY, ModelState.FAILED):
+        previous = self._replaced(job.name)
+        if previous is not None:
             self._stop(previous, UnloadReason.RELOAD)
         for victims, reason in (
             (plan.slot_victims, UnloadReason.EVICTED_LRU),
@@ -376,10 +385,23 @@ class Pool:
         await self._teardowns_done()
         return await self._start(job, spec, wanted, pinned)
 
+    def _replaced(self, name: str) -> Model | None:
+        """The entry of `name` a start replaces (stopped, reason RELOAD): a READY or FAILED one."""
+        previous = self._models.get(name)
+        return (
+            previous
+            if previous is not None and previous.state in (ModelState.READY, ModelState.FAILED)
+            else None
+        )
+
     def _placement(
-        self, spec: ModelSpec, need: int
+        self, spec: ModelSpec, need: int, freeing: int = 0
     ) -> policy.LoadPlan | policy.NoRoom | policy.NotEnoughMemory:
-        """Where a load of `spec` needing `need` bytes fits now: the one decision `load` and `plan` share."""
+        """Where a load of `spec` needing `need` bytes fits now: the one decision `load` and `plan` share.
+
+        `freeing`: memory that stops under way will give back before the load
+        measures it (it waits for them; `plan` does not).
+        """
         residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
         return policy.plan_load(
             spec.name,
@@ -387,7 +409,7 @@ class Pool:
             need,
             residents,
             self.settings.slots(spec.type),
-            available=self._memory.available_bytes(),
+            available=self._memory.available_bytes() + freeing,
             reserve=self.settings.memory_reserve_bytes,
         )
 
@@ -406,6 +428,18 @@ class Pool:
         running = self._ready(name)
         base = running or self._awaiting_restart(name)
         wanted = opts.resolve(requested, base.options if base else None, spec.defaults)
+        settled = running is not None and policy.changes_nothing(
+            running.options, running.pinned, wanted, pinned
+        )
+        joined = self._jobs.get((name, requested, pinned, False))
+        if not settled and (joined is None or joined.done):
+            self._check_queue_room()  # the load would be refused at once
+        # What the stops under way will have given back when the load measures memory.
+        freeing = sum(
+            m.backend.process.rss_bytes()
+            for m in self._models.values()
+            if m.state is ModelState.UNLOADING and m.backend is not None
+        )
         told = functools.partial(
             LoadForecast,
             name,
@@ -414,12 +448,13 @@ class Pool:
             reserve_bytes=self.settings.memory_reserve_bytes,
             loads_ahead=len(self._waiting) + (self._current is not None),
         )
-        if running is not None and policy.changes_nothing(running.options, running.pinned, wanted, pinned):
+        if settled:
             return told(Outcome.ALREADY_LOADED, message=f"{name} is loaded as asked: nothing to do")
         if running is not None and policy.reuses_process(running.options, wanted):
             return told(Outcome.REUSE, message=f"{name} keeps its process; only its settings change")
-        need = await asyncio.to_thread(self._estimate, spec, wanted)
-        plan = self._placement(spec, need)
+        async with self._estimates:  # a flood of Plans must not take every worker thread
+            need = await asyncio.to_thread(self._estimate, spec, wanted)
+        plan = self._placement(spec, need, freeing)
         if isinstance(plan, policy.NoRoom):
             return told(Outcome.SLOTS_PINNED, message=_slots_pinned(spec, plan).message)
         if isinstance(plan, policy.NotEnoughMemory):
@@ -430,12 +465,15 @@ class Pool:
             (victim, UnloadReason.MEMORY_PRESSURE) for victim in plan.memory_victims
         )
         stops = [f"{victim} ({reason.value})" for victim, reason in evictions]
-        if plan.reload:
-            stops.insert(0, f"its own process running with other options ({UnloadReason.RELOAD.value})")
+        reload = self._replaced(name) is not None
+        if reload:
+            stops.insert(
+                0, f"its own entry, running or crashed, with other options ({UnloadReason.RELOAD.value})"
+            )
         return told(
             Outcome.LOAD,
             message=f"{name} would be started" + (f" after stopping {', '.join(stops)}" if stops else ""),
-            reload=plan.reload,
+            reload=reload,
             evictions=evictions,
             need_bytes=need,
         )
