@@ -185,11 +185,9 @@ async def test_sigterm_with_an_unreachable_collector_exits_promptly(
     server = servers.start(fake_model("m", tiny_model), env={"OTEL_EXPORTER_OTLP_ENDPOINT": UNREACHABLE_OTLP})
     async with connect(server.address) as client:
         await client.ready("m")  # spans and metrics to flush
-    started = time.monotonic()
-    status = server.stop(signal.SIGTERM, seconds=40)
-    took = time.monotonic() - started
-    assert status == 0
-    assert took < 5.0, f"exit took {took:.1f} s after SIGTERM"
+    assert server.stop(signal.SIGTERM, seconds=40) == 0
+    # The flush was given its bound and abandoned there, not the exporters' own 10 s of retries.
+    assert "the exporters did not flush within 3 s" in server.log()
 
 
 # ------------------------------------------------- spans: whose trace is it
@@ -725,19 +723,16 @@ async def test_a_second_ctrl_c_during_the_exporters_flush_exits_at_once_without_
     )
     server.process.send_signal(signal.SIGINT)
     await poll(
-        lambda: asyncio.sleep(0, '"message":"stopped"' in server.log() or None),
+        lambda: asyncio.sleep(0, "flushing the exporters" in server.log() or None),
         WAIT_SECONDS,
         "the graceful stop to reach the telemetry flush",
     )
-    await asyncio.sleep(0.3)
-    started = time.monotonic()
     server.process.send_signal(signal.SIGINT)
-    try:
-        await asyncio.to_thread(server.process.wait, 30)
-    finally:
-        took = time.monotonic() - started
-    bad = not_json(server.log())
-    assert (took < 2.0, bad[-3:]) == (True, []), f"exit took {took:.1f} s after the second SIGINT"
+    status = await asyncio.to_thread(server.process.wait, 30)
+    # Exited by the forced path, at once, saying so: not by the flush's end or a traceback.
+    assert status == 128 + signal.SIGINT
+    assert "SIGINT while flushing telemetry: exiting now" in server.log()
+    assert not_json(server.log()) == []
 
 
 def test_with_json_logs_a_fatal_start_up_error_is_a_json_line_too(tmp_path: Path) -> None:

@@ -116,6 +116,7 @@ class Telemetry:
             await self._prometheus.cleanup()
         if not (self._providers.tracing or self._providers.metering):
             return
+        log.info("telemetry: flushing the exporters (at most %g s)", flush_seconds)
         done = threading.Event()
 
         def flush() -> None:
