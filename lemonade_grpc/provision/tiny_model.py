@@ -17,9 +17,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import gguf
-import numpy as np
-
 from lemonade_grpc.provision.paths import cache_root
 
 # Bump whenever the bytes written change: the cache file name includes it.
@@ -38,6 +35,8 @@ _CHAT_TEMPLATE = (
 
 def _vocabulary() -> tuple[list[str], list[float], list[int]]:
     """Tokens, scores and token types of the byte-level vocabulary."""
+    import gguf
+
     tokens = list(_CONTROL)
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -64,6 +63,10 @@ def generate(
     because llama-server caps each slot's context at it: a small value would
     stop long generations early.
     """
+    # Imported here: only generating needs them (numpy is 12 MiB the serving process need not hold).
+    import gguf
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocabulary()
     n_vocab = len(tokens)
