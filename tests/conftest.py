@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import psutil
@@ -32,7 +32,7 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.pool import BackendLauncher
+from lemonade_grpc.pool.pool import BackendLauncher, Pool
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
@@ -198,6 +198,36 @@ class ServerFactory:
         for process in leaked:
             process.kill()
         assert not leaked, f"processes left running after the test: {[p.cmdline() for p in leaked]}"
+
+
+async def shut_down(*pools: Pool) -> None:
+    """Shut each pool down and check that every backend it had is gone."""
+    for pool in pools:
+        pids = [view.pid for view in pool.views() if view.pid]
+        await pool.shutdown()
+        assert all(is_gone(pid) for pid in pids), f"backends left running: {pids}"
+
+
+BACKEND_OPTIONS = EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[Backend]]:
+    """Backends seen by `on_spawned`; any left running at the end is killed and fails the test."""
+    seen: list[Backend] = []
+    yield seen
+    alive = [b for b in seen if not is_gone(b.pid)]
+    for backend in alive:
+        backend.process.kill_group()
+    assert not alive, f"backends left running: {alive}"
+
+
+async def launch_backend(spec: ModelSpec, log_dir: Path, spawned: list[Backend], **kwargs: Any) -> Backend:
+    """`Backend.launch` as the tests use it: no registry, `spawned` told of each process."""
+    arguments: dict[str, Any] = {"registry": None, "health_timeout": 30.0, "stop_grace": 2.0} | kwargs
+    return await Backend.launch(
+        spec, BACKEND_OPTIONS, log_dir=log_dir, on_spawned=spawned.append, **arguments
+    )
 
 
 def fake_spec(name: str, model_file: Path, *flags: str) -> ModelSpec:

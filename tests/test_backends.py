@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import aiohttp
 import psutil
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, is_gone
+from conftest import BACKEND_OPTIONS, FAKE_BACKEND, eventually, is_gone, launch_backend
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend, PortTaken, free_port
 from lemonade_grpc.backends.openai_client import OpenAIClient
@@ -37,9 +37,8 @@ from lemonade_grpc.backends.process import (
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
-from lemonade_grpc.pool.options import EffectiveOptions
 
-OPTIONS = EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())
+OPTIONS = BACKEND_OPTIONS
 
 
 def fake_spec(model: Path, *flags: str, name: str = "fake") -> ModelSpec:
@@ -118,22 +117,6 @@ async def complete(backend: Backend, prompt: str = "hello") -> tuple[str, int | 
     return "".join(texts), tokens
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[Backend]]:
-    """Backends seen by `on_spawned`; any left running at the end is killed and fails the test."""
-    seen: list[Backend] = []
-    yield seen
-    alive = [b for b in seen if not is_gone(b.pid)]
-    for backend in alive:
-        backend.process.kill_group()
-    assert not alive, f"backends left running: {alive}"
-
-
-async def launch(spec: ModelSpec, log_dir: Path, spawned: list[Backend], **kwargs: Any) -> Backend:
-    arguments: dict[str, Any] = {"registry": None, "health_timeout": 30.0, "stop_grace": 2.0} | kwargs
-    return await Backend.launch(spec, OPTIONS, log_dir=log_dir, on_spawned=spawned.append, **arguments)
-
-
 # --- finding 8: readiness proves the process ---------------------------------------------------
 
 
@@ -149,7 +132,7 @@ async def test_readiness_ignores_an_impostor_on_the_port_and_retries(
     # The fake binds late, so the impostor's 200 arrives while ours is alive, not listening.
     spec = fake_spec(tiny_model, "--listen-delay-seconds", "1") if kind == "fake" else llama_spec(tiny_model)
     registry = BackendRegistry(tmp_path / "state" / "backends.json")
-    backend = await launch(
+    backend = await launch_backend(
         spec, tmp_path / "logs", spawned, registry=registry, choose_port=first_then_free(impostor.port)
     )
     try:
@@ -174,7 +157,7 @@ async def test_a_backend_that_exits_because_its_port_is_taken_is_retried_on_anot
     impostor: Impostor, tiny_model: Path, tmp_path: Path, spawned: list[Backend]
 ) -> None:
     impostor.status = 503  # "loading" forever: only our process's exit tells the race was lost
-    backend = await launch(
+    backend = await launch_backend(
         fake_spec(tiny_model), tmp_path / "logs", spawned, choose_port=first_then_free(impostor.port)
     )
     try:
@@ -190,7 +173,7 @@ async def test_a_start_that_loses_its_port_every_time_fails_naming_the_port_and_
     impostor: Impostor, tiny_model: Path, tmp_path: Path, spawned: list[Backend]
 ) -> None:
     with pytest.raises(BackendStartFailed) as raised:
-        await launch(
+        await launch_backend(
             fake_spec(tiny_model, "--listen-delay-seconds", "1"),
             tmp_path / "logs",
             spawned,
@@ -219,7 +202,7 @@ async def test_an_unwritable_state_dir_fails_the_load_and_leaves_no_backend(
     spec = fake_spec(tiny_model)
     for attempt in (1, 2):  # a retry fails the same way, cleanly again
         with pytest.raises(StateWriteFailed) as raised:
-            await launch(spec, tmp_path / "logs", spawned, registry=registry)
+            await launch_backend(spec, tmp_path / "logs", spawned, registry=registry)
         assert raised.value.reason == "STATE_WRITE_FAILED"
         assert str(registry.path) in raised.value.message
         assert "Is a directory" in raised.value.message
@@ -228,7 +211,7 @@ async def test_an_unwritable_state_dir_fails_the_load_and_leaves_no_backend(
         assert is_gone(spawned[-1].pid), "a backend that could not be recorded runs"
         assert spawned[-1].pid not in registry
     blocker.rmdir()
-    backend = await launch(spec, tmp_path / "logs", spawned, registry=registry)
+    backend = await launch_backend(spec, tmp_path / "logs", spawned, registry=registry)
     assert [r["pid"] for r in json.loads(registry.path.read_text())["backends"]] == [backend.pid]
     await backend.stop(2.0)
     assert is_gone(backend.pid)
@@ -239,7 +222,7 @@ async def test_a_registry_entry_that_cannot_be_removed_is_logged_not_raised(
     tiny_model: Path, tmp_path: Path, spawned: list[Backend], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = BackendRegistry(tmp_path / "state" / "backends.json")
-    backend = await launch(fake_spec(tiny_model), tmp_path / "logs", spawned, registry=registry)
+    backend = await launch_backend(fake_spec(tiny_model), tmp_path / "logs", spawned, registry=registry)
     (tmp_path / "state" / ".backends.json.tmp").mkdir()
     assert await backend.stop(2.0) is not None
     assert is_gone(backend.pid)
@@ -255,7 +238,9 @@ async def test_cancelling_a_launch_stops_what_it_spawned_before_the_cancellation
 ) -> None:
     registry = BackendRegistry(tmp_path / "state" / "backends.json")
     task = asyncio.create_task(
-        launch(fake_spec(tiny_model, "--load-seconds", "60"), tmp_path / "logs", spawned, registry=registry)
+        launch_backend(
+            fake_spec(tiny_model, "--load-seconds", "60"), tmp_path / "logs", spawned, registry=registry
+        )
     )
     await eventually(lambda: bool(spawned), 10, "the backend to spawn")
     task.cancel()
@@ -275,7 +260,7 @@ async def test_a_failed_start_shows_only_this_runs_log(
     log_dir.mkdir()
     (log_dir / "fake.log").write_text("EARLIER RUN: something else went wrong\n" * 3)
     with pytest.raises(BackendStartFailed) as raised:
-        await launch(fake_spec(tiny_model, "--fail-start"), log_dir, spawned)
+        await launch_backend(fake_spec(tiny_model, "--fail-start"), log_dir, spawned)
     assert "failing at start as asked" in raised.value.message
     assert "EARLIER RUN" not in raised.value.message
     assert "EARLIER RUN" in (log_dir / "fake.log").read_text()  # appended to, not truncated
@@ -315,7 +300,7 @@ async def test_a_stopped_backends_client_never_opens_a_session_again(
 
 
 async def stop_then_check_health(tiny_model: Path, tmp_path: Path, spawned: list[Backend]) -> int:
-    backend = await launch(fake_spec(tiny_model), tmp_path / "logs", spawned)
+    backend = await launch_backend(fake_spec(tiny_model), tmp_path / "logs", spawned)
     assert await backend.is_healthy(5)
     await backend.stop(2.0)
     for _ in range(20):  # what the watchdog did; each check reopened a session
@@ -339,7 +324,9 @@ async def test_a_closed_client_refuses_every_request() -> None:
 async def test_last_activity_moves_with_each_read(
     tiny_model: Path, tmp_path: Path, spawned: list[Backend]
 ) -> None:
-    backend = await launch(fake_spec(tiny_model, "--token-seconds", "0.05"), tmp_path / "logs", spawned)
+    backend = await launch_backend(
+        fake_spec(tiny_model, "--token-seconds", "0.05"), tmp_path / "logs", spawned
+    )
     try:
         assert backend.client.last_activity == 0.0  # /health answers are not activity
         await backend.client.health()
@@ -369,7 +356,7 @@ async def test_llama_servers_listening_line_makes_it_ready_without_waiting_for_a
     # A poll an hour apart: the launch can only end within the test's time if the
     # "listening on" line wakes the readiness check.
     monkeypatch.setattr(backend_module, "HEALTH_POLL_SECONDS", 3600.0)
-    backend = await launch(llama_spec(tiny_model), tmp_path, spawned, health_timeout=7200.0)
+    backend = await launch_backend(llama_spec(tiny_model), tmp_path, spawned, health_timeout=7200.0)
     try:
         assert await backend.is_healthy(5.0)
         assert backend.process.listens_on(backend.port)

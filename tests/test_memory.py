@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually, fake_spec, is_gone, launcher
+from conftest import eventually, fake_spec, launcher, shut_down
 from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.errors import InsufficientMemory
 from lemonade_grpc.pool.events import Envelope, ModelUnloaded, PoolWarning, UnloadReason
@@ -70,10 +70,7 @@ async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker
         return pool, memory
 
     yield make
-    for pool in pools:
-        pids = [view.pid for view in pool.views()]
-        await pool.shutdown()
-        assert all(is_gone(pid) for pid in pids)
+    await shut_down(*pools)
 
 
 async def load(pool: Pool, *names: str, pinned: bool | None = None) -> dict[str, int]:

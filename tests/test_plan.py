@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerFactory, connect, fake_model, fake_spec, is_gone, launcher
+from conftest import ServerFactory, connect, fake_model, fake_spec, launcher, shut_down
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.errors import InsufficientMemory, PoolError, SlotsPinned
@@ -62,10 +62,7 @@ async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker
         return pool, memory
 
     yield make
-    for pool in pools:
-        pids = [view.pid for view in pool.views()]
-        await pool.shutdown()
-        assert all(is_gone(pid) for pid in pids)
+    await shut_down(*pools)
 
 
 async def plan_then_load(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually, fake_spec, is_gone, launcher
+from conftest import eventually, fake_spec, is_gone, launcher, shut_down
 from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded
 from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
@@ -65,10 +65,7 @@ async def make_pool(tmp_path: Path) -> AsyncIterator[PoolMaker]:
         return pool
 
     yield make
-    for pool in pools:
-        pids = [view.pid for view in pool.views()]
-        await pool.shutdown()
-        assert all(is_gone(pid) for pid in pids)
+    await shut_down(*pools)
 
 
 async def test_a_model_chosen_for_eviction_cannot_be_pinned_meanwhile_issue_9_finding_15(

@@ -21,7 +21,16 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, fake_spec, is_gone, launcher
+from conftest import (
+    BACKEND_OPTIONS,
+    FAKE_BACKEND,
+    eventually,
+    fake_spec,
+    is_gone,
+    launch_backend,
+    launcher,
+    shut_down,
+)
 from lemonade_grpc.api import convert
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend
@@ -33,12 +42,12 @@ from lemonade_grpc.pool.events import LoadFailed, LoadPhase, ModelUnloaded, Unlo
 from lemonade_grpc.pool.events import LoadProgress as BusLoadProgress
 from lemonade_grpc.pool.forecast import Outcome
 from lemonade_grpc.pool.model import ModelState
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.provision.tiny_model import ensure_model
 
-OPTIONS = EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())
+OPTIONS = BACKEND_OPTIONS
 GIB = 1 << 30
 FAKE = f"{sys.executable} {FAKE_BACKEND} --port {{port}} --model {{path}}"
 
@@ -76,21 +85,6 @@ def kill_strays(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def launch(spec: ModelSpec, log_dir: Path, spawned: list[Backend], **kwargs: Any) -> Backend:
-    arguments: dict[str, Any] = {"registry": None, "health_timeout": 30.0, "stop_grace": 2.0} | kwargs
-    return await Backend.launch(spec, OPTIONS, log_dir=log_dir, on_spawned=spawned.append, **arguments)
-
-
-@pytest.fixture
-def spawned() -> Iterator[list[Backend]]:
-    seen: list[Backend] = []
-    yield seen
-    alive = [b for b in seen if not is_gone(b.pid)]
-    for backend in alive:
-        backend.process.kill_group()
-    assert not alive, f"backends left running: {alive}"
-
-
 # --- the output pipe held open by someone else -------------------------------------------------
 
 
@@ -100,7 +94,7 @@ async def test_stop_is_prompt_and_closes_the_pipe_when_a_process_outside_the_gro
     # A helper that left the backend's process group (setsid) but kept its stdout: our pipe.
     script = f"setsid sh -c 'echo $$ >> {strays}; exec sleep 60' & exec {FAKE}"
     spec = shell_spec("escaped", tiny_model, script)
-    backend = await launch(spec, tmp_path / "logs", spawned)
+    backend = await launch_backend(spec, tmp_path / "logs", spawned)
     await eventually(strays.exists, 5, "the helper to start")
     try:
         await asyncio.wait_for(backend.stop(1.0), 10)
@@ -120,10 +114,7 @@ async def test_stop_is_prompt_and_closes_the_pipe_when_a_process_outside_the_gro
 async def pools(tmp_path: Path) -> AsyncIterator[list[Pool]]:
     made: list[Pool] = []
     yield made
-    for pool in made:
-        pids = [view.pid for view in pool.views()]
-        await asyncio.wait_for(pool.shutdown(), 20)
-        assert all(is_gone(pid) for pid in pids if pid)
+    await asyncio.wait_for(shut_down(*made), 20 * max(1, len(made)))
 
 
 def make_pool(tmp_path: Path, catalog: dict[str, ModelSpec], **settings: Any) -> Pool:
@@ -168,7 +159,7 @@ async def test_a_failed_start_names_its_last_line_even_after_much_output(
     )
     for _ in range(3):
         with pytest.raises(BackendStartFailed) as raised:
-            await launch(spec, tmp_path / "logs", spawned)
+            await launch_backend(spec, tmp_path / "logs", spawned)
         assert "FATAL: the real reason" in raised.value.message, raised.value.message[-300:]
 
 
@@ -189,7 +180,7 @@ async def test_lines_that_mention_running_on_do_not_turn_readiness_into_a_busy_p
 
     monkeypatch.setattr(OpenAIClient, "health", counted)
     started = time.monotonic()
-    backend = await launch(spec, tmp_path / "logs", spawned)
+    backend = await launch_backend(spec, tmp_path / "logs", spawned)
     took = time.monotonic() - started
     await backend.stop(1.0)
     # Polling every HEALTH_POLL_SECONDS (20 ms) is about 50 a second.
@@ -202,7 +193,7 @@ async def test_a_short_lived_descendant_does_not_hide_the_whole_process_tree(
     # The shell stays the leader (no exec): the server listens in a child, and another child
     # keeps starting short-lived processes (a wrapper's probes, a server's subprocess calls).
     script = f"(while :; do /bin/true; done) & {FAKE}; wait"
-    backend = await launch(shell_spec("wrapped", tiny_model, script), tmp_path / "logs", spawned)
+    backend = await launch_backend(shell_spec("wrapped", tiny_model, script), tmp_path / "logs", spawned)
     try:
         checks = 200
         empty = sum(not backend.process.tree() for _ in range(checks))
@@ -390,7 +381,7 @@ async def test_the_log_gets_every_byte_of_binary_garbage_huge_lines_and_no_newli
     script_file = tmp_path / "garbage.py"
     script_file.write_text(writer)
     spec = shell_spec("garbage", tiny_model, f"{sys.executable} {script_file} && exec {FAKE}")
-    backend = await launch(spec, tmp_path / "logs", spawned)
+    backend = await launch_backend(spec, tmp_path / "logs", spawned)
     await backend.stop(2.0)
     assert (tmp_path / "logs" / "garbage.log").read_bytes() == expected.read_bytes()
 

@@ -37,6 +37,7 @@ from conftest import (
     pids_in,
     poll,
     read_all,
+    shut_down,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
@@ -500,9 +501,7 @@ async def test_memory_pressure_stops_only_what_brings_memory_back_above_the_rese
             )
     finally:
         subscription.close()
-        pids = [view.pid for view in pool.views()]
-        await pool.shutdown()
-        assert all(is_gone(pid) for pid in pids)
+        await shut_down(pool)
 
 
 async def test_an_unloaded_stream_ends_model_evicted_at_the_end_of_its_grace_not_of_the_stop(

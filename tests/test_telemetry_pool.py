@@ -15,7 +15,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 
-from conftest import fake_spec, is_gone, launcher, poll
+from conftest import fake_spec, launcher, poll, shut_down
 from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.errors import LoadCancelled, PoolError
 from lemonade_grpc.pool.options import RequestedOptions
@@ -44,9 +44,7 @@ async def recorded(tmp_path: Path, tiny_model: Path) -> AsyncIterator[tuple[Reco
     try:
         yield record, pool
     finally:
-        pids = [view.pid for view in pool.views()]
-        await pool.shutdown()
-        assert all(is_gone(pid) for pid in pids)
+        await shut_down(pool)
 
 
 async def test_an_eviction_is_a_phase_of_the_load_and_an_unload_by_reason(
