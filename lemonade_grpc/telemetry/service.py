@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-from aiohttp import web
 
 from lemonade_grpc.api.tracing import TracingInterceptor
 from lemonade_grpc.pool.views import PoolView
@@ -28,6 +27,7 @@ from lemonade_grpc.telemetry.observer import PoolTelemetry
 from lemonade_grpc.telemetry.streams import RecordingStreams, StreamTelemetry
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from opentelemetry.sdk.metrics.export import MetricReader
     from prometheus_client import CollectorRegistry
 
@@ -155,6 +155,8 @@ async def _serve_prometheus(listen: str, registry: CollectorRegistry) -> web.App
     idle one is closed after `PROMETHEUS_KEEPALIVE_SECONDS`, and the
     collection (the gauges' snapshot, the process metrics) runs in a thread.
     """
+    # Imported here: aiohttp's server is 2 MiB the process holds only with an endpoint to serve.
+    from aiohttp import web
     from prometheus_client.exposition import choose_encoder
 
     async def metrics(request: web.Request) -> web.Response:
