@@ -218,6 +218,29 @@ def guard(handler: Handler, method: str) -> Handler:
     )
 
 
+class WrappedHandlers:
+    """Each method's handler wrapped by `wrap(handler, method)`, made once and kept.
+
+    A method's entry is made again if the handler found for it changed. At
+    most `MAX_CACHED_METHODS` are kept (past that, wrapped on each call): a
+    generic handler that serves any name could otherwise grow it with every
+    name a client makes up.
+    """
+
+    def __init__(self, wrap: Callable[[Handler, str], Handler]) -> None:
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}  # method -> (as found, wrapped)
+
+    def get(self, handler: Handler, method: str) -> Handler:
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) < MAX_CACHED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Answers undecodable request bytes with INVALID_ARGUMENT `MALFORMED_REQUEST`, for every service.
 
@@ -225,8 +248,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
-        # method name -> (the handler as found, its guarded version)
-        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+        self._guarded = WrappedHandlers(guard)
 
     async def intercept_service(
         self,
@@ -238,11 +260,5 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cast("grpc.RpcMethodHandler[Request, Response]", cached[1])
-        guarded = guard(handler, method)
-        if len(self._guarded) < MAX_CACHED_METHODS:
-            self._guarded[method] = (handler, guarded)
+        guarded = self._guarded.get(handler, handler_call_details.method)
         return cast("grpc.RpcMethodHandler[Request, Response]", guarded)

@@ -20,6 +20,7 @@ is not taken in, so it is not passed on to backends either).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
@@ -29,7 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from lemonade_grpc.api.interceptors import HANDLER_CONSTRUCTORS, MAX_CACHED_METHODS
+from lemonade_grpc.api.interceptors import HANDLER_CONSTRUCTORS, WrappedHandlers
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -147,9 +148,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     """Spans for the calls whose method starts with `prefix` (our services; not Health, not reflection)."""
 
     def __init__(self, tracer: trace.Tracer, prefix: str) -> None:
-        self._tracer = tracer
         self._prefix = prefix
-        self._traced: dict[str, tuple[Handler, Handler]] = {}
+        self._traced = WrappedHandlers(functools.partial(_traced, tracer=tracer))
 
     async def intercept_service(
         self,
@@ -160,10 +160,4 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        cached = self._traced.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        traced = _traced(handler, method, self._tracer)
-        if len(self._traced) < MAX_CACHED_METHODS:
-            self._traced[method] = (handler, traced)
-        return traced
+        return self._traced.get(handler, method)

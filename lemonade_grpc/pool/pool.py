@@ -359,7 +359,7 @@ class Pool:
             if self._ready(job.name) is running and self._awaiting_restart(job.name) is crashed:
                 break  # nothing this decision rests on changed while we waited
 
-        plan = self._placement(spec, need)
+        plan = self._placement(spec, need, self._memory.available_bytes())
         if isinstance(plan, policy.NoRoom):
             raise _slots_pinned(spec, plan)
         if isinstance(plan, policy.NotEnoughMemory):
@@ -395,12 +395,11 @@ class Pool:
         )
 
     def _placement(
-        self, spec: ModelSpec, need: int, freeing: int = 0
+        self, spec: ModelSpec, need: int, available: int
     ) -> policy.LoadPlan | policy.NoRoom | policy.NotEnoughMemory:
-        """Where a load of `spec` needing `need` bytes fits now: the one decision `load` and `plan` share.
+        """Where a load of `spec` needing `need` bytes fits with `available` bytes free now.
 
-        `freeing`: memory that stops under way will give back before the load
-        measures it (it waits for them; `plan` does not).
+        The one decision `load` and `plan` share.
         """
         residents = [self._resident(m) for m in self._models.values() if m.state is ModelState.READY]
         return policy.plan_load(
@@ -409,7 +408,7 @@ class Pool:
             need,
             residents,
             self.settings.slots(spec.type),
-            available=self._memory.available_bytes() + freeing,
+            available=available,
             reserve=self.settings.memory_reserve_bytes,
         )
 
@@ -434,27 +433,38 @@ class Pool:
         joined = self._jobs.get((name, requested, pinned, False))
         if not settled and (joined is None or joined.done):
             self._check_queue_room()  # the load would be refused at once
-        # What the stops under way will have given back when the load measures memory.
+        told = functools.partial(
+            LoadForecast,
+            name,
+            options=wanted,
+            reserve_bytes=self.settings.memory_reserve_bytes,
+            loads_ahead=len(self._waiting) + (self._current is not None),
+        )
+        if settled:
+            return told(
+                Outcome.ALREADY_LOADED,
+                message=f"{name} is loaded as asked: nothing to do",
+                available_bytes=self._memory.available_bytes(),
+            )
+        if running is not None and policy.reuses_process(running.options, wanted):
+            return told(
+                Outcome.REUSE,
+                message=f"{name} keeps its process; only its settings change",
+                available_bytes=self._memory.available_bytes(),
+            )
+        async with self._estimates:  # a flood of Plans must not take every worker thread
+            need = await asyncio.to_thread(self._estimate, spec, wanted)
+        # Read once, after the estimate: what the placement decides on is what is reported.
+        available = self._memory.available_bytes()
+        told = functools.partial(told, available_bytes=available)
+        # The stops under way will have given this back when the load measures memory (it waits
+        # for them; a plan does not).
         freeing = sum(
             m.backend.process.rss_bytes()
             for m in self._models.values()
             if m.state is ModelState.UNLOADING and m.backend is not None
         )
-        told = functools.partial(
-            LoadForecast,
-            name,
-            options=wanted,
-            available_bytes=self._memory.available_bytes(),
-            reserve_bytes=self.settings.memory_reserve_bytes,
-            loads_ahead=len(self._waiting) + (self._current is not None),
-        )
-        if settled:
-            return told(Outcome.ALREADY_LOADED, message=f"{name} is loaded as asked: nothing to do")
-        if running is not None and policy.reuses_process(running.options, wanted):
-            return told(Outcome.REUSE, message=f"{name} keeps its process; only its settings change")
-        async with self._estimates:  # a flood of Plans must not take every worker thread
-            need = await asyncio.to_thread(self._estimate, spec, wanted)
-        plan = self._placement(spec, need, freeing)
+        plan = self._placement(spec, need, available + freeing)
         if isinstance(plan, policy.NoRoom):
             return told(Outcome.SLOTS_PINNED, message=_slots_pinned(spec, plan).message)
         if isinstance(plan, policy.NotEnoughMemory):
