@@ -98,6 +98,11 @@ lint: $(VENV)/.installed $(BUF) $(TS)/node_modules/.package-lock.json
 bench: setup
 	$(BIN)/python bench/proxy.py
 
+## bench-control: no-op Load and Status latency, Watch fan-out to 1,000 subscribers, 100 coalesced Loads (BASELINE=DIR adds another checkout's)
+.PHONY: bench-control
+bench-control: setup
+	$(BIN)/python bench/control.py $(if $(BASELINE),--baseline $(BASELINE))
+
 ## bench-telemetry: the same stream through servers with telemetry off and on (BASELINE=DIR adds another checkout's)
 bench-telemetry: setup
 	$(BIN)/python bench/telemetry.py $(if $(BASELINE),--baseline $(BASELINE))
