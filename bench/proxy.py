@@ -107,13 +107,24 @@ async def proxied(stub: inference_pb2_grpc.InferenceAsyncStub, model: str, token
 
 
 def start_server(
-    state_dir: Path, model: Path, ctx_size: int, backend_args: list[str], source: Path | None = None
+    state_dir: Path,
+    model: Path,
+    ctx_size: int,
+    backend_args: list[str],
+    source: Path | None = None,
+    names: tuple[str, ...] = ("tiny",),
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """A server on the tiny model; `source`: run the package of that checkout instead of this one."""
+    """A server with catalog models `names`, each the tiny model.
+
+    `source`: run the package of that checkout instead of this one.
+    """
     config = state_dir / "bench.toml"
     config.write_text(
-        f'[models.tiny]\nrecipe = "llamacpp"\npath = "{model}"\nctx_size = {ctx_size}\n'
-        f"args = {json.dumps(backend_args)}\n"
+        "".join(
+            f'[models.{name}]\nrecipe = "llamacpp"\npath = "{model}"\nctx_size = {ctx_size}\n'
+            f"args = {json.dumps(backend_args)}\n"
+            for name in names
+        )
     )
     log_path = state_dir / "server.log"
     with log_path.open("wb") as log:

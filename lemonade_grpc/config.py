@@ -165,6 +165,7 @@ _POOL_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "memory_check_seconds": (bounds.CHECK_SECONDS, float),
     "health_check_seconds": (bounds.CHECK_SECONDS, float),
     "health_check_timeout_seconds": (bounds.HEALTH_CHECK_TIMEOUT_SECONDS, float),
+    "idle_health_check_seconds": (bounds.CHECK_SECONDS, float),
     "health_check_failures": (bounds.HEALTH_CHECK_FAILURES, int),
     "restart_backoff_seconds": (bounds.BACKOFF_SECONDS, float),
     "restart_backoff_max_seconds": (bounds.BACKOFF_SECONDS, float),
@@ -179,6 +180,7 @@ _LIMITS_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "max_queued_loads": (bounds.MAX_QUEUED_LOADS, int),
     "watch_queue_events": (bounds.WATCH_QUEUE_EVENTS, int),
     "max_watch_streams": (bounds.MAX_WATCH_STREAMS, int),
+    "stream_interval_ms": (bounds.STREAM_INTERVAL_MS, float),
 }
 
 

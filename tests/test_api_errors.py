@@ -16,10 +16,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
-import aiohttp
 import grpc
 import pytest
-from aiohttp.client_reqrep import ConnectionKey
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
@@ -30,8 +28,10 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.api import errors
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
+from lemonade_grpc.backends.openai_client import BackendConnectionError
 from lemonade_grpc.pool.errors import InvalidRequest, ModelEvicted
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.settings import Limits
 from rpc_errors import bad_fields, error_info
 
 # Neither a LoadRequest nor any other message: field 31, wire type 7 (no such type).
@@ -258,15 +258,23 @@ def test_status_messages_are_cut_to_1_kib_at_a_character_boundary() -> None:
 
 # --- Findings 4 and 7: exceptions escaping a servicer answered UNKNOWN -------------------------
 
+
+def _caused_by(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
 RAISED: dict[str, Callable[[], BaseException]] = {
     "emfile": lambda: OSError(errno.EMFILE, "Too many open files"),
     "enfile": lambda: OSError(errno.ENFILE, "Too many open files in system"),
     "enomem": lambda: OSError(errno.ENOMEM, "Cannot allocate memory"),
     "enobufs": lambda: OSError(errno.ENOBUFS, "No buffer space available"),
-    "client_os_error": lambda: aiohttp.ClientOSError(errno.EMFILE, "Too many open files"),
-    "connector": lambda: aiohttp.ClientConnectorError(
-        ConnectionKey("127.0.0.1", 1, False, True, None, None, None, None),
+    "client_os_error": lambda: _caused_by(
+        BackendConnectionError("the backend closed the connection"),
         OSError(errno.EMFILE, "Too many open files"),
+    ),
+    "connector": lambda: BackendConnectionError(
+        "cannot connect to http://127.0.0.1:1", OSError(errno.EMFILE, "Too many open files")
     ),
     "timestamp": lambda: ValueError("Timestamp is not valid: Seconds 4611686020222972855 must be in range"),
     "permission": lambda: PermissionError(errno.EACCES, "Permission denied", "/etc/secret"),
@@ -377,7 +385,7 @@ class _FailingClient:
         self._error = error
 
     async def stream(
-        self, path: str, payload: object, on_open: object = None, headers: object = None
+        self, path: str, payload: object, on_open: object = None, headers: object = None, interval: float = 0
     ) -> AsyncIterator[list[object]]:
         raise self._error
         yield []  # pragma: no cover - makes this an async generator
@@ -388,6 +396,7 @@ class _OneLeasePool:
 
     def __init__(self, error: BaseException, revoked: BaseException | None = None) -> None:
         self.catalog: dict[str, object] = {}
+        self.limits = Limits()
         self.lease_object = SimpleNamespace(
             backend=SimpleNamespace(client=_FailingClient(error)), revoked=revoked, on_revoke=lambda cut: None
         )
@@ -403,7 +412,7 @@ class _OneLeasePool:
         (RAISED["connector"](), None, grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_RESOURCES_EXHAUSTED"),
         (RAISED["client_os_error"](), None, grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_RESOURCES_EXHAUSTED"),
         (
-            aiohttp.ClientOSError(errno.ECONNREFUSED, "Connection refused"),
+            BackendConnectionError("cannot connect", ConnectionRefusedError(errno.ECONNREFUSED, "refused")),
             None,
             grpc.StatusCode.UNAVAILABLE,
             "BACKEND_CRASHED",

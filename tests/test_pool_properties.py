@@ -23,11 +23,11 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAKE_BACKEND, is_gone, launcher, pids_in
+from lemonade_grpc.backends.openai_client import BackendConnectionError
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import InternalError, PoolError
 from lemonade_grpc.pool.model import ModelState
@@ -141,7 +141,7 @@ async def stream(pool: Pool, name: str, tokens: int) -> None:
                 "/v1/completions", {"prompt": "p", "max_tokens": tokens}
             ):
                 pass
-        except aiohttp.ClientError:
+        except BackendConnectionError:
             # The pool broke the stream (eviction after the grace period):
             # it says why, as the Inference servicer reports it.
             assert lease.revoked is not None, "a stream broke without a reason"

@@ -359,6 +359,7 @@ async def test_a_backend_answering_503_for_good_after_ready_is_declared_hung(
 ) -> None:
     config = (
         "[pool]\nhealth_check_seconds = 0.2\nhealth_check_timeout_seconds = 0.2\nhealth_check_failures = 3\n"
+        "idle_health_check_seconds = 0.4\n"
         + hostile_model("m", tmp_path, tiny_model, "--health-503-after", "1")
     )
     server = servers.start(config)

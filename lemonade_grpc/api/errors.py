@@ -124,7 +124,8 @@ async def abort(context: grpc.aio.ServicerContext[Request, Response], error: Poo
 def exhausted_resource(error: BaseException) -> OSError | None:
     """The OSError behind `error` that says the server ran out of resources, or None. Pure.
 
-    Looks at `error`, aiohttp's `os_error` (ClientConnectorError), and the
+    Looks at `error`, its `os_error` (`BackendConnectionError`, aiohttp's
+    ClientConnectorError), and the
     explicit causes (`raise ... from`) down the chain; only an errno in
     `RESOURCE_ERRNOS` counts.
     """

@@ -14,14 +14,13 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Literal, TypeVar, cast
 
-import aiohttp
 import grpc
 
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors
-from lemonade_grpc.backends.openai_client import BackendHTTPError, Chunk
+from lemonade_grpc.backends.openai_client import BackendConnectionError, BackendHTTPError, Chunk
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.telemetry.streams import StreamTelemetry
@@ -111,6 +110,7 @@ class Inference(pb_grpc.InferenceServicer):
     def __init__(self, pool: Pool, telemetry: StreamTelemetry | None = None) -> None:
         self._pool = pool
         self._telemetry = telemetry or StreamTelemetry()
+        self._interval = pool.limits.stream_interval_ms / 1000
 
     @errors.stream
     async def Complete(
@@ -155,7 +155,7 @@ class Inference(pb_grpc.InferenceServicer):
             async with self._pool.lease(model) as lease:
                 with self._telemetry.backend_call(model, path, lease.backend) as headers:
                     batches = lease.backend.client.stream(
-                        path, payload, on_open=lease.on_revoke, headers=headers
+                        path, payload, on_open=lease.on_revoke, headers=headers, interval=self._interval
                     )
                     try:
                         async for batch in batches:
@@ -172,7 +172,7 @@ class Inference(pb_grpc.InferenceServicer):
                                 yield reply(text="".join(texts), token_count=len(texts))
                     except BackendHTTPError as error:
                         raise _http_error(error) from error
-                    except aiohttp.ClientError as error:
+                    except BackendConnectionError as error:
                         raise _broken_stream(error, model, lease.revoked) from error
                     finally:
                         # Now, not at garbage collection: a client gone closes the
@@ -201,7 +201,7 @@ def _http_error(error: BackendHTTPError) -> PoolError:
     return BackendError(f"the backend failed the request: {error.message}")
 
 
-def _broken_stream(error: aiohttp.ClientError, model: str, revoked: PoolError | None) -> PoolError:
+def _broken_stream(error: BackendConnectionError, model: str, revoked: PoolError | None) -> PoolError:
     """Why a backend stream broke: the pool's reason (eviction, crash), our shortage, or a crash."""
     if revoked is not None:
         return revoked

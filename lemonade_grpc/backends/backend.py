@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
-from lemonade_grpc.backends.openai_client import OpenAIClient
+from lemonade_grpc.backends.openai_client import BackendConnectionError, OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
 from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
 from lemonade_grpc.backends.recipes import backend_argv
@@ -244,7 +242,7 @@ class Backend:
             remaining = deadline - time.monotonic()
             try:
                 status = await self.client.health(max(0.1, min(HEALTH_REQUEST_SECONDS, remaining)))
-            except (aiohttp.ClientError, TimeoutError):
+            except (BackendConnectionError, TimeoutError):
                 status = 0  # not listening yet
             if status == 200:
                 # Checked once, on the first 200, not at every poll: it reads /proc.
@@ -282,15 +280,15 @@ class Backend:
         """Whether GET /health answers 200 within `limit_seconds`. False after `stop`; never raises."""
         try:
             return await self.client.health(limit_seconds) == 200
-        except (aiohttp.ClientError, TimeoutError, RuntimeError):
-            return False  # RuntimeError: the session was closed under the request
+        except (BackendConnectionError, TimeoutError):
+            return False
 
     async def stop(self, grace: float) -> int:
         """Stop the process group, close the client, forget the registry record; return the exit status.
 
         SIGTERM, then SIGKILL after `grace` seconds (the first call's grace
         wins). In that order: requests streaming from the process see its
-        connection break (an aiohttp.ClientError) rather than their session
+        connection break (a BackendConnectionError) rather than their client
         closed under them. Idempotent and safe to call concurrently; the
         stop runs to its end even if the caller is cancelled (it raises
         CancelledError then, the stop going on).

