@@ -21,7 +21,7 @@ GO_TOOLS := $(CACHE)/go-tools-go$(PROTOC_GEN_GO_VERSION)-grpc$(PROTOC_GEN_GO_GRP
 TOOLS_PATH := $(GO_TOOLS):$(NODE_TOOLS)/node_modules/.bin:$(PATH)
 TS := clients/typescript
 
-.PHONY: setup run test generate check-generated lint bench bench-telemetry clean
+.PHONY: setup run test generate check-generated lint bench bench-peers bench-control bench-telemetry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,8 +100,28 @@ bench: setup
 
 ## bench-control: no-op Load and Status latency, Watch fan-out to 1,000 subscribers, 100 coalesced Loads (BASELINE=DIR adds another checkout's)
 .PHONY: bench-control
+# llama-swap, the peer of `make bench-peers`: its module is not on the Go module
+# proxy, so it is built from a source snapshot of github.com/mostlygeek/llama-swap
+# at this commit (LLAMA_SWAP_SRC=DIR: a checkout or `git archive` of it),
+# once, outside the checkout.
+LLAMA_SWAP_COMMIT := 0bdb3720199f
+LLAMA_SWAP := $(CACHE)/llama-swap-$(LLAMA_SWAP_COMMIT)/llama-swap
+
+$(LLAMA_SWAP):
+	@test -n "$(LLAMA_SWAP_SRC)" || { echo "llama-swap is not built: run 'make bench-peers LLAMA_SWAP_SRC=DIR' with DIR a source tree of mostlygeek/llama-swap at $(LLAMA_SWAP_COMMIT)" >&2; exit 1; }
+	cd $(LLAMA_SWAP_SRC) && go build -o $@ .
+
+## bench-peers: lemonade-grpc, llama-swap and llama-server side by side, every row of issue 13 (LLAMA_SWAP_SRC=DIR the first time)
+bench-peers: setup $(LLAMA_SWAP)
+	$(BIN)/python bench/peers.py --llama-swap $(LLAMA_SWAP)
+
 bench-control: setup
 	$(BIN)/python bench/control.py $(if $(BASELINE),--baseline $(BASELINE))
+
+## soak: 50 random clients and a backend killer against a real server, invariants checked (not in `make test`; at most 10 minutes; SEED=N, DURATION=S)
+.PHONY: soak
+soak: setup
+	$(BIN)/python bench/soak.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
 
 ## bench-telemetry: the same stream through servers with telemetry off and on (BASELINE=DIR adds another checkout's)
 bench-telemetry: setup

@@ -359,8 +359,9 @@ class CompleteResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """New text. Deltas that were already waiting when the message was sent are
-    joined into one message.
+    """New text. The first delta is sent as soon as it arrives; after it,
+    deltas that come faster than `[limits] stream_interval_ms` (5 ms) are
+    joined, at most one message per interval.
     """
     token_count: _builtins.int
     """Number of backend deltas (tokens) in `text`."""

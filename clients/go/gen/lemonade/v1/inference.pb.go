@@ -566,8 +566,9 @@ func (x *Timings) GetTokensPerSecond() float64 {
 // CompleteResponse is one delta of a completion.
 type CompleteResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// New text. Deltas that were already waiting when the message was sent are
-	// joined into one message.
+	// New text. The first delta is sent as soon as it arrives; after it,
+	// deltas that come faster than `[limits] stream_interval_ms` (5 ms) are
+	// joined, at most one message per interval.
 	Text string `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
 	// Number of backend deltas (tokens) in `text`.
 	TokenCount uint32 `protobuf:"varint,2,opt,name=token_count,json=tokenCount,proto3" json:"token_count,omitempty"`

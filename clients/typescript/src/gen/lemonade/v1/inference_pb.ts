@@ -328,8 +328,9 @@ export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
  */
 export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
   /**
-   * New text. Deltas that were already waiting when the message was sent are
-   * joined into one message.
+   * New text. The first delta is sent as soon as it arrives; after it,
+   * deltas that come faster than `[limits] stream_interval_ms` (5 ms) are
+   * joined, at most one message per interval.
    *
    * @generated from field: string text = 1;
    */
