@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
 import re
+import select
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -338,9 +342,15 @@ class OpenAIClient:
             raise BackendConnectionError("client closed")
         loop = asyncio.get_running_loop()
         exchange = _Exchange(loop)
+        request = _request(method, path, self._host_header, body, headers)
         try:
             async with asyncio.timeout(CONNECT_SECONDS):
-                await loop.create_connection(lambda: exchange, self._host, self._port)
+                sock, sent = await self._connect_and_send(loop, request)
+                try:
+                    await loop.create_connection(lambda: exchange, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except OSError as error:
             raise BackendConnectionError(f"cannot connect to {self.base_url}: {error}", error) from error
         except TimeoutError as error:
@@ -351,11 +361,44 @@ class OpenAIClient:
             if self._closed:  # closed while this one connected
                 raise BackendConnectionError("client closed")
             assert exchange.transport is not None
-            exchange.transport.write(_request(method, path, self._host_header, body, headers))
+            if sent < len(request):
+                exchange.transport.write(request[sent:])
             yield exchange
         finally:
             self._open.discard(exchange)
             exchange.close()
+
+    async def _connect_and_send(
+        self, loop: asyncio.AbstractEventLoop, request: bytes
+    ) -> tuple[socket.socket, int]:
+        """A socket connected to the backend, and how much of `request` went out on it already.
+
+        On loopback the handshake is done by the time connect() returns, so
+        the request is written at once and reaches the backend while asyncio
+        is still making the transport (a loop iteration or two, about 0.3 ms
+        of time to first token under load); otherwise it waits for the
+        connection as asyncio does, and the transport sends the request.
+        """
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = (self._host, self._port)
+            error = sock.connect_ex(address)
+            if error == errno.EINPROGRESS and not _writable(sock):
+                await loop.sock_connect(sock, address)
+                return sock, 0
+            error = error or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error not in (0, errno.EINPROGRESS):
+                raise OSError(error, os.strerror(error))
+            try:
+                return sock, sock.send(request)
+            except BlockingIOError:
+                return sock, 0
+        except BaseException:
+            sock.close()
+            raise
 
     async def health(self, limit_seconds: float = 5.0) -> int:
         """GET /health; return the HTTP status (llama-server: 503 while loading).
@@ -431,6 +474,13 @@ class OpenAIClient:
         self._closed = True
         for exchange in list(self._open):
             exchange.close()
+
+
+def _writable(sock: socket.socket) -> bool:
+    """Whether `sock` can be written now (its connection is made), without waiting."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _request(method: bytes, path: str, host: bytes, body: bytes, headers: Mapping[str, str] | None) -> bytes:
