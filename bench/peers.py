@@ -164,7 +164,8 @@ class Results:
     swap_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in PATHS[1:]})
     noop_load_ms: list[float] = field(default_factory=list)
     rss_mib: dict[str, float] = field(default_factory=dict)
-    idle_cpu: dict[str, float] = field(default_factory=dict)  # fraction of one CPU
+    # ms of CPU per minute idle, by path, then "main" (the event loop's thread) or "other" threads
+    idle_cpu_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 Request = Callable[[str, int], Awaitable[Run]]
@@ -216,13 +217,31 @@ async def bench(
     processes = {name: psutil.Process(pid) for name, pid in pids.items()}
     for name, process in processes.items():
         results.rss_mib[name] = process.memory_info().rss / 2**20
-    before = {name: process.cpu_times() for name, process in processes.items()}
+    before = {name: cpu_by_thread(pid) for name, pid in pids.items()}
     await asyncio.sleep(idle)
-    for name, process in processes.items():
-        after = process.cpu_times()
-        used = (after.user - before[name].user) + (after.system - before[name].system)
-        results.idle_cpu[name] = used / idle
+    for name, pid in pids.items():
+        after = cpu_by_thread(pid)
+        for thread, nanoseconds in after.items():
+            used = (nanoseconds - before[name].get(thread, 0)) / 1e6  # ms
+            results.idle_cpu_ms.setdefault(name, {}).setdefault(thread[1], 0.0)
+            results.idle_cpu_ms[name][thread[1]] += used * 60 / idle  # per minute
     return results
+
+
+def cpu_by_thread(pid: int) -> dict[tuple[int, str], int]:
+    """Each thread's CPU time so far in ns, from /proc/PID/task/*/schedstat (exact, unlike tick counts).
+
+    Keyed by (tid, kind): kind is "main" for the thread that runs the event
+    loop (or Go's first), "other" for the rest (gRPC core's, Go's runtime).
+    """
+    times: dict[tuple[int, str], int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            nanoseconds = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        times[int(task.name), "main" if int(task.name) == pid else "other"] = nanoseconds
+    return times
 
 
 def spread(values: list[float], unit: str, digits: int = 2) -> str:
@@ -279,11 +298,18 @@ def report(results: Results, runs: int, tokens: int, extra: str, binary: Path) -
         f"| control plane RSS after the runs | - | {rss['llama-swap']:.1f} MiB | {rss['lemonade']:.1f} MiB"
         f" | {rss['lemonade'] - rss['llama-swap']:+.1f} MiB (target <= 50 MiB) |"
     )
-    cpu = results.idle_cpu
+    cpu = {name: sum(threads.values()) for name, threads in results.idle_cpu_ms.items()}
     print(
-        f"| idle CPU, model loaded | - | {cpu['llama-swap']:.3%} | {cpu['lemonade']:.3%}"
-        f" | {(cpu['lemonade'] - cpu['llama-swap']) * 100:+.3f} points |"
+        f"| idle CPU, model loaded (ms per minute) | - | {cpu['llama-swap']:.1f} | {cpu['lemonade']:.1f}"
+        f" | {cpu['lemonade'] - cpu['llama-swap']:+.1f} ms/min |"
     )
+    print()
+    for name, threads in results.idle_cpu_ms.items():
+        print(
+            f"idle CPU of {name}: {cpu[name]:.1f} ms per minute ({cpu[name] / 600:.3f} % of a CPU);"
+            f" first thread (the event loop) {threads.get('main', 0.0):.1f},"
+            f" other threads {threads.get('other', 0.0):.1f}"
+        )
     return 0
 
 
@@ -292,7 +318,7 @@ def main() -> int:
     parser.add_argument("--llama-swap", type=Path, required=True, help="the llama-swap binary")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=500)
-    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument(
         "--backend-args", default="--threads 1", help="extra llama-server arguments, every path"
     )
