@@ -8,6 +8,7 @@ eviction gives memory back as it would on a real host.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -150,3 +151,30 @@ async def test_a_load_evicts_idle_unpinned_models_to_make_room(make_pool: PoolMa
     busy = pool.model_view("busy")
     assert busy is not None
     assert busy.pid == pids["busy"]
+
+
+async def test_the_memory_check_runs_only_while_a_model_is_loaded(make_pool: PoolMaker) -> None:
+    # Issue 13: a server with nothing loaded never wakes up for it (idle CPU).
+    pool, memory = make_pool({"a": MIB}, memory_check_seconds=0.01)
+    memory.fixed = 64 << 30
+    calls = 0
+    probe = memory.available_bytes
+
+    def counted() -> int:
+        nonlocal calls
+        calls += 1
+        return probe()
+
+    memory.available_bytes = counted  # type: ignore[method-assign]
+    await asyncio.sleep(0.2)  # twenty intervals (an absence cannot be polled for)
+    assert calls == 0, f"{calls} memory checks with nothing loaded"
+
+    await load(pool, "a")
+    loaded = calls
+    await eventually(lambda: calls >= loaded + 3, 10, "memory checks while a model is loaded")
+
+    await pool.unload("a")
+    await asyncio.sleep(0.05)  # the check that finds nothing READY, then it waits
+    after = calls
+    await asyncio.sleep(0.2)
+    assert calls <= after + 1, f"{calls - after} memory checks after the last model left"

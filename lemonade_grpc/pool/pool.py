@@ -151,6 +151,8 @@ class Pool:
         self.catalog = dict(catalog)
         self.settings = settings
         self.limits = limits or Limits()
+        # Set while a model may be READY: what the memory check waits for (`_watch_memory`).
+        self._loaded = asyncio.Event()
         self.bus = bus or EventBus(
             subscriber_queue=self.limits.watch_queue_events,
             max_subscribers=self.limits.max_watch_streams,
@@ -590,6 +592,7 @@ class Pool:
         why = f" ({reason.value})" if reason else ""
         log.debug("%s: %s -> %s%s", model.name, old.value, state.value, why)
         if state is ModelState.READY:
+            self._loaded.set()
             self.bus.publish(ModelLoaded(model_view(model)))
         elif state is ModelState.FAILED and old is ModelState.READY:
             model.crash_reported = True
@@ -787,9 +790,17 @@ class Pool:
     # ---------------------------------------------------------------- memory
 
     async def _watch_memory(self) -> None:
-        """Every `memory_check_seconds`, evict unpinned models while memory is below the reserve."""
+        """Every `memory_check_seconds`, evict unpinned models while memory is below the reserve.
+
+        Only while a model is READY (there is nothing to evict otherwise): a
+        server with nothing loaded never wakes up for it (issue 13, idle CPU).
+        """
         while True:
+            await self._loaded.wait()
             await asyncio.sleep(self.settings.memory_check_seconds)
+            if not any(m.state is ModelState.READY for m in self._models.values()):
+                self._loaded.clear()  # set again by the next READY
+                continue
             available = self._memory.available_bytes()
             if available >= self.settings.memory_reserve_bytes:
                 self._memory_low = False
