@@ -5,7 +5,12 @@ control plane sees its lines the moment they are written: llama-server's
 "listening on" (readiness without a polling delay) and its load phases
 (issue 12). Lines longer than `MAX_LINE_BYTES` reach listeners cut; the log
 file gets every byte. With no listener (a backend that is ready), chunks
-go to the file without being split into lines.
+go to the file without being split into lines, and are read
+`DEFER_SECONDS` after they arrive, all at once: llama-server writes a
+dozen lines around each request, several as its first token is being
+made, and reading each as it came woke the event loop on the path of that
+token (issue 13). The pipe holds 64 KiB meanwhile, far more than a
+backend logs in that time.
 
 The pipe is ours (`os.pipe`), read with the event loop's reader callback,
 not asyncio's subprocess pipe: with that one, `Process.wait()` returned
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 READ_BYTES = 65536
 MAX_LINE_BYTES = 4096
+DEFER_SECONDS = 0.05
 
 Listener = Callable[[str], None]
 
@@ -37,6 +43,7 @@ class OutputPump:
         self._log = log_file
         self._listeners: list[Listener] = []
         self._partial = b""
+        self._deferred: asyncio.TimerHandle | None = None
         self._write_failed = False
         self.done = asyncio.Event()
         os.set_blocking(read_fd, False)
@@ -54,6 +61,19 @@ class OutputPump:
         return stop
 
     def _readable(self) -> None:
+        if not self._listeners and self._deferred is None:
+            # Nobody waits for these lines: take them a little later, together.
+            self._loop.remove_reader(self._fd)
+            self._deferred = self._loop.call_later(DEFER_SECONDS, self._catch_up)
+            return
+        self._read()
+
+    def _catch_up(self) -> None:
+        self._deferred = None
+        self._loop.add_reader(self._fd, self._readable)
+        self._read()
+
+    def _read(self) -> None:
         try:
             chunk = os.read(self._fd, READ_BYTES)
         except BlockingIOError:
@@ -93,6 +113,9 @@ class OutputPump:
     def _finish(self) -> None:
         if self.done.is_set():
             return
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self._log.close()
