@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually
-from lemonade_grpc.backends import output
 from lemonade_grpc.backends.output import OutputPump
 
 
@@ -47,7 +46,7 @@ async def test_with_no_listener_lines_are_read_together_and_all_reach_the_log(
         reads += 1
         return real_read(fd, size)
 
-    monkeypatch.setattr(output.os, "read", counted)
+    monkeypatch.setattr(os, "read", counted)  # the module calls os.read at each read
     pump, write_fd, log = await pump_of(tmp_path)
     try:
         written = await write_lines(write_fd, 20)
