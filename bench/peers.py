@@ -49,16 +49,13 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-import orjson
 import psutil
-from proxy import Run, cpu_model, proxied, start_server
+from proxy import SEED, Run, cpu_model, proxied, sse, start_server
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
 from lemonade_grpc.provision.llama_server import locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
-PROMPT = "Once upon a time"
-SEED = 1234
 PATHS = ("direct", "llama-swap", "lemonade")
 MODELS = ("tiny", "tiny-b")
 
@@ -124,37 +121,6 @@ def llama_swap_config(tmp: Path, args: list[str]) -> Path:
     config = tmp / "llama-swap.yaml"
     config.write_text("\n".join(lines) + "\n")
     return config
-
-
-async def sse(session: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Run:
-    """One streamed completion from an OpenAI-compatible endpoint, as a client of it reads it."""
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "seed": SEED,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    texts: list[str] = []
-    first = 0.0
-    started = time.perf_counter()
-    async with session.post(url, json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"{url} answered {response.status}: {await response.text()}")
-        async for line in response.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            event = orjson.loads(line[6:])
-            choices = event.get("choices") or ()
-            if choices and choices[0].get("text"):
-                if not first:
-                    first = time.perf_counter()
-                texts.append(choices[0]["text"])
-    ended = time.perf_counter()
-    return Run(len(texts), ended - started, (first - started) * 1000, "".join(texts), len(texts))
 
 
 @dataclass

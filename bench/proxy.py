@@ -33,6 +33,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import orjson
 
 from lemonade_grpc._gen.lemonade.v1 import (
     inference_pb2,
@@ -61,7 +62,13 @@ class Run:
 
 
 async def direct(session: aiohttp.ClientSession, port: int, tokens: int) -> Run:
+    return await sse(session, f"http://127.0.0.1:{port}/v1/completions", "tiny", tokens)
+
+
+async def sse(session: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Run:
+    """One streamed completion from an OpenAI-compatible endpoint, read as a client of it reads it."""
     body = {
+        "model": model,
         "prompt": PROMPT,
         "max_tokens": tokens,
         "temperature": 0,
@@ -73,11 +80,13 @@ async def direct(session: aiohttp.ClientSession, port: int, tokens: int) -> Run:
     texts: list[str] = []
     first = 0.0
     started = time.perf_counter()
-    async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}: {await response.text()}")
         async for line in response.content:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            event = json.loads(line[6:])
+            event = orjson.loads(line[6:])  # the fastest decoder: the peers' clients pay no more than needed
             choices = event.get("choices") or ()
             if choices and choices[0].get("text"):
                 if not first:
