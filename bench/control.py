@@ -357,13 +357,14 @@ async def bench(servers: list[Server], args: argparse.Namespace) -> None:
         server.channel = grpc.aio.insecure_channel(server.address, options=CHANNEL_OPTIONS)
         await load(server.stub, "tiny")
     try:
-        print("latency ...", file=sys.stderr)
-        await latency(servers, args.calls, rounds=10)
-        for index in range(args.fanout_rounds):
+        if "latency" in args.sections:
+            print("latency ...", file=sys.stderr)
+            await latency(servers, args.calls, rounds=10)
+        for index in range(args.fanout_rounds if "fanout" in args.sections else 0):
             for server in alternating(servers, index):
                 print(f"fan-out round {index + 1} on {server.name} ...", file=sys.stderr)
                 await fan_out(server, args.subscribers, args.events, args.loads)
-        for index in range(args.coalesce_rounds):
+        for index in range(args.coalesce_rounds if "coalesce" in args.sections else 0):
             for server in alternating(servers, index):
                 print(f"coalesce round {index + 1} on {server.name} ...", file=sys.stderr)
                 await coalesce(server, args.concurrent)
@@ -378,7 +379,6 @@ def stats(values: list[float]) -> str:
 
 
 def report(servers: list[Server], args: argparse.Namespace) -> int:
-    failed = False
     print(
         f"machine: {os.cpu_count()} CPUs, {cpu_model()}, {psutil.virtual_memory().total / 2**30:.0f} GiB;"
         f" Python {platform.python_version()}, grpcio {grpc.__version__}; {datetime.date.today()}"
@@ -387,6 +387,21 @@ def report(servers: list[Server], args: argparse.Namespace) -> int:
         "servers: the tiny model (`tiny`, and `tiny-b`: the same file) on llama-server --threads 1,"
         f" two LLM slots: {', '.join(s.name for s in servers)}"
     )
+    failed = False
+    if "latency" in args.sections:
+        latency_table(servers, args)
+    if "fanout" in args.sections:
+        failed |= fan_out_table(servers, args)
+    if "coalesce" in args.sections:
+        failed |= coalesce_table(servers, args)
+    print()
+    print(
+        "targets (issue 13): no-op Load median <= 2 ms; fan-out p99 <= 100 ms, a concurrent Load unaffected"
+    )
+    return 1 if failed else 0
+
+
+def latency_table(servers: list[Server], args: argparse.Namespace) -> None:
     print()
     print(f"## Latency: {args.calls} calls each, interleaved, one channel (ms)")
     print()
@@ -394,6 +409,9 @@ def report(servers: list[Server], args: argparse.Namespace) -> int:
     print("|---|---:|---:|---:|---:|")
     for s in servers:
         print(f"| {s.name} | {stats(s.load_ms)} | {stats(s.status_ms)} |")
+
+
+def fan_out_table(servers: list[Server], args: argparse.Namespace) -> bool:
     print()
     print(
         f"## Watch fan-out: {args.subscribers} subscribers in one process ({SUBSCRIBER_CHANNELS} channels),"
@@ -417,12 +435,17 @@ def report(servers: list[Server], args: argparse.Namespace) -> int:
             f"| {s.name} | {stats(s.pin_delivery_ms)} | {stats(s.load_delivery_ms)}"
             f" | {none:.1f} | {watched:.1f} | {watched / none:.2f} |"
         )
+    failed = False
     for s in servers:
         print(
             f"{s.name}: {len(s.pin_delivery_ms)} Pin deliveries, {len(s.load_delivery_ms)} Load-event"
             f" deliveries, {s.undelivered} not delivered within 30 s, {s.resyncs} resyncs"
         )
         failed |= s.undelivered > 0
+    return failed
+
+
+def coalesce_table(servers: list[Server], args: argparse.Namespace) -> bool:
     print()
     print(
         f"## {args.concurrent} concurrent identical Loads of an unloaded model, {args.coalesce_rounds} rounds"
@@ -433,6 +456,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> int:
         " | backends started | distinct pids | llama-servers |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    failed = False
     for s in servers:
         single = statistics.median(s.single_ms)
         group = statistics.median(s.group_ms)
@@ -444,11 +468,7 @@ def report(servers: list[Server], args: argparse.Namespace) -> int:
         if set(s.spawns) != {1} or set(s.pids) != {1} or set(s.processes) != {2}:
             print(f"FAIL: {s.name}: concurrent identical Loads started more than one backend")
             failed = True
-    print()
-    print(
-        "targets (issue 13): no-op Load median <= 2 ms; fan-out p99 <= 100 ms, a concurrent Load unaffected"
-    )
-    return 1 if failed else 0
+    return failed
 
 
 def main() -> int:
@@ -464,6 +484,12 @@ def main() -> int:
         "--source", type=Path, help="run the main server from this checkout (default: the bench's own)"
     )
     parser.add_argument("--baseline", type=Path, help="a checkout whose server is measured too, alternating")
+    parser.add_argument(
+        "--sections",
+        type=lambda text: set(text.split(",")),
+        default={"latency", "fanout", "coalesce"},
+        help="comma-separated: latency, fanout, coalesce (default: all)",
+    )
     parser.add_argument("--out", type=Path, help="default: bench/results/control-<date>.txt")
     parser.add_argument("--subscriber-process", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -117,3 +117,63 @@ def test_subscribers_beyond_the_limit_are_refused_overloaded() -> None:
     assert third.closed is None
     second.close()
     third.close()
+
+
+async def test_subscribers_take_turns_a_few_per_pass_of_the_loop_and_every_one_gets_one() -> None:
+    # Issue 13: a thousand Watch streams woken at once put a thousand steps
+    # ahead of a concurrent Load in the loop's ready queue.
+    bus = EventBus(turns_per_step=2, first_sequence=1)
+    subscribers = [bus.subscribe() for _ in range(5)]
+    waits = [subscriber.wait() for subscriber in subscribers]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waits), "nothing published: nobody is woken"
+    bus.publish(PinChanged("m", True))
+    woken = []
+    for _ in range(3):
+        await asyncio.sleep(0)  # one pass of the loop
+        woken.append(sum(w.done() for w in waits))
+    assert woken == [2, 4, 5]
+    assert [[e.sequence for e in s.drain()] for s in subscribers] == [[1]] * 5
+
+
+async def test_a_subscriber_with_events_queued_still_waits_for_its_turn() -> None:
+    bus = EventBus(turns_per_step=1, first_sequence=1)
+    first, second = bus.subscribe(), bus.subscribe()
+    bus.publish(PinChanged("m", True))
+    bus.publish(PinChanged("m", False))
+    turns = [first.wait(), second.wait()]
+    assert not any(t.done() for t in turns), "a turn is given by the pump, never at once"
+    await asyncio.sleep(0)
+    assert [t.done() for t in turns] == [True, False]
+    assert first.take() is not None  # one event per turn: the next one waits for another
+    again = first.wait()
+    await asyncio.sleep(0)
+    assert [turns[1].done(), again.done()] == [True, False], "first come, first served"
+    await asyncio.sleep(0)
+    assert again.done()
+    assert [e.sequence for e in first.drain()] == [2]
+    assert [e.sequence for e in second.drain()] == [1, 2]
+
+
+async def test_subscribers_that_leave_while_idle_leave_nothing_behind() -> None:
+    # A dashboard reconnecting every minute for days with no event in between
+    # must not grow the bus with every visit.
+    bus = EventBus(first_sequence=1)
+    for _ in range(100):
+        subscriber = bus.subscribe()
+        waiting = asyncio.ensure_future(subscriber.wait())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        subscriber.close()
+    assert not bus._idle
+    assert not bus._turns
+    assert not bus._subscribers
+    # A cancelled turn is skipped: the others still get theirs.
+    bus = EventBus(turns_per_step=1, first_sequence=1)
+    gone, staying = bus.subscribe(), bus.subscribe()
+    bus.publish(PinChanged("m", True))
+    cancelled, kept = gone.wait(), staying.wait()
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    assert kept.done()
+    assert not kept.cancelled()

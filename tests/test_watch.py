@@ -6,10 +6,18 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 
-from conftest import ServerFactory, llama_model, next_message
+from conftest import ServerFactory, fake_spec, launcher, llama_model, next_message, shut_down
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
+from lemonade_grpc.api import convert
+from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
+from lemonade_grpc.api.model_control import ModelControl
+from lemonade_grpc.pool import events
+from lemonade_grpc.pool.options import RequestedOptions
+from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.settings import PoolSettings
 
 
 def kind(message: pb.WatchResponse) -> str:
@@ -118,3 +126,58 @@ async def test_stalled_subscriber_never_delays_the_pool(servers: ServerFactory, 
             expected += 1
         stalled.cancel()
     assert resyncs >= 1, "the subscriber's queue never overflowed"
+
+
+async def test_fan_out_builds_each_event_message_once_for_every_subscriber(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 13: with 1,000 Watch streams the same message was built 1,000
+    # times per event. In process: the servicer over a real pool, 20 streams,
+    # the events of a load, a pin and an unload (a fake backend).
+    built: list[int] = []
+    build = convert.watch_event
+
+    def counted(envelope: events.Envelope, server_idle_default: int) -> pb.WatchResponse:
+        built.append(envelope.sequence)
+        return build(envelope, server_idle_default)
+
+    monkeypatch.setattr(convert, "watch_event", counted)
+    pool = Pool({"m": fake_spec("m", tiny_model)}, PoolSettings(), launcher(tmp_path / "logs"))
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
+    model_control_pb2_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            control = model_control_pb2_grpc.ModelControlStub(channel)
+            watches = [control.Watch(pb.WatchRequest()) for _ in range(20)]
+            starts = {(await next_message(watch)).sequence for watch in watches}
+            assert len(starts) == 1
+            await pool.load("m", RequestedOptions()).outcome()
+            await pool.pin("m", True)
+            await pool.unload("m")
+            end = pool.bus.last_sequence
+            received = []
+            for watch in watches:
+                messages = [await next_message(watch) for _ in range(end - min(starts))]
+                watch.cancel()
+                received.append([(m.sequence, m.SerializeToString()) for m in messages])
+    finally:
+        await server.stop(None)
+        await shut_down(pool)
+    assert all(r == received[0] for r in received), "every subscriber gets the same messages"
+    assert [sequence for sequence, _ in received[0]] == list(range(min(starts) + 1, end + 1))
+    assert sorted(built) == list(range(min(starts) + 1, end + 1)), "each event's message built once"
+
+
+def test_a_subscriber_far_behind_gets_an_event_built_again() -> None:
+    messages = convert.WatchMessages(size=2)
+    envelopes = [events.Envelope(n, 1.0, events.PinChanged("m", n % 2 == 0)) for n in (1, 2, 3)]
+    first = messages.get(envelopes[0], 0)
+    assert messages.get(envelopes[0], 0) is first
+    for envelope in envelopes[1:]:
+        messages.get(envelope, 0)
+    again = messages.get(envelopes[0], 0)  # gone from the last two: built again, the same message
+    assert again is not first
+    assert again == first
+    assert messages.built == 4

@@ -202,6 +202,33 @@ def watch_event(envelope: events.Envelope, server_idle_default: int) -> pb.Watch
     return response
 
 
+class WatchMessages:
+    """The Watch message of each recent event, built once and shared by every subscriber.
+
+    With a thousand Watch streams, building the same message a thousand
+    times was a third of our own share of the fan-out's CPU (issue 13).
+    Keeps the last `size` events' messages; an older one (a subscriber far
+    behind) is built again. The messages are shared: never modify one.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._messages: dict[tuple[int, int], pb.WatchResponse] = {}
+        self.built = 0  # how many messages were built: the tests' measure of sharing
+
+    def get(self, envelope: events.Envelope, server_idle_default: int) -> pb.WatchResponse:
+        """`watch_event(envelope, server_idle_default)`, built at most once while it is recent."""
+        key = (envelope.sequence, server_idle_default)
+        message = self._messages.get(key)
+        if message is None:
+            message = watch_event(envelope, server_idle_default)
+            self.built += 1
+            if len(self._messages) >= self._size:
+                del self._messages[next(iter(self._messages))]  # the oldest: dicts keep insertion order
+            self._messages[key] = message
+        return message
+
+
 def catalog_model(spec: ModelSpec, view: ModelView | None, server_idle_default: int) -> pb.CatalogModel:
     return pb.CatalogModel(
         name=spec.name,

@@ -21,6 +21,7 @@ class ModelControl(pb_grpc.ModelControlServicer):
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self._watch_messages = convert.WatchMessages()
 
     @property
     def _idle_default(self) -> int:
@@ -102,8 +103,11 @@ class ModelControl(pb_grpc.ModelControlServicer):
                 last = request.since_sequence
                 for envelope in missed:
                     last = envelope.sequence
-                    yield convert.watch_event(envelope, self._idle_default)
+                    yield self._watch_messages.get(envelope, self._idle_default)
+            messages = self._watch_messages
             while True:
+                # One event per turn: a thousand Watch streams take turns
+                # with the rest of the server (see pool/events.py).
                 await subscription.wait()
                 if subscription.closed is not None:
                     raise subscription.closed  # the server is shutting down
@@ -115,9 +119,10 @@ class ModelControl(pb_grpc.ModelControlServicer):
                     last = view.sequence
                     yield convert.snapshot(view, self._idle_default, resync=True)
                     continue
-                for envelope in subscription.drain():
-                    if envelope.sequence > last:  # already covered by the snapshot or the replay
-                        last = envelope.sequence
-                        yield convert.watch_event(envelope, self._idle_default)
+                taken = subscription.take()
+                if taken is not None and taken.sequence > last:  # not covered by the snapshot or the replay
+                    last = taken.sequence
+                    # Built once for every subscriber, not once each.
+                    yield messages.get(taken, self._idle_default)
         finally:
             subscription.close()

@@ -6,6 +6,14 @@ subscriber can resume after a reconnect. Each subscriber has a queue bounded
 the same way: a full queue never blocks `publish` (a stalled
 Watch must never slow the pool); the subscriber is marked as having missed
 events and must resynchronise from a fresh snapshot.
+
+Subscribers take turns (issue 13). A subscriber with something to deliver
+waits in one FIFO queue of the bus and a pump admits at most
+`turns_per_step` of them per pass of the event loop, so a thousand Watch
+streams sending an event do not put a thousand steps ahead of everything
+else in the loop's ready queue: a Load or a token stream running
+meanwhile gets the loop between two batches instead of after the whole
+fan-out (docs/performance.md, "Control plane", has the figures).
 """
 
 from __future__ import annotations
@@ -116,6 +124,8 @@ class Envelope:
 HISTORY_EVENTS = 4096
 HISTORY_BYTES = 8 << 20
 SUBSCRIBER_BYTES = 4 << 20
+# Subscribers let through per pass of the event loop (see the module's doc).
+TURNS_PER_STEP = 16
 
 
 def weight(event: Event) -> int:
@@ -124,7 +134,7 @@ def weight(event: Event) -> int:
 
 
 class Subscription:
-    """One subscriber's view of the bus. Iterate `drain()` after `wait()`.
+    """One subscriber's view of the bus: `await wait()`, then `take()` one event (or `drain()` them all).
 
     `overflowed` becomes true when the queue was full (in events or bytes) at
     a publish: the events after the last one delivered are lost to this
@@ -139,9 +149,9 @@ class Subscription:
         self._bytes = 0
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._ready = asyncio.Event()
         self.overflowed = False
         self.closed: BaseException | None = None
+        self._idle: asyncio.Future[None] | None = None  # its wait for a publish, to forget at `close`
 
     def _offer(self, envelope: Envelope, size: int) -> None:
         if self.overflowed:
@@ -153,22 +163,46 @@ class Subscription:
         else:
             self._queue.append((envelope, size))
             self._bytes += size
-        self._ready.set()
 
     def _close(self, error: BaseException) -> None:
         self.closed = error
-        self._ready.set()
 
-    async def wait(self) -> None:
-        """Wait until there is something to drain, the subscription overflowed, or it is closed."""
-        await self._ready.wait()
+    @property
+    def ready(self) -> bool:
+        """Whether `wait` has something to return for: an event queued, an overflow, or the end."""
+        return bool(self._queue) or self.overflowed or self.closed is not None
+
+    def wait(self) -> asyncio.Future[None]:
+        """Await it: done when there is something to take, the subscription overflowed, or it is closed.
+
+        Done in the subscriber's turn (see the module's doc), even when
+        something is queued already; at once when closed. A future, not a
+        coroutine: a thousand subscribers waiting hold nothing else.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        bus = self._bus
+        if self.closed is not None:
+            future.set_result(None)
+        elif self.ready:
+            bus._turns.append(future)  # cancelled: the pump skips it
+            bus._pump_soon()
+        else:
+            # The publish that makes it ready queues it for its turn.
+            bus._idle[future] = None
+            self._idle = future
+        return future
+
+    def take(self) -> Envelope | None:
+        """Remove and return the oldest queued event, or None."""
+        if not self._queue:
+            return None
+        envelope, size = self._queue.popleft()
+        self._bytes -= size
+        return envelope
 
     def drain(self) -> Iterator[Envelope]:
         """Yield and remove the queued events, oldest first."""
-        self._ready.clear()
-        while self._queue:
-            envelope, size = self._queue.popleft()
-            self._bytes -= size
+        while (envelope := self.take()) is not None:
             yield envelope
 
     def reset(self) -> None:
@@ -176,11 +210,13 @@ class Subscription:
         self._queue.clear()
         self._bytes = 0
         self.overflowed = False
-        self._ready.clear()
 
     def close(self) -> None:
         """Stop receiving events. Safe to call twice."""
         self._bus._subscribers.discard(self)
+        if self._idle is not None:
+            self._bus._idle.pop(self._idle, None)  # a subscriber gone while idle leaves nothing behind
+            self._idle = None
 
 
 class EventBus:
@@ -205,6 +241,7 @@ class EventBus:
         max_subscribers: int = 1024,
         clock: Callable[[], float] = time.time,
         first_sequence: int | None = None,
+        turns_per_step: int = TURNS_PER_STEP,
     ) -> None:
         self._ring: collections.deque[tuple[Envelope, int]] = collections.deque()
         self._ring_bytes = 0
@@ -216,6 +253,13 @@ class EventBus:
         self._max_subscribers = max_subscribers
         self._clock = clock
         self._closed: BaseException | None = None
+        # Subscribers waiting for the next publish (a dict: ordered, and a
+        # cancelled waiter removes its own entry at once)...
+        self._idle: dict[asyncio.Future[None], None] = {}
+        # ... and those waiting for their turn, first come first served.
+        self._turns: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._turns_per_step = turns_per_step
+        self._pumping = False
         if first_sequence is None:
             first_sequence = max(1, int(time.time() * 1_000_000))
         self.first_sequence = first_sequence
@@ -232,7 +276,35 @@ class EventBus:
             self._ring_bytes -= self._ring.popleft()[1]
         for subscriber in self._subscribers:
             subscriber._offer(envelope, size)
+        if self._idle:
+            # Woken in turns, not all at once.
+            self._turns.extend(self._idle)
+            self._idle.clear()
+            self._pump_soon()
         return envelope
+
+    def _pump_soon(self) -> None:
+        if not self._pumping:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Let the next `turns_per_step` waiting subscribers through; again at the next pass if more wait.
+
+        `call_soon` runs it after the loop has polled for I/O once more: what
+        else is ready (a Load's next step) runs between two batches.
+        """
+        granted = 0
+        turns = self._turns
+        while turns and granted < self._turns_per_step:
+            future = turns.popleft()
+            if not future.done():
+                future.set_result(None)
+                granted += 1
+        if turns:
+            asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            self._pumping = False
 
     def subscribe(self) -> Subscription:
         """A new subscription receiving every event published from now on (closed at once after `close`).
@@ -259,6 +331,12 @@ class EventBus:
         for subscriber in self._subscribers:
             subscriber._close(error)
         self._subscribers.clear()
+        # Every waiter at once: they end, nothing is sent.
+        for future in [*self._idle, *self._turns]:
+            if not future.done():
+                future.set_result(None)
+        self._idle.clear()
+        self._turns.clear()
 
     def since(self, sequence: int) -> list[Envelope] | None:
         """Buffered events after `sequence`, or None when some of them are gone from the ring.
