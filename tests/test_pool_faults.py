@@ -7,6 +7,8 @@ the command recipe); memory figures and the memory estimate are injected.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -14,12 +16,12 @@ import pytest
 
 from conftest import eventually, fake_spec, is_gone, launcher, shut_down
 from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded
-from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
+from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded, Overloaded
+from lemonade_grpc.pool.events import ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import MemoryEstimator, Pool
-from lemonade_grpc.pool.settings import PoolSettings
+from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.pool.state import PinStore
 
 GIB = 1 << 30
@@ -145,3 +147,81 @@ async def test_a_reload_that_cannot_fit_keeps_the_working_model_issue_9_finding_
     assert after is not None
     assert after.state is ModelState.READY
     assert (after.pid, after.options.ctx_size) == (before.model.pid, 256)
+
+
+# --- issue 13's soak: a crashed pinned model's restart and a full load queue; Pin's reply -----
+
+
+async def test_a_crashed_pinned_models_restart_is_queued_even_when_the_load_queue_is_full(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    catalog = {
+        "a": fake_spec("a", tiny_model),
+        "slow": fake_spec("slow", tiny_model, "--load-seconds", "3"),
+        "c": fake_spec("c", tiny_model),
+    }
+    pool = Pool(
+        catalog,
+        PoolSettings(
+            max_loaded={ModelType.LLM: 3},
+            memory_reserve_mb=0,
+            memory_check_seconds=0,
+            restart_backoff_seconds=0.01,
+        ),
+        launcher(tmp_path / "logs"),
+        limits=Limits(max_queued_loads=1),
+        estimate=lambda spec, options: 1,
+    )
+    pool.start(restore=False)
+    events = pool.bus.subscribe()
+    try:
+        first = (await pool.load("a", RequestedOptions(), pinned=True).outcome()).model
+        slow = pool.load("slow", RequestedOptions())  # holds the load lock for 3 s
+        await eventually(lambda: running_load(pool) == "slow", 10, "the slow load to run")
+        queued = pool.load("c", RequestedOptions())  # the one place in the queue
+        with pytest.raises(Overloaded):
+            pool.load("c", RequestedOptions(ctx_size=512))  # full, for a client
+        os.kill(first.pid, signal.SIGKILL)
+        await eventually(
+            lambda: (
+                (view := pool.model_view("a")) is not None
+                and view.state is ModelState.READY
+                and view.pid != first.pid
+            ),
+            30,
+            "the pinned model restarted",
+        )
+        view = pool.model_view("a")
+        assert view is not None
+        assert view.pinned
+        warnings = [e.event.code for e in events.drain() if isinstance(e.event, PoolWarning)]
+        assert "RESTART_FAILED" not in warnings, warnings
+        await slow.outcome()
+        await queued.outcome()
+    finally:
+        events.close()
+        await shut_down(pool)
+    assert is_gone(first.pid)
+
+
+def running_load(pool: Pool) -> str | None:
+    load = pool.snapshot().load_in_flight
+    return load.model if load is not None else None
+
+
+async def test_pins_reply_is_the_model_as_that_pin_left_it(tmp_path: Path, tiny_model: Path) -> None:
+    pool = Pool(
+        {"a": fake_spec("a", tiny_model)},
+        PoolSettings(memory_reserve_mb=0, memory_check_seconds=0),
+        launcher(tmp_path / "logs"),
+        pin_store=PinStore(tmp_path / "pins.json"),
+        estimate=lambda spec, options: 1,
+    )
+    pool.start(restore=False)
+    try:
+        await pool.load("a", RequestedOptions()).outcome()
+        # Both set the pin before either's file write is done.
+        pinned, unpinned = await asyncio.gather(pool.pin("a", True), pool.pin("a", False))
+        assert (pinned.pinned, unpinned.pinned) == (True, False)
+    finally:
+        await shut_down(pool)

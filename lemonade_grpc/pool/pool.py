@@ -128,6 +128,10 @@ def _insufficient_memory(spec: ModelSpec, plan: policy.NotEnoughMemory) -> Insuf
     )
 
 
+# Loads the pool starts itself, at most one per model at a time: never refused for a full queue.
+INTERNAL_ORIGINS = frozenset({LoadOrigin.RESTART, LoadOrigin.RESTORE})
+
+
 class Pool:
     """The set of resident models and the one lock that changes it.
 
@@ -208,7 +212,9 @@ class Pool:
 
         Raises at once `InvalidRequest`, `ModelNotFound`, `InvalidOptions`,
         `ShuttingDown`, or `Overloaded` when `limits.max_queued_loads` loads
-        already wait; every other failure is raised by `LoadJob.outcome`. An
+        already wait (never for a restart or a restored pin: at most one per
+        model, and a busy queue must not cost a crashed model its pin); every
+        other failure is raised by `LoadJob.outcome`. An
         identical request already queued or running is joined instead of
         repeated. A request that would change nothing is answered at once,
         without queueing. The job runs to its end even if nobody follows it;
@@ -232,7 +238,8 @@ class Pool:
         joined = self._jobs.get(job.key)
         if joined is not None and not joined.done:
             return joined
-        self._check_queue_room()
+        if origin not in INTERNAL_ORIGINS:
+            self._check_queue_room()
         self._jobs[job.key] = job
         self._waiting.append(job)
         position = self._queue_position(job)
@@ -898,12 +905,15 @@ class Pool:
             raise ModelNotLoaded(f"{name} is {state}; Load it with pinned = true to pin it once loaded")
         self._set_pin(model, pinned)
         self._remember_pin(model)
+        # The model as this Pin left it: by the time the file is written a
+        # concurrent Pin or Unload may have changed it (Status and Watch say so).
+        view = model_view(model)
         problem = await self._pins.flush()
         if problem is not None:
             raise StateWriteFailed(
                 f"{name} is {'pinned' if pinned else 'unpinned'} until the server stops, but {problem}"
             )
-        return model_view(model)
+        return view
 
     # --------------------------------------------------------------- unloads
 
