@@ -475,9 +475,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="no-op Loads and Statuses per server")
     parser.add_argument("--subscribers", type=int, default=1000)
-    parser.add_argument("--events", type=int, default=20, help="Pin events per fan-out round")
-    parser.add_argument("--loads", type=int, default=5, help="Loads per fan-out round, with and without")
-    parser.add_argument("--fanout-rounds", type=int, default=2)
+    parser.add_argument("--events", type=int, default=50, help="Pin events per fan-out round")
+    parser.add_argument("--loads", type=int, default=10, help="Loads per fan-out round, with and without")
+    parser.add_argument("--fanout-rounds", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--coalesce-rounds", type=int, default=3)
     parser.add_argument(

@@ -6,13 +6,25 @@ never take the load lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lemonade_grpc.catalog import ModelType
 from lemonade_grpc.pool.events import LoadPhase
 from lemonade_grpc.pool.jobs import LoadJob
 from lemonade_grpc.pool.model import Model, ModelState, ModelView
+
+if TYPE_CHECKING:
+    from lemonade_grpc.backends.process import BackendProcess
+
+# How old a backend's memory reading in a view may be. Reading it walks /proc
+# for every thread of the process tree (0.2-0.4 ms for llama-server here): a
+# third of a no-op Load's time, and once per model in every Status (issue 13).
+# Eviction decisions do not use views: the pool reads memory afresh for them.
+RSS_MAX_AGE_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +70,33 @@ class PoolView:
 HOLDS_SLOT = frozenset({ModelState.LOADING, ModelState.READY, ModelState.UNLOADING})
 
 
+class RssSamples:
+    """Each backend's resident memory, read again only once the last reading is `max_age` seconds old."""
+
+    def __init__(
+        self, max_age: float = RSS_MAX_AGE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max_age = max_age
+        self._clock = clock
+        self._samples: weakref.WeakKeyDictionary[BackendProcess, tuple[float, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def rss_bytes(self, process: BackendProcess) -> int:
+        now = self._clock()
+        sample = self._samples.get(process)
+        if sample is not None and now - sample[0] < self._max_age:
+            return sample[1]
+        rss = process.rss_bytes()
+        self._samples[process] = (now, rss)
+        return rss
+
+
+RSS = RssSamples()
+
+
 def model_view(model: Model) -> ModelView:
-    """A copy of `model`'s state. Reads the backend's RSS (a /proc read)."""
+    """A copy of `model`'s state, its backend's RSS at most `RSS_MAX_AGE_SECONDS` old."""
     backend = model.backend if model.state in HOLDS_SLOT else None
     return ModelView(
         name=model.name,
@@ -74,7 +111,7 @@ def model_view(model: Model) -> ModelView:
         last_used_at=model.last_used_at,
         in_flight=len(model.leases),
         idle_unload_at=model.idle_unload_at,
-        rss_bytes=backend.process.rss_bytes() if backend else 0,
+        rss_bytes=RSS.rss_bytes(backend.process) if backend else 0,
     )
 
 
