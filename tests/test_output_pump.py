@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually
+from lemonade_grpc.backends import output
 from lemonade_grpc.backends.output import OutputPump
 
 
@@ -75,3 +76,34 @@ async def test_a_listener_gets_each_line_as_it_comes(tmp_path: Path) -> None:
         os.close(write_fd)
         await pump.close(5)
     assert seen == [f"line {index}" for index in range(5)]
+
+
+async def test_a_listener_added_while_lines_wait_gets_them_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A backend's first lines can come before its listener is added; they must not wait.
+    monkeypatch.setattr(output, "DEFER_SECONDS", 30.0)
+    pump, write_fd, _ = await pump_of(tmp_path)
+    try:
+        os.write(write_fd, b"listening on 127.0.0.1:1\n")
+        await eventually(lambda: pump._deferred is not None, 10, "the read to be deferred")
+        seen: list[str] = []
+        pump.listen(seen.append)
+        await eventually(has_lines(seen, 1), 5, "the waiting line to reach the new listener")
+    finally:
+        os.close(write_fd)
+        await pump.close(5)
+
+
+async def test_closing_reads_what_waits_and_the_end_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop waits for the end of the output: it must not wait for a deferred read.
+    monkeypatch.setattr(output, "DEFER_SECONDS", 30.0)
+    pump, write_fd, log = await pump_of(tmp_path)
+    os.write(write_fd, b"last words\n")
+    await eventually(lambda: pump._deferred is not None, 10, "the read to be deferred")
+    os.close(write_fd)  # the backend is gone
+    await pump.close(5)
+    assert pump.done.is_set()
+    assert log.read_bytes() == b"last words\n"

@@ -44,6 +44,7 @@ class OutputPump:
         self._listeners: list[Listener] = []
         self._partial = b""
         self._deferred: asyncio.TimerHandle | None = None
+        self._draining = False
         self._write_failed = False
         self.done = asyncio.Event()
         os.set_blocking(read_fd, False)
@@ -53,6 +54,7 @@ class OutputPump:
     def listen(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` with each line from now on; returns what stops it."""
         self._listeners.append(listener)
+        self._catch_up_now()  # what waits to be read is read now: a listener waits for it
 
         def stop() -> None:
             if listener in self._listeners:
@@ -61,7 +63,7 @@ class OutputPump:
         return stop
 
     def _readable(self) -> None:
-        if not self._listeners and self._deferred is None:
+        if not self._listeners and not self._draining and self._deferred is None:
             # Nobody waits for these lines: take them a little later, together.
             self._loop.remove_reader(self._fd)
             self._deferred = self._loop.call_later(DEFER_SECONDS, self._catch_up)
@@ -72,6 +74,11 @@ class OutputPump:
         self._deferred = None
         self._loop.add_reader(self._fd, self._readable)
         self._read()
+
+    def _catch_up_now(self) -> None:
+        if self._deferred is not None and not self.done.is_set():
+            self._deferred.cancel()
+            self._catch_up()
 
     def _read(self) -> None:
         try:
@@ -123,6 +130,8 @@ class OutputPump:
 
     async def close(self, seconds: float) -> None:
         """Wait up to `seconds` for the rest of the output (the group is gone), then stop reading."""
+        self._draining = True  # read as it comes: the stop waits for the end of it
+        self._catch_up_now()
         try:
             await asyncio.wait_for(self.done.wait(), seconds)
         except TimeoutError:
