@@ -132,13 +132,21 @@ class Results:
     rss_mib: dict[str, float] = field(default_factory=dict)
     # ms of CPU per minute idle, by path, then "main" (the event loop's thread) or "other" threads
     idle_cpu_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    go_table: str = ""
 
 
 Request = Callable[[str, int], Awaitable[Run]]
 
 
 async def bench(
-    direct_port: int, swap_port: int, lemonade: str, pids: dict[str, int], runs: int, tokens: int, idle: float
+    direct_port: int,
+    swap_port: int,
+    lemonade: str,
+    pids: dict[str, int],
+    runs: int,
+    tokens: int,
+    idle: float,
+    go_client: Path | None = None,
 ) -> Results:
     results = Results()
     async with (
@@ -179,6 +187,15 @@ async def bench(
             async for _progress in control.Load(model_control_pb2.LoadRequest(model="tiny")):
                 pass
             results.noop_load_ms.append((time.perf_counter() - started) * 1000)
+    if go_client is not None:
+        # With Go clients: what the control planes cost when the client is not Python.
+        results.go_table = await asyncio.to_thread(
+            run_go_client,
+            go_client,
+            lemonade,
+            {"direct": direct_port, "llama-swap": swap_port},
+            runs,
+        )
     # Measured with the clients gone and "tiny" loaded on both control planes.
     processes = {name: psutil.Process(pid) for name, pid in pids.items()}
     for name, process in processes.items():
@@ -192,6 +209,38 @@ async def bench(
             results.idle_cpu_ms.setdefault(name, {}).setdefault(thread[1], 0.0)
             results.idle_cpu_ms[name][thread[1]] += used * 60 / idle  # per minute
     return results
+
+
+GO_CLIENT_DIR = Path(__file__).resolve().parent.parent / "clients" / "go"
+
+
+def build_go_client(tmp: Path) -> Path | None:
+    """clients/go's lemonade-firsttoken, built into `tmp`; None (said) when Go cannot build it."""
+    target = tmp / "lemonade-firsttoken"
+    try:
+        subprocess.run(
+            ["go", "build", "-o", str(target), "./cmd/lemonade-firsttoken"],
+            cwd=GO_CLIENT_DIR,
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"(no Go client rows: cannot build lemonade-firsttoken: {error})", file=sys.stderr)
+        return None
+    return target
+
+
+def run_go_client(binary: Path, lemonade: str, ports: dict[str, int], runs: int) -> str:
+    """The Go client's table: time to first token and 1-token request on every path, rotating."""
+    http = [f"{name}=http://127.0.0.1:{port}/v1/completions" for name, port in ports.items()]
+    argv = [str(binary), "-grpc", lemonade, "-model", "tiny", "-rounds", str(runs)]
+    for endpoint in http:
+        argv += ["-http", endpoint]
+    argv += ["-close", "direct"]  # llama-server closes a connection after a stream; llama-swap keeps it
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"lemonade-firsttoken failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def cpu_by_thread(pid: int) -> dict[tuple[int, str], int]:
@@ -276,6 +325,9 @@ def report(results: Results, runs: int, tokens: int, extra: str, binary: Path) -
             f" first thread (the event loop) {threads.get('main', 0.0):.1f},"
             f" other threads {threads.get('other', 0.0):.1f}"
         )
+    if results.go_table:
+        print()
+        print(results.go_table.rstrip())
     return 0
 
 
@@ -285,6 +337,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--no-go-client", action="store_true", help="skip the rows measured with Go clients")
     parser.add_argument(
         "--backend-args", default="--threads 1", help="extra llama-server arguments, every path"
     )
@@ -321,8 +374,18 @@ def main() -> int:
         stack.callback(server.terminate)
         pids = {"llama-swap": swap.pid, "lemonade": server.pid}
         try:
+            go_client = None if args.no_go_client else build_go_client(tmp)
             results = asyncio.run(
-                bench(direct_port, swap_port, address, pids, args.runs, args.tokens, args.idle_seconds)
+                bench(
+                    direct_port,
+                    swap_port,
+                    address,
+                    pids,
+                    args.runs,
+                    args.tokens,
+                    args.idle_seconds,
+                    go_client,
+                )
             )
         except RuntimeError as error:
             print(f"FAIL: {error}", file=sys.stderr)
