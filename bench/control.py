@@ -68,8 +68,13 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def start_server(state_dir: Path, model: Path, source: Path | None) -> tuple[subprocess.Popen[bytes], str]:
-    """A server with the tiny model twice (`tiny`, `tiny-b`), two LLM slots; `source`: another checkout's."""
+def start_server(
+    state_dir: Path, model: Path, source: Path | None, gc_threshold: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A server with the tiny model twice (`tiny`, `tiny-b`), two LLM slots; `source`: another checkout's.
+
+    `gc_threshold` ("700,10,10"): the server's `gc.set_threshold`, set before it starts.
+    """
     config = state_dir / "bench.toml"
     args = json.dumps(["--threads", "1"])
     config.write_text(
@@ -80,9 +85,17 @@ def start_server(state_dir: Path, model: Path, source: Path | None) -> tuple[sub
     )
     log_path = state_dir / "server.log"
     with log_path.open("wb") as log:
+        python = [sys.executable, "-m", "lemonade_grpc"]
+        if gc_threshold is not None:
+            python = [
+                *(sys.executable, "-c"),
+                f"import gc, runpy; gc.set_threshold({gc_threshold});"
+                " runpy.run_module('lemonade_grpc', run_name='__main__', alter_sys=True)",
+            ]
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "lemonade_grpc", "serve", "--listen", "127.0.0.1:0"),
+                *python,
+                *("serve", "--listen", "127.0.0.1:0"),
                 *("--state-dir", str(state_dir), "--config", str(config)),
             ],
             stdout=log,
@@ -107,13 +120,15 @@ async def subscribers_main(address: str, count: int) -> None:
 
     `wait SEQ SECONDS`: answer once every subscriber has received event SEQ
     (or the time is up) with how many have. `take`: every delivery latency
-    recorded since the last `take`, by sequence. `quit`.
+    recorded since the last `take`, by sequence, and each event's time and
+    last delivery (epoch seconds). `quit`.
     """
     channels = [
         grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("lemonade.bench.channel", i)])
         for i in range(SUBSCRIBER_CHANNELS)
     ]
     latencies: dict[int, list[float]] = {}
+    times: dict[int, list[float]] = {}  # sequence -> [the event's time, its last delivery]
     last = [0] * count
     resyncs = 0
     started = asyncio.Event()
@@ -135,6 +150,7 @@ async def subscribers_main(address: str, count: int) -> None:
             else:
                 sent = message.time.seconds + message.time.nanos / 1e9
                 latencies.setdefault(message.sequence, []).append((received - sent) * 1000)
+                times.setdefault(message.sequence, [sent, received])[1] = received
             last[index] = message.sequence
             progress.set()
 
@@ -158,8 +174,9 @@ async def subscribers_main(address: str, count: int) -> None:
                     await asyncio.wait_for(progress.wait(), max(0.0, deadline - time.monotonic()))
             answer({"reached": sum(s >= sequence for s in last), "resyncs": resyncs})
         elif line[0] == "take":
-            answer({str(k): v for k, v in latencies.items()})
+            answer({"latencies": latencies, "times": times})
             latencies.clear()
+            times.clear()
         else:
             break
     for task in tasks:
@@ -205,8 +222,13 @@ class Subscribers:
         answer: dict[str, int] = await self._ask(f"wait {sequence} {seconds}")
         return answer
 
-    async def take(self) -> dict[int, list[float]]:
-        return {int(k): v for k, v in (await self._ask("take")).items()}
+    async def take(self) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """Delivery latencies (ms) by sequence, and each event's [time, last delivery] (epoch seconds)."""
+        taken = await self._ask("take")
+        return (
+            {int(k): v for k, v in taken["latencies"].items()},
+            {int(k): v for k, v in taken["times"].items()},
+        )
 
     async def close(self) -> None:
         assert self._process.stdin is not None
@@ -229,6 +251,8 @@ class Server:
     status_ms: list[float] = field(default_factory=list)
     pin_delivery_ms: list[float] = field(default_factory=list)
     load_delivery_ms: list[float] = field(default_factory=list)
+    # Per watched Load: its first event's time to the last delivery of its last event.
+    burst_drain_ms: list[float] = field(default_factory=list)
     undelivered: int = 0
     resyncs: int = 0
     concurrent_load_ms: dict[str, list[float]] = field(default_factory=lambda: {"none": [], "watched": []})
@@ -312,13 +336,21 @@ async def fan_out(server: Server, subscribers: int, events: int, loads: int) -> 
             reached = await watchers.wait(sequence)
             server.undelivered += subscribers - reached["reached"]
             await asyncio.sleep(0.05)
+        bursts = []
         for i in range(loads):
+            first = (await status(stub))[1].sequence + 1
             server.concurrent_load_ms["watched"].append(await cycle(server, i % 2 == 0))
-            reached = await watchers.wait((await status(stub))[1].sequence)
+            last = (await status(stub))[1].sequence
+            bursts.append(range(first, last + 1))
+            reached = await watchers.wait(last)
             server.undelivered += subscribers - reached["reached"]
             server.resyncs = reached["resyncs"]
-        for sequence, values in (await watchers.take()).items():
+        latencies, times = await watchers.take()
+        for sequence, values in latencies.items():
             (server.pin_delivery_ms if sequence in pin_sequences else server.load_delivery_ms).extend(values)
+        for burst in bursts:
+            sent = min(times[sequence][0] for sequence in burst)
+            server.burst_drain_ms.append((max(times[sequence][1] for sequence in burst) - sent) * 1000)
     finally:
         await watchers.close()
     # Leave `tiny` unpinned, as found.
@@ -439,7 +471,9 @@ def fan_out_table(servers: list[Server], args: argparse.Namespace) -> bool:
     for s in servers:
         print(
             f"{s.name}: {len(s.pin_delivery_ms)} Pin deliveries, {len(s.load_delivery_ms)} Load-event"
-            f" deliveries, {s.undelivered} not delivered within 30 s, {s.resyncs} resyncs"
+            f" deliveries, {s.undelivered} not delivered within 30 s, {s.resyncs} resyncs;"
+            f" a watched Load's events, first published to last delivered (median):"
+            f" {statistics.median(s.burst_drain_ms):.0f} ms"
         )
         failed |= s.undelivered > 0
     return failed
@@ -484,6 +518,13 @@ def main() -> int:
         "--source", type=Path, help="run the main server from this checkout (default: the bench's own)"
     )
     parser.add_argument("--baseline", type=Path, help="a checkout whose server is measured too, alternating")
+    parser.add_argument("--label", default="this checkout", help="the main server's name in the tables")
+    parser.add_argument("--baseline-label", default="baseline", help="the baseline's name in the tables")
+    parser.add_argument(
+        "--gc-threshold",
+        help="run the main server with gc.set_threshold(THIS), e.g. 10000,10,10 (an experiment; see"
+        " docs/performance.md)",
+    )
     parser.add_argument(
         "--sections",
         type=lambda text: set(text.split(",")),
@@ -501,12 +542,17 @@ def main() -> int:
     servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="lemonade-bench-control-") as tmp:
         try:
-            for name, source in (("this checkout", args.source), ("baseline", args.baseline)):
-                if name == "baseline" and source is None:
+            for name, source, gc_threshold in (
+                (args.label, args.source, args.gc_threshold),
+                (args.baseline_label, args.baseline, None),
+            ):
+                if name == args.baseline_label and source is None:
                     continue
                 state = Path(tmp) / str(len(servers))
                 state.mkdir()
-                process, address = start_server(state, model, source.resolve() if source else None)
+                process, address = start_server(
+                    state, model, source.resolve() if source else None, gc_threshold
+                )
                 servers.append(Server(name, address, process))
             asyncio.run(bench(servers, args))
         finally:
@@ -516,7 +562,12 @@ def main() -> int:
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
             status = report(servers, args)
-            for label, path in (("this checkout", args.source or HERE.parent), ("baseline", args.baseline)):
+            if args.gc_threshold:
+                print(f"{args.label}: gc.set_threshold({args.gc_threshold}) in the server")
+            for label, path in (
+                (args.label, args.source or HERE.parent),
+                (args.baseline_label, args.baseline),
+            ):
                 if path is not None:
                     print(f"{label}: {path} ({git_head(path)})")
         text = output.getvalue()
