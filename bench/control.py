@@ -154,18 +154,34 @@ async def subscribers_main(address: str, count: int) -> None:
             last[index] = message.sequence
             progress.set()
 
-    tasks = [asyncio.create_task(subscribe(i)) for i in range(count)]
-    await started.wait()
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    tasks = [asyncio.create_task(subscribe(i)) for i in range(count)]
+    ready = asyncio.ensure_future(started.wait())
+    command = asyncio.ensure_future(reader.readline())
+    # Until every stream has its snapshot: the bench going away (stdin's end)
+    # or a stream failing ends this process, never a wait forever.
+    await asyncio.wait({ready, command, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        await stop()
+        raise SystemExit("the subscribers did not all start")
 
     def answer(value: object) -> None:
         sys.stdout.write(json.dumps(value) + "\n")
         sys.stdout.flush()
 
     answer({"ready": count})
-    while line := (await reader.readline()).decode().split():
+    while line := (await command).decode().split():
+        command = asyncio.ensure_future(reader.readline())
         if line[0] == "wait":
             sequence, deadline = int(line[1]), time.monotonic() + float(line[2])
             while min(last) < sequence and time.monotonic() < deadline:
@@ -179,11 +195,8 @@ async def subscribers_main(address: str, count: int) -> None:
             times.clear()
         else:
             break
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
+    command.cancel()
+    await stop()
 
 
 class Subscribers:
@@ -508,7 +521,7 @@ def coalesce_table(servers: list[Server], args: argparse.Namespace) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="no-op Loads and Statuses per server")
-    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--subscribers", type=lambda text: max(1, int(text)), default=1000)
     parser.add_argument("--events", type=int, default=50, help="Pin events per fan-out round")
     parser.add_argument("--loads", type=int, default=10, help="Loads per fan-out round, with and without")
     parser.add_argument("--fanout-rounds", type=int, default=3)
