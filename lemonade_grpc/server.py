@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import signal
@@ -95,6 +96,19 @@ async def shut_down(
     await pool.drain(grace)
     await pool.shutdown()
     await stopping
+
+
+# Allocations between two young collections. With 1,000 Watch streams the
+# server holds about 100,000 objects, and at Python's default (700) a full
+# collection (45-60 ms) ran every 20-25 events: it set the p99 of a Watch
+# event's delivery (issue 13: 100-123 ms, 67 ms with this).
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Fewer collections, and none of them over what start-up made (modules, the catalog, stubs)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 class ListenError(RuntimeError):
@@ -223,6 +237,7 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
         loop.add_signal_handler(signal.SIGHUP, tls.reload)
 
     await server.start()
+    tune_gc()
     try:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
