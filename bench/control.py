@@ -49,7 +49,7 @@ from typing import Any
 
 import grpc
 import psutil
-from proxy import LISTENING, cpu_model
+from proxy import cpu_model, launch
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as pb_grpc
@@ -83,33 +83,14 @@ def start_server(
         f'[models.tiny]\nrecipe = "llamacpp"\npath = "{model}"\nctx_size = 512\nargs = {args}\n'
         f'[models.tiny-b]\nrecipe = "llamacpp"\npath = "{model}"\nctx_size = 512\nargs = {args}\n'
     )
-    log_path = state_dir / "server.log"
-    with log_path.open("wb") as log:
-        python = [sys.executable, "-m", "lemonade_grpc"]
-        if gc_threshold is not None:
-            python = [
-                *(sys.executable, "-c"),
-                f"import gc, runpy; gc.set_threshold({gc_threshold});"
-                " runpy.run_module('lemonade_grpc', run_name='__main__', alter_sys=True)",
-            ]
-        process = subprocess.Popen(
-            [
-                *python,
-                *("serve", "--listen", "127.0.0.1:0"),
-                *("--state-dir", str(state_dir), "--config", str(config)),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=source,  # `python -m` imports from its working directory first
-        )
-    deadline = time.monotonic() + 60
-    while not (match := LISTENING.search(log_path.read_bytes())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    return process, f"{match.group(1).decode()}:{match.group(2).decode()}"
+    python = [sys.executable, "-m", "lemonade_grpc"]
+    if gc_threshold is not None:
+        python = [
+            *(sys.executable, "-c"),
+            f"import gc, runpy; gc.set_threshold({gc_threshold});"
+            " runpy.run_module('lemonade_grpc', run_name='__main__', alter_sys=True)",
+        ]
+    return launch(python, state_dir, config, state_dir / "server.log", cwd=source)
 
 
 # ------------------------------------------------------------ the subscribers

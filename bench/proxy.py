@@ -136,15 +136,37 @@ def start_server(
         )
     )
     log_path = state_dir / "server.log"
+    process, address = launch(
+        [sys.executable, "-m", "lemonade_grpc"], state_dir, config, log_path, cwd=source
+    )
+    return process, address, log_path
+
+
+def launch(
+    python: list[str],
+    state_dir: Path,
+    config: Path,
+    log_path: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python ... serve` on a free loopback port, output to `log_path`; the process and its address.
+
+    `python`: how to run the package (`[python, "-m", "lemonade_grpc"]`);
+    `cwd`: a checkout to run it from (`python -m` imports from there first).
+    """
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "lemonade_grpc", "serve", "--listen", "127.0.0.1:0"),
+                *python,
+                *("serve", "--listen", "127.0.0.1:0"),
                 *("--state-dir", str(state_dir), "--config", str(config)),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=source,  # `python -m` imports from its working directory first
+            cwd=cwd,
+            env=env,
         )
     deadline = time.monotonic() + 60
     while not (match := LISTENING.search(log_path.read_bytes())):
@@ -153,7 +175,7 @@ def start_server(
             process.wait()
             raise SystemExit(f"server did not start:\n{log_path.read_text()}")
         time.sleep(0.05)
-    return process, f"{match.group(1).decode()}:{match.group(2).decode()}", log_path
+    return process, f"{match.group(1).decode()}:{match.group(2).decode()}"
 
 
 async def bench(address: str, runs: int, tokens: int) -> tuple[list[Run], list[Run]]:

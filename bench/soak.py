@@ -78,6 +78,7 @@ import grpc
 import psutil
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from proxy import launch
 
 from lemonade_grpc._gen.lemonade.v1 import (
     inference_pb2,
@@ -90,7 +91,6 @@ from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_BACKEND = ROOT / "tests" / "fake_backend.py"
 RESULTS = Path(__file__).resolve().parent / "results"
-LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
 TAG_VAR = "LEMONADE_SOAK_TAG"
 DOMAIN = "lemonade.v1"
 # The whole run, start to exit, must end within this (issue 13: 10 minutes).
@@ -381,25 +381,14 @@ def start_server(workdir: Path, config: Path) -> Server:
     state_dir = workdir / "state"
     log_path = workdir / "server.log"
     tag = uuid.uuid4().hex
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "lemonade_grpc", "serve", "--listen", "127.0.0.1:0"),
-                *("--state-dir", str(state_dir), "--config", str(config)),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, TAG_VAR: tag},
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + 60
-    while not (match := LISTENING.search(log_path.read_bytes())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    address = f"{match.group(1).decode()}:{match.group(2).decode()}"
+    process, address = launch(
+        [sys.executable, "-m", "lemonade_grpc"],
+        state_dir,
+        config,
+        log_path,
+        cwd=ROOT,
+        env={**os.environ, TAG_VAR: tag},
+    )
     return Server(process, address, log_path, state_dir, tag)
 
 
