@@ -65,7 +65,7 @@ async def test_an_idle_backend_is_checked_without_http_until_it_serves_a_request
     owner = TaskOwner("test")
     settings = PoolSettings(health_check_seconds=0.01, health_check_failures=3)
     watchdog = Watchdog(settings, owner, lambda model, message: failures.append(message))
-    model = SimpleNamespace(name="m", state=ModelState.READY, backend=backend)
+    model = SimpleNamespace(name="m", state=ModelState.READY, backend=backend, leases=set())
     watchdog.watch(cast(Model, model))
     try:
         await poll(now(lambda: backend.state_reads >= 10 or None), 10, "ten idle checks")
@@ -76,6 +76,13 @@ async def test_an_idle_backend_is_checked_without_http_until_it_serves_a_request
         gets, reads = backend.gets, backend.state_reads
         await poll(now(lambda: backend.state_reads >= reads + 5 or None), 10, "idle again")
         assert backend.gets == gets, "GETs went on after the backend went idle again"
+
+        model.leases.add("a request")  # in flight, waiting: a backend hung before answering must be found
+        await poll(now(lambda: backend.gets >= gets + 2 or None), 10, "GETs while a request is in flight")
+        model.leases.clear()
+        gets, reads = backend.gets, backend.state_reads
+        await poll(now(lambda: backend.state_reads >= reads + 3 or None), 10, "idle once more")
+        gets = backend.gets
 
         backend.is_stopped = True  # a state read sees it; the checks after a failure are GETs
         message = await poll(

@@ -27,9 +27,10 @@ class Watchdog:
     busy generating, not hung). Watching stops by itself once the model is
     no longer READY.
 
-    A check is a GET /health when the backend served a request since the
-    last one, after a failed check, or when the last GET is
-    `idle_health_check_seconds` old; otherwise (an idle backend) it is one
+    A check is a GET /health while a request holds the model, when the
+    backend served one since the last GET, after a failed check, or when
+    the last GET is `idle_health_check_seconds` old; otherwise (an idle
+    backend) it is one
     read of the process's state in /proc, which sees a stopped process as
     soon as a GET would, at a tenth of the CPU (issue 13: the GETs were most
     of an idle server's CPU time). A deadlocked idle backend that is not
@@ -73,6 +74,7 @@ class Watchdog:
             next_check = started + interval
             if (
                 failures
+                or model.leases  # a request waiting on a backend that hangs before answering
                 or backend.client.last_activity >= last_get
                 or started - last_get >= self._settings.idle_health_check_seconds
             ):
