@@ -281,6 +281,8 @@ def model_of(process: psutil.Process) -> str:
     """
     try:
         command = process.cmdline()
+    except psutil.NoSuchProcess:  # gone (or a zombie) since the children were listed
+        return "exiting"
     except psutil.Error:
         return "?"
     if not command:
