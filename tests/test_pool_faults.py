@@ -209,19 +209,9 @@ def running_load(pool: Pool) -> str | None:
     return load.model if load is not None else None
 
 
-async def test_pins_reply_is_the_model_as_that_pin_left_it(tmp_path: Path, tiny_model: Path) -> None:
-    pool = Pool(
-        {"a": fake_spec("a", tiny_model)},
-        PoolSettings(memory_reserve_mb=0, memory_check_seconds=0),
-        launcher(tmp_path / "logs"),
-        pin_store=PinStore(tmp_path / "pins.json"),
-        estimate=lambda spec, options: 1,
-    )
-    pool.start(restore=False)
-    try:
-        await pool.load("a", RequestedOptions()).outcome()
-        # Both set the pin before either's file write is done.
-        pinned, unpinned = await asyncio.gather(pool.pin("a", True), pool.pin("a", False))
-        assert (pinned.pinned, unpinned.pinned) == (True, False)
-    finally:
-        await shut_down(pool)
+async def test_pins_reply_is_the_model_as_that_pin_left_it(make_pool: PoolMaker, tiny_model: Path) -> None:
+    pool = make_pool({"a": fake_spec("a", tiny_model)}, lambda spec, options: 1, FixedMemory(GIB))
+    await pool.load("a", RequestedOptions()).outcome()
+    # Both set the pin before either's file write is done.
+    pinned, unpinned = await asyncio.gather(pool.pin("a", True), pool.pin("a", False))
+    assert (pinned.pinned, unpinned.pinned) == (True, False)
