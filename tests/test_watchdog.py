@@ -13,27 +13,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-from conftest import poll
+from conftest import eventually
 from lemonade_grpc.backends.process import BackendProcess
 from lemonade_grpc.pool.model import Model, ModelState
 from lemonade_grpc.pool.settings import PoolSettings
 from lemonade_grpc.pool.watchdog import Watchdog
 from lemonade_grpc.tasks import TaskOwner
-
-T = TypeVar("T")
-
-
-def now(check: Callable[[], T | None]) -> Callable[[], Awaitable[T | None]]:
-    """`check` as the coroutine function `poll` awaits."""
-
-    async def checked() -> T | None:
-        return check()
-
-    return checked
 
 
 class CountingBackend:
@@ -68,26 +56,25 @@ async def test_an_idle_backend_is_checked_without_http_until_it_serves_a_request
     model = SimpleNamespace(name="m", state=ModelState.READY, backend=backend, leases=set())
     watchdog.watch(cast(Model, model))
     try:
-        await poll(now(lambda: backend.state_reads >= 10 or None), 10, "ten idle checks")
+        await eventually(lambda: backend.state_reads >= 10, 10, "ten idle checks")
         assert backend.gets == 0, "an idle backend was asked GET /health every check"
 
         backend.client.last_activity = time.monotonic()  # it served a request
-        await poll(now(lambda: backend.gets >= 1 or None), 10, "a GET after a request")
+        await eventually(lambda: backend.gets >= 1, 10, "a GET after a request")
         gets, reads = backend.gets, backend.state_reads
-        await poll(now(lambda: backend.state_reads >= reads + 5 or None), 10, "idle again")
+        await eventually(lambda: backend.state_reads >= reads + 5, 10, "idle again")
         assert backend.gets == gets, "GETs went on after the backend went idle again"
 
         model.leases.add("a request")  # in flight, waiting: a backend hung before answering must be found
-        await poll(now(lambda: backend.gets >= gets + 2 or None), 10, "GETs while a request is in flight")
+        await eventually(lambda: backend.gets >= gets + 2, 10, "GETs while a request is in flight")
         model.leases.clear()
         gets, reads = backend.gets, backend.state_reads
-        await poll(now(lambda: backend.state_reads >= reads + 3 or None), 10, "idle once more")
+        await eventually(lambda: backend.state_reads >= reads + 3, 10, "idle once more")
         gets = backend.gets
 
         backend.is_stopped = True  # a state read sees it; the checks after a failure are GETs
-        message = await poll(
-            now(lambda: failures[0] if failures else None), 10, "the stopped backend reported"
-        )
+        await eventually(lambda: bool(failures), 10, "the stopped backend reported")
+        message = failures[0]
         assert "stopped answering /health (3 checks in a row" in message
         assert backend.gets > gets
     finally:
@@ -102,9 +89,9 @@ async def test_the_state_read_sees_a_stopped_process_and_not_a_running_one() -> 
         stopped = BackendProcess.stopped.__get__(process)
         assert not stopped()
         os.kill(child.pid, signal.SIGSTOP)
-        await poll(now(lambda: stopped() or None), 10, "the child to show as stopped")
+        await eventually(stopped, 10, "the child to show as stopped")
         os.kill(child.pid, signal.SIGCONT)
-        await poll(now(lambda: (not stopped()) or None), 10, "the child to run again")
+        await eventually(lambda: not stopped(), 10, "the child to run again")
     finally:
         child.kill()
         await child.wait()
