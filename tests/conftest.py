@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -273,6 +274,21 @@ def pids_in(pid_log: Path) -> list[int]:
 def alive(pids: list[int]) -> list[int]:
     """Those of `pids` still running."""
     return [pid for pid in pids if not is_gone(pid)]
+
+
+async def release_tokens(port: int, tokens: int) -> None:
+    """Let a `--stepped` fake backend on `port` write `tokens` more tokens; return once they are written.
+
+    Issue 18 finding 12: the test, not the machine's speed, decides when each token comes.
+    """
+
+    def post() -> None:
+        body = json.dumps({"tokens": tokens}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/release", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            reply.read()
+
+    await asyncio.to_thread(post)
 
 
 class ProcessSampler:

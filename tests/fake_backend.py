@@ -14,6 +14,14 @@ start-up pause), `--busy-health-seconds` (answer /health that much later
 while generating: busy, not hung). Each token's text names the prompt, so concurrent streams can be
 told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
+
+Stepped by the test (issue 18 finding 12: time and pacing driven by the test,
+not guessed): `--stepped` makes each token wait for a permit that
+`POST /release` (body `{"tokens": N}`) gives; the release answers once those
+N tokens are written (or the generation ended), and `GET /slots` says
+`waiting` while a generation waits for one. A generation whose client goes
+away while it waits ends at once. `--ready-file FILE`: /health answers 503
+(loading) until FILE exists, so a test decides when a load ends.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -44,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--listen-delay-seconds", type=float, default=0.0)
     parser.add_argument("--busy-health-seconds", type=float, default=0.0)
     parser.add_argument("--pid-log", type=Path)
+    parser.add_argument("--stepped", action="store_true")
+    parser.add_argument("--ready-file", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
 
@@ -54,6 +64,11 @@ class FakeBackend:
         self.ready_at = time.monotonic() + args.load_seconds
         self.processing = 0
         self.tokens_sent = 0
+        # --stepped: tokens the test released and not yet written; generations waiting for one.
+        self.permits = 0
+        self.waiting = 0
+        self.ended = 0  # generations ended, however
+        self._change = asyncio.Event()  # set (and replaced) at each change of the three
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -64,17 +79,21 @@ class FakeBackend:
                 k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)
             }
             body = await reader.readexactly(int(headers.get("content-length", "0")))
-            await self.route(method, path, body, writer)
+            await self.route(method, path, body, writer, reader)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
             writer.close()
 
-    async def route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> None:
+    async def route(
+        self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter, reader: asyncio.StreamReader
+    ) -> None:
         if path == "/health":
             if self.processing and self.args.busy_health_seconds:
                 await asyncio.sleep(self.args.busy_health_seconds)
-            loading = time.monotonic() < self.ready_at
+            loading = time.monotonic() < self.ready_at or (
+                self.args.ready_file is not None and not self.args.ready_file.exists()
+            )
             status = (
                 (503, '{"error":{"code":503,"message":"Loading model"}}')
                 if loading
@@ -82,16 +101,66 @@ class FakeBackend:
             )
             await respond(writer, *status)
         elif path == "/slots":
-            slot = {"id": 0, "is_processing": self.processing > 0, "tokens_sent": self.tokens_sent}
+            slot = {
+                "id": 0,
+                "is_processing": self.processing > 0,
+                "tokens_sent": self.tokens_sent,
+                "waiting": self.waiting,
+            }
             await respond(writer, 200, json.dumps([slot]))
+        elif method == "POST" and path == "/release":
+            await self.release(int(json.loads(body)["tokens"]))
+            await respond(writer, 200, json.dumps({"tokens_sent": self.tokens_sent}))
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             await self.generate(
-                json.loads(body or b"{}"), chat=path.endswith("chat/completions"), writer=writer
+                json.loads(body or b"{}"),
+                chat=path.endswith("chat/completions"),
+                writer=writer,
+                reader=reader,
             )
         else:
             await respond(writer, 404, '{"error":{"code":404,"message":"not found"}}')
 
-    async def generate(self, request: dict[str, object], *, chat: bool, writer: asyncio.StreamWriter) -> None:
+    async def release(self, tokens: int) -> None:
+        """Let `tokens` more tokens out; return once they are written or the generation ended."""
+        ended = self.ended
+        self.permits += tokens
+        self.changed()
+        await self.until(lambda: (self.permits == 0 and self.waiting > 0) or self.ended != ended)
+
+    async def permit(self, reader: asyncio.StreamReader) -> None:
+        """Take a released token, waiting for one; ConnectionError if the client goes away meanwhile."""
+        gone = asyncio.ensure_future(reader.read(1))  # b"": the client closed its end
+        self.waiting += 1
+        self.changed()
+        try:
+            while self.permits == 0:
+                granted = asyncio.ensure_future(self.until(lambda: self.permits > 0))
+                await asyncio.wait({granted, gone}, return_when=asyncio.FIRST_COMPLETED)
+                granted.cancel()
+                if gone.done():
+                    raise ConnectionError("the client went away")
+            self.permits -= 1
+        finally:
+            self.waiting -= 1
+            gone.cancel()
+
+    def changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def until(self, holds: Callable[[], bool]) -> None:
+        while not holds():
+            await self._change.wait()
+
+    async def generate(
+        self,
+        request: dict[str, object],
+        *,
+        chat: bool,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader,
+    ) -> None:
         max_tokens = int(str(request.get("max_tokens", 16)))
         prompt = request.get("prompt") or json.dumps(request.get("messages"))
         tag = str(prompt)[:8]
@@ -99,6 +168,8 @@ class FakeBackend:
         self.processing += 1
         try:
             for index in range(max_tokens):
+                if self.args.stepped:
+                    await self.permit(reader)
                 if self.args.crash_after_tokens >= 0 and self.tokens_sent >= self.args.crash_after_tokens:
                     os._exit(3)
                 text = f"{tag}{index} " + "x" * self.args.token_bytes
@@ -106,6 +177,8 @@ class FakeBackend:
                 writer.write(sse({"choices": [{**choice, "index": 0, "finish_reason": None}]}))
                 await writer.drain()
                 self.tokens_sent += 1
+                if self.args.stepped:
+                    self.changed()
                 if self.args.token_seconds:
                     await asyncio.sleep(self.args.token_seconds)
             final = {
@@ -117,6 +190,8 @@ class FakeBackend:
             await writer.drain()
         finally:
             self.processing -= 1
+            self.ended += 1
+            self.changed()
 
 
 def sse(event: Mapping[str, object]) -> bytes:

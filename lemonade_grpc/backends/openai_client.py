@@ -317,10 +317,14 @@ class OpenAIClient:
     is not busy).
     After `close` (idempotent), the requests in flight break and every new
     one raises BackendConnectionError("client closed") without connecting.
+
+    `clock` paces the stream interval (`PacingClock`: monotonic time and
+    asyncio's sleep); a test steps a fake one (issue 18 finding 12).
     """
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, clock: PacingClock | None = None) -> None:
         self.base_url = base_url
+        self.clock = clock or PacingClock()
         address = urlsplit(base_url)
         self._host = address.hostname or "127.0.0.1"
         self._port = address.port or 80
@@ -434,8 +438,9 @@ class OpenAIClient:
         `interval` (seconds): once text arrives faster than one batch per
         `interval`, the next batch is read no sooner than `interval` after
         the last one was taken, and the connection is not read meanwhile
-        (its transport paused): the kernel gathers the backend's per-token
-        writes and one read takes them all. Never held: the first text, the
+        (its transport paused from that read on): the kernel gathers the
+        backend's per-token writes and one read takes them all. Time is
+        `self.clock`'s. Never held: the first text, the
         read after the `max_tokens`-th delta or after an event that ends the
         stream, and any stream whose deltas come slower than `interval`.
 
@@ -456,14 +461,21 @@ class OpenAIClient:
                 on_open(exchange.close)  # who may break the stream from outside
             events = SSEDecoder()
             pacer = Pacer(interval, payload.get("max_tokens")) if interval > 0 else None
+            clock = self.clock
             while data := await exchange.read():
                 self.last_activity = time.monotonic()  # one float store per read: cheap
                 batch = events.feed(data)
                 if batch:
-                    until = pacer.hold_until(batch, self.last_activity) if pacer is not None else 0.0
+                    until = pacer.hold_until(batch, clock.now()) if pacer is not None else 0.0
+                    if until:
+                        # Unread from this read on, not from when the consumer
+                        # comes back: what arrived while it sent the batch would
+                        # otherwise come alone right after the hold, a second
+                        # message in one interval ([1, 1, 1, 17]; issue 18 finding 12).
+                        exchange.hold(True)
                     yield batch
                     if until:
-                        await _hold(exchange, until)
+                        await _hold(exchange, until, clock)
                 if events.done:
                     return
             # The body ended without the terminator.
@@ -514,7 +526,7 @@ class Pacer:
         self._last = -interval  # when the previous batch with text was taken
 
     def hold_until(self, batch: list[Chunk], now: float) -> float:
-        """The time.monotonic() before which the read after `batch` should wait; 0.0: read at once."""
+        """The time (`now`'s clock) before which the read after `batch` should wait; 0.0: read at once."""
         texts = sum(1 for chunk in batch if chunk.text)
         if not texts:
             return 0.0
@@ -527,14 +539,25 @@ class Pacer:
         return now + self._interval
 
 
-async def _hold(exchange: _Exchange, until: float) -> None:
-    """Leave the connection unread until `until` (time.monotonic()); read it again even if cancelled."""
-    delay = until - time.monotonic()
-    if delay <= 0:
-        return
-    exchange.hold(True)
+class PacingClock:
+    """The time the stream interval is measured in: `now` (time.monotonic) and `sleep` (asyncio's).
+
+    A dependency of `OpenAIClient` so that a test can step time instead of
+    waiting for it (issue 18 finding 12: a pacing test failed 2 runs in 5).
+    """
+
+    now = staticmethod(time.monotonic)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+async def _hold(exchange: _Exchange, until: float, clock: PacingClock) -> None:
+    """Keep the held connection unread until `until` (`clock.now()`); read it again even if cancelled."""
     try:
-        await asyncio.sleep(delay)
+        delay = until - clock.now()
+        if delay > 0:
+            await clock.sleep(delay)
     finally:
         exchange.hold(False)
 
