@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,16 @@ import aiohttp
 import grpc
 import pytest
 
-from conftest import Client, ServerFactory, connect, fake_model, llama_model, poll, read_all
+from conftest import (
+    Client,
+    ServerFactory,
+    connect,
+    fake_model,
+    llama_model,
+    poll,
+    read_all,
+    release_tokens,
+)
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as control_pb
 from rpc_errors import bad_fields, error_info
@@ -201,25 +210,42 @@ async def test_cancel_after_five_tokens_frees_the_backend_slot(
     servers: ServerFactory, tiny_model: Path
 ) -> None:
     # One slot: a generation left running would hold it, and --metrics counts what it generated.
-    model = llama_model("tiny", tiny_model, ctx_size=16384, args=["--parallel", "1", "--metrics"])
-    server = servers.start(model)
+    # Issue 18 finding 12: this asserted `generated < 4000` of 16,000, which depends
+    # on how fast the cancel travels compared to how fast llama-server decodes (5,774
+    # under CPU load). Now llama-server is stopped (SIGSTOP) the moment five tokens
+    # came, until the cancelled stream has let go of it: it can end short of
+    # `max_tokens` only if the cancel reached it. (Its health checks are off: a
+    # stopped backend would be found hung.)
+    max_tokens = 64000
+    model = llama_model("tiny", tiny_model, ctx_size=65536, args=["--parallel", "1", "--metrics"])
+    server = servers.start("[pool]\nhealth_check_seconds = 0\n" + model)
     async with connect(server.address) as client:
-        port = await backend_port(client, "tiny")
-        request = pb.CompleteRequest(model="tiny", prompt="a", max_tokens=16000, ignore_eos=True)
+        ready = await client.ready("tiny")
+        request = pb.CompleteRequest(model="tiny", prompt="a", max_tokens=max_tokens, ignore_eos=True)
         call = client.inference.Complete(request)
         tokens = 0
         while tokens < 5:
             reply = await call.read()
             assert isinstance(reply, pb.CompleteResponse)
             tokens += reply.token_count
-        call.cancel()
-        await poll(lambda: _idle(port), 5, "llama-server's only slot to stop generating")
-        generated = await _predicted(port)
+        os.kill(ready.pid, signal.SIGSTOP)
+        try:
+            call.cancel()
+
+            async def let_go() -> bool | None:
+                status = await client.control.Status(control_pb.StatusRequest())
+                return True if status.pool.models[0].in_flight == 0 else None
+
+            await poll(let_go, 10, "the cancelled stream to end its lease (its connection closed)")
+        finally:
+            os.kill(ready.pid, signal.SIGCONT)
+        await poll(lambda: _idle(ready.port), 10, "llama-server's only slot to stop generating")
+        generated = await _predicted(ready.port)
         # The next request is not queued behind a phantom generation: it runs to its end.
         request = pb.CompleteRequest(model="tiny", prompt="b", max_tokens=8)
         after = await read_all(client.inference.Complete(request))
         status = await client.control.Status(control_pb.StatusRequest())
-    assert generated < 4000, f"llama-server went on to generate {generated} of 16000 tokens"
+    assert generated < max_tokens, f"llama-server generated all {generated}: the cancel never reached it"
     assert after[-1].usage.completion_tokens == 8
     assert status.pool.models[0].in_flight == 0
 
@@ -243,17 +269,23 @@ async def _idle(port: int) -> bool | None:
 async def test_a_deadline_ends_deadline_exceeded_and_stops_the_backend(
     servers: ServerFactory, tiny_model: Path
 ) -> None:
-    server = servers.start(fake_model("slow", tiny_model, "--token-seconds", "0.05"))
+    # Issue 18 finding 12: a stepped backend writes only the token the test
+    # releases, then waits for the next for ever; it stops generating only if
+    # the relay closes its connection when the deadline ends the stream (before:
+    # `tokens_sent < 100` of a timed stream, a count that depends on speed).
+    server = servers.start(fake_model("stepped", tiny_model, "--stepped"))
     async with connect(server.address) as client:
-        port = (await client.ready("slow")).port
-        request = pb.CompleteRequest(model="slow", prompt="s", max_tokens=1000)
+        port = (await client.ready("stepped")).port
+        request = pb.CompleteRequest(model="stepped", prompt="s", max_tokens=1000)
+        call = client.inference.Complete(request, timeout=2)
+        await release_tokens(port, 1)
         with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await read_all(client.inference.Complete(request, timeout=0.5))
-        await poll(lambda: _idle(port), 5, "the backend to stop generating")
+            await read_all(call)
+        await poll(lambda: _idle(port), 10, "the backend to stop generating")
         [slot] = await slots(port)
         status = await client.control.Status(control_pb.StatusRequest())
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert slot["tokens_sent"] < 100
+    assert slot["tokens_sent"] == 1
     assert status.pool.models[0].in_flight == 0
 
 
@@ -276,19 +308,19 @@ async def test_a_prompt_too_long_for_the_context_is_the_backends_message(
 
 
 async def test_server_shutdown_ends_streams_unavailable(servers: ServerFactory, tiny_model: Path) -> None:
-    config = "[server]\nshutdown_grace_seconds = 0.5\n" + fake_model(
-        "slow", tiny_model, "--token-seconds", "0.05"
-    )
+    # A stepped backend never ends the stream by itself (one token released):
+    # only the shutdown's grace can (issue 18 finding 12: was timed, `< 5` s).
+    config = "[server]\nshutdown_grace_seconds = 0.5\n" + fake_model("slow", tiny_model, "--stepped")
     server = servers.start(config)
     async with connect(server.address) as client:
+        port = (await client.ready("slow")).port
         call = client.inference.Complete(pb.CompleteRequest(model="slow", prompt="s", max_tokens=1000))
+        await release_tokens(port, 1)
         assert await call.read() is not grpc.aio.EOF
         server.process.send_signal(signal.SIGTERM)
-        stopped = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await read_all(call)
+            await asyncio.wait_for(read_all(call), 30)
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - stopped < 5
     assert server.process.wait(10) == 0
 
 
