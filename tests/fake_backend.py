@@ -11,7 +11,9 @@ Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
 timer, again at every restart), `--token-bytes` (big deltas, to fill
 buffers), `--listen-delay-seconds` (bind the port late, after a
 start-up pause), `--busy-health-seconds` (answer /health that much later
-while generating: busy, not hung). Each token's text names the prompt, so concurrent streams can be
+while generating: busy, not hung), `--not-http-requests N` (answer the
+first N generation requests with bytes that are not HTTP, then serve).
+Each token's text names the prompt, so concurrent streams can be
 told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
 
@@ -51,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--token-bytes", type=int, default=0)
     parser.add_argument("--listen-delay-seconds", type=float, default=0.0)
     parser.add_argument("--busy-health-seconds", type=float, default=0.0)
+    parser.add_argument("--not-http-requests", type=int, default=0)
     parser.add_argument("--pid-log", type=Path)
     parser.add_argument("--stepped", action="store_true")
     parser.add_argument("--ready-file", type=Path)
@@ -64,6 +67,7 @@ class FakeBackend:
         self.ready_at = time.monotonic() + args.load_seconds
         self.processing = 0
         self.tokens_sent = 0
+        self.not_http_left = args.not_http_requests
         # --stepped: tokens the test released and not yet written; generations waiting for one.
         self.permits = 0
         self.waiting = 0
@@ -112,6 +116,11 @@ class FakeBackend:
             await self.release(int(json.loads(body)["tokens"]))
             await respond(writer, 200, json.dumps({"tokens_sent": self.tokens_sent}))
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            if self.not_http_left > 0:
+                self.not_http_left -= 1
+                writer.write(b"SSH-2.0-not-http\r\n\r\n")
+                await writer.drain()
+                return
             await self.generate(
                 json.loads(body or b"{}"),
                 chat=path.endswith("chat/completions"),

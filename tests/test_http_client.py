@@ -20,6 +20,7 @@ from lemonade_grpc.backends.openai_client import (
     BackendConnectionError,
     BackendHTTPError,
     Chunk,
+    MalformedResponse,
     OpenAIClient,
 )
 
@@ -155,15 +156,37 @@ async def test_a_connection_cut_mid_body_is_a_broken_connection() -> None:
             await collect(client)
 
 
-async def test_an_answer_that_is_not_http_is_a_broken_connection() -> None:
+NOT_HTTP = {
+    "status-line": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "header": b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    # A first chunk holding an event, then a chunk size that is not hexadecimal.
+    "chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + chunked(b"data: " + json.dumps(EVENTS[0]).encode() + b"\n\n", 4096)[:-5]
+    + b"zz\r\n",
+}
+
+
+@pytest.mark.parametrize("where", list(NOT_HTTP))
+async def test_finding_14_an_answer_that_is_not_http_fails_the_request_not_the_connection(where: str) -> None:
+    """A request's answer that is not HTTP is the backend failing it (a 502), not a broken connection.
+
+    issue 18 finding 14: it was a BackendConnectionError, which the relay
+    reports BACKEND_CRASHED; the backend had not crashed. To a health check
+    a head that is not HTTP is still a failed check.
+    """
+
     async def answer(request: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        writer.write(NOT_HTTP[where])
+        await writer.drain()
 
     async with scripted(answer) as (client, _):
-        with pytest.raises(BackendConnectionError, match="not valid HTTP"):
+        with pytest.raises(MalformedResponse, match="not valid HTTP") as raised:
             await collect(client)
-        with pytest.raises(BackendConnectionError):
-            await client.health(2)
+        assert raised.value.status == 502
+        assert not isinstance(raised.value, BackendConnectionError)
+        if where != "chunk-size":  # a health check reads the head alone
+            with pytest.raises(BackendConnectionError, match="not valid HTTP"):
+                await client.health(2)
 
 
 async def test_health_answers_the_status() -> None:

@@ -179,6 +179,40 @@ class BackendConnectionError(ConnectionError):
         self.os_error = os_error
 
 
+class BackendProtocolError(BackendConnectionError):
+    """The backend's answer is not valid HTTP (httptools refused it: `what`).
+
+    To a health check, a failed check like any broken connection; a
+    request's stream reports it as `MalformedResponse` (issue 18 finding 14).
+    """
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+class MalformedResponse(BackendHTTPError):
+    """A request's answer that is not valid HTTP: the backend failed that request; it did not crash.
+
+    issue 18 finding 14: it was reported as a broken connection,
+    BACKEND_CRASHED, while the model stayed READY and served the next
+    request. Like `MalformedEvent` (an answer in HTTP but not in the API),
+    a 502: the backend's fault, for this request.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(502, f"its answer is not valid HTTP ({what})")
+
+
+@contextlib.asynccontextmanager
+async def _request_failure() -> AsyncIterator[None]:
+    """Turns a `BackendProtocolError` raised within into the request's `MalformedResponse`."""
+    try:
+        yield
+    except BackendProtocolError as error:
+        raise MalformedResponse(error.what) from error
+
+
 # Body bytes read but not yet taken before the connection is no longer
 # read: a slow consumer slows the backend through TCP flow control.
 READ_BUFFER_BYTES = 1 << 16
@@ -214,7 +248,7 @@ class _Exchange(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self._fail(BackendConnectionError(f"the backend's response is not valid HTTP: {error}"))
+            self._fail(BackendProtocolError(f"the backend's response is not valid HTTP: {error}", str(error)))
             self.close()
             return
         if len(self._body) > READ_BUFFER_BYTES:
@@ -444,14 +478,15 @@ class OpenAIClient:
         read after the `max_tokens`-th delta or after an event that ends the
         stream, and any stream whose deltas come slower than `interval`.
 
-        Raises `BackendHTTPError` on an error status or error event, and
+        Raises `BackendHTTPError` on an error status or error event, or an
+        answer that is not valid HTTP (`MalformedResponse`), and
         `BackendConnectionError` when the connection breaks or the stream
         ends without `data: [DONE]` or the client is closed. Stopping the
         iteration early closes the connection, which tells llama-server to
         stop generating.
         """
         body = orjson.dumps({**payload, "stream": True, "stream_options": {"include_usage": True}})
-        async with self._exchange(b"POST", path, body, headers) as exchange:
+        async with _request_failure(), self._exchange(b"POST", path, body, headers) as exchange:
             status = await exchange.head
             self.last_activity = time.monotonic()
             if status != 200:
