@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +30,7 @@ import pytest
 from conftest import (
     FAKE_BACKEND,
     Client,
+    Events,
     ServerFactory,
     connect,
     eventually,
@@ -38,6 +42,7 @@ from conftest import (
     poll,
     read_all,
     shut_down,
+    unloaded,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
@@ -404,8 +409,9 @@ async def test_unload_racing_crash_restarts_leaves_nothing_running_and_nothing_p
         "[pool]\nrestart_backoff_seconds = 0.1\nrestart_backoff_max_seconds = 0.2\nmax_restarts = 1000\n"
         + fake_model("flaky", tiny_model, "--exit-after-seconds", "0.15", "--pid-log", str(pid_log))
     )
-    server = servers.start(config)
+    server = servers.start(config + fake_model("marker", tiny_model))
     async with connect(server.address) as client:
+        events = Events(client.control)
         for delay in (0.0, 0.05, 0.12, 0.2, 0.3, 0.45):
             [loaded] = await asyncio.gather(client.ready("flaky", pinned=True), return_exceptions=True)
             if isinstance(loaded, grpc.aio.AioRpcError):
@@ -413,17 +419,50 @@ async def test_unload_racing_crash_restarts_leaves_nothing_running_and_nothing_p
             await asyncio.sleep(delay)
             await client.control.Unload(pb.UnloadRequest(model="flaky"))
 
-            async def empty() -> bool | None:
-                return True if not (await pool_status(client)).models else None
+            async def empty() -> int | None:
+                status = await pool_status(client)
+                return None if status.models else status.sequence
 
-            await poll(empty, 10, "the pool to be empty after Unload")
+            emptied = await poll(empty, 10, "the pool to be empty after Unload")
             started = len(pids_in(pid_log))
-            await asyncio.sleep(0.6)  # several backoffs: no restart may come back
+            # Issue 18 finding 12: a sleep of "several backoffs" passed trivially
+            # under load. A restart is a timer of the server's loop, due at most
+            # `restart_backoff_max_seconds` (0.2 s) after a crash that came before
+            # the Unload; the marker's idle timer, armed after it, is due 1 s
+            # later; timers fire in deadline order. So a restart that came back
+            # would show on Watch before the marker's idle unload.
+            await client.ready("marker", options=pb.LoadOptions(idle_unload_seconds=1))
+            idle_unloaded = unloaded("marker", pb.UNLOAD_REASON_IDLE)
+            _, idle = await events.wait_for(
+                functools.partial(after, emptied, idle_unloaded), 10, "the marker's idle unload"
+            )
+            came_back = [
+                m for m in events.messages() if emptied < m.sequence < idle.sequence and about(m, "flaky")
+            ]
+            assert not came_back, f"a restart came back after Unload (delay {delay}): {came_back}"
             assert len(pids_in(pid_log)) == started, f"a restart came back after Unload (delay {delay})"
             assert not (await pool_status(client)).models
             assert all(is_gone(pid) for pid in pids_in(pid_log))
+        events.close()
     pins = server.state_dir / "pins.json"
     assert not pins.exists() or '"flaky"' not in pins.read_text()
+
+
+def after(sequence: int, matches: Callable[[pb.WatchResponse], bool], message: pb.WatchResponse) -> bool:
+    """Whether `message` comes after event `sequence` and `matches`."""
+    return message.sequence > sequence and matches(message)
+
+
+def about(message: pb.WatchResponse, model: str) -> bool:
+    """Whether a Watch event (not a snapshot) concerns `model`."""
+    kind = message.WhichOneof("event")
+    if kind in (None, "snapshot"):
+        return False
+    event = getattr(message, kind)
+    names = {getattr(event, "model", None), *getattr(event, "models", ())}
+    if "status" in event.DESCRIPTOR.fields_by_name:
+        names.add(event.status.name)
+    return model in names
 
 
 # ------------------------------------------- (c) the memory-pressure watcher
@@ -435,11 +474,13 @@ class BudgetMemory:
     def __init__(self, pool_views: Callable[[], Iterator[ModelView]]) -> None:
         self.budget = 64 << 30
         self.views = pool_views
+        self.checks = 0  # how often the pool read it
 
     def total_bytes(self) -> int:
         return 64 << 30
 
     def available_bytes(self) -> int:
+        self.checks += 1
         return self.budget - sum(view.rss_bytes for view in self.views())
 
 
@@ -467,7 +508,7 @@ async def test_memory_pressure_stops_only_what_brings_memory_back_above_the_rese
             memory_reserve_mb=reserve_mib,
             memory_check_seconds=0.05,
             health_check_seconds=0,
-            evict_grace_seconds=3,  # busy victims keep their memory this long
+            evict_grace_seconds=60,  # busy victims keep their memory this long: past the checks below
         ),
         launcher(tmp_path / "logs"),
         memory=memory,
@@ -490,7 +531,12 @@ async def test_memory_pressure_stops_only_what_brings_memory_back_above_the_rese
                 return [v.name for v in pool.views() if v.state is ModelState.UNLOADING]
 
             await eventually(lambda: bool(stopping()), 5, "memory pressure to stop a model")
-            await asyncio.sleep(0.5)  # ten more checks while the victim still holds its memory
+            victims = stopping()
+            # Ten more checks while the victim still holds its memory (issue 18
+            # finding 12: counted, where a sleep let a loaded machine run none).
+            checks = memory.checks
+            await eventually(lambda: memory.checks >= checks + 10, 10, "ten more memory checks")
+            assert stopping() == victims, "the victim let go of its memory before the checks ran"
             chosen = [
                 e.event.model
                 for e in subscription.drain()
@@ -508,37 +554,26 @@ async def test_memory_pressure_stops_only_what_brings_memory_back_above_the_rese
 async def test_an_unloaded_stream_ends_model_evicted_at_the_end_of_its_grace_not_of_the_stop(
     servers: ServerFactory, tiny_model: Path
 ) -> None:
-    # The backend takes its time to exit (it ignores SIGTERM: stop_grace_seconds
-    # until SIGKILL). The stream's grace is evict_grace_seconds all the same.
-    config = "[pool]\nevict_grace_seconds = 0.5\nstop_grace_seconds = 4\n" + fake_model(
+    # The backend takes its time to exit: it ignores SIGTERM, and nothing but
+    # this test kills it before stop_grace_seconds (60 s). The stream's grace is
+    # evict_grace_seconds all the same: it ends while the backend still runs
+    # (issue 18 finding 12: was `ended < 2.0` s, a duration).
+    config = "[pool]\nevict_grace_seconds = 0.5\nstop_grace_seconds = 60\n" + fake_model(
         "m", tiny_model, "--ignore-sigterm", "--token-seconds", "0.02"
     )
     server = servers.start(config)
     async with connect(server.address) as client:
-        await client.ready("m")
+        pid = (await client.ready("m")).pid
         call = complete(client, "m", 100_000)
         await next_message(call)
-        loop = asyncio.get_running_loop()
         unload = asyncio.ensure_future(client.control.Unload(pb.UnloadRequest(model="m")))
-        asked = loop.time()
-        tokens_after_grace = 0
-
-        async def relay() -> None:
-            nonlocal tokens_after_grace
-            while (reply := await call.read()) is not grpc.aio.EOF:
-                assert isinstance(reply, inference_pb2.CompleteResponse)
-                if loop.time() - asked > 1.0:
-                    tokens_after_grace += reply.token_count
-
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await relay()
-        ended = loop.time() - asked
+            await read_all(call)
+        backend_ran_on = not is_gone(pid)
+        os.kill(pid, signal.SIGKILL)  # the stop's grace need not run out
         await unload
     assert error_info(raised.value).reason == "MODEL_EVICTED"
-    assert ended < 2.0, (
-        f"the stream ended {ended:.1f} s after the Unload (grace 0.5 s) and relayed"
-        f" {tokens_after_grace} tokens after its grace: revoking a lease does not stop its stream"
-    )
+    assert backend_ran_on, "the stream ended only with its backend: revoking a lease does not stop its stream"
 
 
 async def test_a_reload_mid_stream_ends_the_stream_model_evicted_and_the_new_process_serves(
