@@ -25,7 +25,7 @@ from lemonade_grpc.auth import Tokens
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool import options as opts
 from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.settings import Limits, PoolSettings
+from lemonade_grpc.pool.settings import BackendLogSettings, Limits, PoolSettings
 from lemonade_grpc.provision.paths import default_state_dir
 from lemonade_grpc.telemetry.logs import LOG_FORMATS, LogFormat
 from lemonade_grpc.telemetry.service import TelemetrySettings
@@ -62,6 +62,7 @@ class Config:
     tokens: Tokens = field(default_factory=Tokens)
     tls: TLSFiles | None = None
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    backend_logs: BackendLogSettings = field(default_factory=BackendLogSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
             raise ConfigError("config", f"file {path} does not exist") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
-    _only_keys(data, "", {"server", "pool", "limits", "models", "auth", "tls", "telemetry"})
+    _only_keys(data, "", {"server", "pool", "limits", "models", "auth", "tls", "telemetry", "backend_logs"})
     server = _table(data, "server")
     _only_keys(server, "server.", {"listen", "state_dir", "shutdown_grace_seconds"})
     base_dir = path.parent if path is not None else Path.cwd()
@@ -138,6 +139,7 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
         tokens=tokens,
         tls=tls,
         telemetry=_telemetry(_table(data, "telemetry"), env, overrides.log_format),
+        backend_logs=_backend_logs(_table(data, "backend_logs")),
     )
 
 
@@ -242,6 +244,24 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
     recipe_name = _str(table, prefix + "recipe", Recipe.LLAMACPP.value)
     try:
         recipe = Recipe(recipe_name)
+_BACKEND_LOG_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
+    "max_file_mb": (bounds.LOG_FILE_MB, int),
+    "max_total_mb": (bounds.LOG_TOTAL_MB, int),
+    "min_free_mb": (bounds.LOG_MIN_FREE_MB, int),
+}
+
+
+def _backend_logs(table: Mapping[str, Any]) -> BackendLogSettings:
+    """[backend_logs]: how much disk the backends' logs may take (issue 18 finding 6)."""
+    _only_keys(table, "backend_logs.", set(_BACKEND_LOG_NUMBERS))
+    defaults = BackendLogSettings()
+    values = {
+        key: _number(table, f"backend_logs.{key}", getattr(defaults, key), valid, kind)
+        for key, (valid, kind) in _BACKEND_LOG_NUMBERS.items()
+    }
+    return BackendLogSettings(**values)
+
+
     except ValueError:
         choices = ", ".join(r.value for r in Recipe)
         raise ConfigError(prefix + "recipe", f"must be one of {choices}, got {recipe_name!r}") from None

@@ -248,6 +248,7 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
     finally:
         await shut_down(server, health_servicer, pool, config)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            log_settings=config.backend_logs,
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     log.info("stopped")

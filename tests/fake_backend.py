@@ -18,6 +18,12 @@ told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this pr
 pid at start, a timeline of every process that ever ran.
 
 Stepped by the test (issue 18 finding 12: time and pacing driven by the test,
+Loud: `--stderr-bytes-per-token N` writes N bytes to stderr before each token,
+blocking when the pipe is full as a real server's logger does (issue 18
+finding 7); `--spew-stderr-bytes N` writes N bytes to stderr at start, before
+the port is bound, so a load's end means they were written (issue 18 finding 6:
+logs that would fill a disk).
+
 not guessed): `--stepped` makes each token wait for a permit that
 `POST /release` (body `{"tokens": N}`) gives; the release answers once those
 N tokens are written (or the generation ended), and `GET /slots` says
@@ -56,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--not-http-requests", type=int, default=0)
     parser.add_argument("--pid-log", type=Path)
     parser.add_argument("--stepped", action="store_true")
+    parser.add_argument("--stderr-bytes-per-token", type=int, default=0)
+    parser.add_argument("--spew-stderr-bytes", type=int, default=0)
     parser.add_argument("--ready-file", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -183,6 +191,8 @@ class FakeBackend:
                     os._exit(3)
                 text = f"{tag}{index} " + "x" * self.args.token_bytes
                 choice = {"delta": {"content": text}} if chat else {"text": text}
+                if self.args.stderr_bytes_per_token:
+                    write_stderr(self.args.stderr_bytes_per_token, f"token {index}")
                 writer.write(sse({"choices": [{**choice, "index": 0, "finish_reason": None}]}))
                 await writer.drain()
                 self.tokens_sent += 1
@@ -205,6 +215,17 @@ class FakeBackend:
 
 def sse(event: Mapping[str, object]) -> bytes:
     return b"data: " + json.dumps(event).encode() + b"\n\n"
+def write_stderr(count: int, label: str) -> None:
+    """`count` bytes to stderr in lines of at most 64 KiB, each a blocking write, as a logger writes."""
+    while count > 0:
+        size = min(count, 65536)
+        line = (f"{label} " + "y" * size)[: size - 1].encode() + b"\n"
+        view = memoryview(line)
+        while view:
+            view = view[os.write(2, view) :]
+        count -= size
+
+
 
 
 async def respond(writer: asyncio.StreamWriter, status: int, body: str) -> None:
@@ -237,6 +258,7 @@ async def main(argv: list[str]) -> int:
         await asyncio.sleep(args.listen_delay_seconds)
     server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
     async with server:
+    write_stderr(args.spew_stderr_bytes, "spew")
         await server.serve_forever()
     return 0
 

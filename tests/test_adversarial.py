@@ -39,6 +39,7 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlStub
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.state import decode
 from rpc_errors import error_info
@@ -116,7 +117,9 @@ async def test_a_request_during_a_pinned_models_restart_backoff_keeps_its_pin_an
 def start_on(servers: ServerFactory, state_dir: Path, config: str) -> tuple[int | None, str]:
     """Start `serve` on a prepared `state_dir`; (exit status or None while it runs, its log).
 
-    Waits until it listens and answers, or exits, whichever comes first.
+    Waits until it has begun restoring pins and then answers a Status with
+    nothing loading or queued (all the boot started is done), or exits,
+    whichever comes first.
     """
     try:
         server = servers.start(config, state_dir=state_dir)
@@ -127,7 +130,17 @@ def start_on(servers: ServerFactory, state_dir: Path, config: str) -> tuple[int 
         if "pins: restoring" in server.log():
             break
         time.sleep(0.02)
-    time.sleep(0.3)  # anything the boot does after the restore has begun
+    # Issue 18 finding 12: was a sleep "for anything the boot does after the restore".
+    with grpc.insecure_channel(server.address) as channel:
+        control = ModelControlStub(channel)
+        while time.monotonic() < deadline and server.process.poll() is None:
+            try:
+                pool = control.Status(pb.StatusRequest(), timeout=5).pool
+            except grpc.RpcError:
+                break  # it died (the caller reads its status) or cannot answer (the log says why)
+            if not pool.load_in_flight.model and not pool.queue:
+                break
+            time.sleep(0.02)
     return server.process.poll(), server.log()
 
 

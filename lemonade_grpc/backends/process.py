@@ -27,7 +27,9 @@ from pathlib import Path
 
 import psutil
 
+from lemonade_grpc.backends.logfile import BackendLog
 from lemonade_grpc.backends.output import OutputPump
+from lemonade_grpc.pool.settings import BackendLogSettings
 
 SETPRIV = shutil.which("setpriv")
 # After the group is killed, how long the rest of its output may take to arrive.
@@ -40,36 +42,35 @@ class BackendProcess:
     Created with `spawn`; `stop` is idempotent and safe to call concurrently.
     """
 
-    def __init__(
-        self, process: asyncio.subprocess.Process, log_path: Path, log_offset: int, output: OutputPump
-    ) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, output: OutputPump) -> None:
         self._process = process
-        # Its output, followed line by line (and copied to `log_path`).
+        # Its output, followed line by line (and copied to its log, `output.log`).
         self.output = output
-        self.log_path = log_path
-        # Where this run's output starts in the log, which earlier runs of
-        # the same model share (issue 9, finding 14: a failed start's
-        # message showed lines of earlier runs).
-        self.log_offset = log_offset
+        self.log_path = output.log.path
         self.pid = process.pid
         self._stopping: asyncio.Task[int] | None = None
 
     @classmethod
     async def spawn(
-        cls, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
+        cls,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        log_settings: BackendLogSettings | None = None,
     ) -> BackendProcess:
         """Start `argv`, its output (stdout and stderr) followed and appended to `log_path`.
 
-        Raises OSError when the program cannot be started.
+        The log is kept within `log_settings` (default: `BackendLogSettings()`;
+        issue 18 finding 6). Raises OSError when the program cannot be started
+        or its log cannot be opened.
         """
         command = list(argv)
         if SETPRIV is not None:
             command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("ab")
+        log = BackendLog(log_path, log_settings or BackendLogSettings())
         read_fd, write_fd = os.pipe()
         try:
-            offset = os.fstat(log.fileno()).st_size
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -84,7 +85,7 @@ class BackendProcess:
             raise
         finally:
             os.close(write_fd)  # the child has its copy: EOF comes when the last writer is gone
-        return cls(process, log_path, offset, OutputPump(read_fd, log))
+        return cls(process, OutputPump(read_fd, log))
 
     @property
     def returncode(self) -> int | None:
@@ -180,15 +181,11 @@ class BackendProcess:
     def log_tail(self, limit: int = 2000) -> str:
         """The last `limit` bytes of this process's own output (none of earlier runs'), for error messages.
 
-        "" when the log cannot be read.
+        Earlier runs of the same model share the log (issue 9, finding 14: a
+        failed start's message showed lines of earlier runs). "" when the
+        log cannot be read.
         """
-        try:
-            with self.log_path.open("rb") as log:
-                size = log.seek(0, os.SEEK_END)
-                log.seek(max(self.log_offset, size - limit))
-                return log.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
+        return self.output.log.tail(limit).decode("utf-8", "replace").strip()
 
 
 # The addresses whose listener answers a connection to 127.0.0.1.

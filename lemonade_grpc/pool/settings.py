@@ -1,4 +1,4 @@
-"""The pool's limits and timings: the `[pool]` and `[limits]` tables of the config.
+"""The pool's limits and timings: the `[pool]`, `[limits]` and `[backend_logs]` tables of the config.
 
 The defaults written here are the only ones: the config reads them from
 these dataclasses, and each field's range is in `lemonade_grpc.bounds`.
@@ -92,3 +92,39 @@ class Limits:
     # writes into one read (issue 13: per-token wake-ups were most of the
     # proxy's cost on a 2-core machine).
     stream_interval_ms: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLogSettings:
+    """How much disk the backends' logs may take (the `[backend_logs]` table of the config).
+
+    Issue 18 finding 6: a backend logging 1.2 MiB/s filled a 16 MiB state
+    filesystem, and then Pin and every Load failed STATE_WRITE_FAILED. The
+    state files (pins.json, backends.json) need a few KiB; these bounds keep
+    the logs from ever taking that room (`lemonade_grpc.backends.logfile`).
+    """
+
+    # `logs/MODEL.log` becomes `MODEL.log.1` (replacing the one before) when
+    # it would pass this: a model's logs take at most twice this. 16 MiB is
+    # days of llama-server's dozen lines per request.
+    max_file_mb: int = 16
+    # At each backend start, logs of models not running are deleted, oldest
+    # first, down to this in all (a catalog of many models that each ran once).
+    max_total_mb: int = 256
+    # Backend output that would leave less than this free on the state
+    # directory's filesystem is dropped (counted, and said in the log). A
+    # host with less than this free is in trouble anyway; the state files
+    # need a thousandth of it.
+    min_free_mb: int = 64
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb << 20
+
+    @property
+    def max_total_bytes(self) -> int:
+        return self.max_total_mb << 20
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self.min_free_mb << 20
