@@ -24,6 +24,7 @@ from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec, Recipe
 from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
 from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.pool.settings import BackendLogSettings
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound
 from lemonade_grpc.tasks import settle, wait_for_any
 
@@ -110,6 +111,7 @@ class Backend:
         progress_seconds: float = PROGRESS_SECONDS,
         choose_port: Callable[[], int] = free_port,
         attempts: int = 3,
+        log_settings: BackendLogSettings | None = None,
     ) -> Backend:
         """Start the backend for `spec` and return it READY: spawned, recorded, healthy, proven ours.
 
@@ -124,7 +126,8 @@ class Backend:
         finding 8: any process that took the port first could answer). When
         another process holds the port, whether it answered 200 or ours
         exited on "address already in use", ours is stopped and the next
-        attempt uses a new port, up to `attempts` in all.
+        attempt uses a new port, up to `attempts` in all. Its output goes to
+        `log_dir/NAME.log`, kept within `log_settings` (issue 18 finding 6).
 
         Raises `BackendStartFailed` (the program cannot start, it exited or
         stayed unhealthy, with this run's log; or every attempt lost the port,
@@ -138,7 +141,7 @@ class Backend:
         lost: PortTaken | None = None
         for _ in range(max(1, attempts)):
             port = choose_port()
-            backend = await cls._spawn(spec, options, port, log_dir, registry)
+            backend = await cls._spawn(spec, options, port, log_dir, registry, log_settings)
             try:
                 if on_spawned is not None:
                     on_spawned(backend)
@@ -167,13 +170,16 @@ class Backend:
         port: int,
         log_dir: Path,
         registry: BackendRegistry | None,
+        log_settings: BackendLogSettings | None = None,
     ) -> Backend:
         """Spawn the process; raises BackendStartFailed, with nothing left running, when it cannot."""
         try:
             argv = backend_argv(spec, options, port)
             # Its size first: progress is measured against it (llama-server only: its log names the stages).
             size = spec.path.stat().st_size if spec.recipe is Recipe.LLAMACPP else None
-            process = await BackendProcess.spawn(argv, log_path=log_dir / f"{spec.name}.log")
+            process = await BackendProcess.spawn(
+                argv, log_path=log_dir / f"{spec.name}.log", log_settings=log_settings
+            )
         except (LlamaServerNotFound, OSError) as error:
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
         # Created before any await: the backend's first lines are not missed.
