@@ -220,6 +220,24 @@ def _limits(table: Mapping[str, Any]) -> Limits:
     return Limits(**values)
 
 
+_BACKEND_LOG_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
+    "max_file_mb": (bounds.LOG_FILE_MB, int),
+    "max_total_mb": (bounds.LOG_TOTAL_MB, int),
+    "min_free_mb": (bounds.LOG_MIN_FREE_MB, int),
+}
+
+
+def _backend_logs(table: Mapping[str, Any]) -> BackendLogSettings:
+    """[backend_logs]: how much disk the backends' logs may take (issue 18 finding 6)."""
+    _only_keys(table, "backend_logs.", set(_BACKEND_LOG_NUMBERS))
+    defaults = BackendLogSettings()
+    values = {
+        key: _number(table, f"backend_logs.{key}", getattr(defaults, key), valid, kind)
+        for key, (valid, kind) in _BACKEND_LOG_NUMBERS.items()
+    }
+    return BackendLogSettings(**values)
+
+
 def _allowed_args(table: Mapping[str, Any], field_name: str, recipe: Recipe) -> frozenset[str]:
     """Flags clients may pass (`allowed_args`): each a flag, never one lemonade-grpc owns."""
     flags = _str_list(table, field_name)
@@ -244,24 +262,6 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
     recipe_name = _str(table, prefix + "recipe", Recipe.LLAMACPP.value)
     try:
         recipe = Recipe(recipe_name)
-_BACKEND_LOG_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
-    "max_file_mb": (bounds.LOG_FILE_MB, int),
-    "max_total_mb": (bounds.LOG_TOTAL_MB, int),
-    "min_free_mb": (bounds.LOG_MIN_FREE_MB, int),
-}
-
-
-def _backend_logs(table: Mapping[str, Any]) -> BackendLogSettings:
-    """[backend_logs]: how much disk the backends' logs may take (issue 18 finding 6)."""
-    _only_keys(table, "backend_logs.", set(_BACKEND_LOG_NUMBERS))
-    defaults = BackendLogSettings()
-    values = {
-        key: _number(table, f"backend_logs.{key}", getattr(defaults, key), valid, kind)
-        for key, (valid, kind) in _BACKEND_LOG_NUMBERS.items()
-    }
-    return BackendLogSettings(**values)
-
-
     except ValueError:
         choices = ", ".join(r.value for r in Recipe)
         raise ConfigError(prefix + "recipe", f"must be one of {choices}, got {recipe_name!r}") from None
