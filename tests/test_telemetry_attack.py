@@ -15,8 +15,9 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,17 +25,22 @@ import aiohttp
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (
     TAG_VAR,
+    Server,
     ServerFactory,
     connect,
+    eventually,
     fake_model,
     fake_spec,
     launcher,
@@ -43,15 +49,18 @@ from conftest import (
     tagged_processes,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
+from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.catalog import ModelSpec, ModelType
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import PoolSettings
+from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.telemetry import prometheus, service
 from lemonade_grpc.telemetry.logs import JSONFormatter
-from lemonade_grpc.telemetry.otel import Providers
-from lemonade_grpc.telemetry.service import Telemetry
-from otlp_receiver import attributes, grpc_receiver, named
+from lemonade_grpc.telemetry.otel import Providers, exporters
+from lemonade_grpc.telemetry.service import Telemetry, TelemetrySettings
+from otlp_receiver import FAST_EXPORT, attributes, grpc_receiver, named
 from recorded import Recorded
 
 WAIT_SECONDS = 15.0
@@ -819,3 +828,331 @@ async def test_a_queued_load_span_has_an_event_per_queue_move(tmp_path: Path, ti
         if s.name == "queued" and s.parent is not None and s.parent.span_id == load_c.context.span_id
     ]
     assert len(queued.events) >= 1, "c went from place 2 to 1 to running: no event says so"
+
+
+# ---------------------------------- issue 18, finding 4: scrapes and the pool's threads
+
+
+class HeldCollector:
+    """A Prometheus collector whose collections wait until the test releases them; counts those begun."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self._count = threading.Lock()
+
+    def describe(self) -> list[Metric]:
+        return []  # registering it must not run a collection
+
+    def collect(self) -> Iterator[Metric]:
+        with self._count:
+            self.entered += 1
+        # Bounded only so that a failing test ends: the test releases it long before.
+        self.release.wait(HELD_SECONDS)
+        yield GaugeMetricFamily("held_collection", "a collection the test held", value=1)
+
+
+HELD_SECONDS = 60.0
+# More scrapes than asyncio's default executor has threads on any machine (min(32, CPUs + 4)).
+SCRAPES = 40
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url) as reply:
+        return reply.status, await reply.text()
+
+
+@pytest.fixture
+def held_collection(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldCollector]:
+    """Every Prometheus endpoint started in this test collects `HeldCollector` too."""
+    held = HeldCollector()
+    real = service._prometheus_reader
+
+    def reader() -> tuple[Any, CollectorRegistry]:
+        found, registry = real()
+        registry.register(held)
+        return found, registry
+
+    monkeypatch.setattr(service, "_prometheus_reader", reader)
+    try:
+        yield held
+    finally:
+        held.release.set()
+
+
+async def test_finding_4_a_pin_and_a_load_complete_while_many_scrapes_are_held_in_collection(
+    tmp_path: Path, tiny_model: Path, held_collection: HeldCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was (issue 18, finding 4): the collection ran in asyncio's default thread pool, which also
+    writes pins and backend records, reads GGUF headers and /proc for loads: with scrapes slower
+    than Pins come, the pool's work queued behind them (Pin p50 1.5 ms -> 555 ms with 200 scraping
+    connections). With 40 scrapes held inside the collection, a Load and a Pin never completed until
+    the collections were let go. Now collections have a thread of their own and are single-flight:
+    one collection is under way however many scrapes wait, and the pool's work goes on beside it."""
+    caplog.set_level(logging.INFO, logger="lemonade_grpc")
+    telemetry = await Telemetry.start(TelemetrySettings(prometheus_listen="127.0.0.1:0"), env={})
+    pool = Pool(
+        {"m": fake_spec("m", tiny_model)},
+        PoolSettings(stop_grace_seconds=1.5),
+        launcher(tmp_path / "logs"),
+        pin_store=PinStore(tmp_path / "pins.json"),
+        observer=telemetry.observer,
+    )
+    telemetry.observe(pool)
+    url = f"http://127.0.0.1:{prometheus_port(caplog.text)}/metrics"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=SCRAPES)) as session:
+        scrapes = [asyncio.create_task(_get(session, url)) for _ in range(SCRAPES)]
+        try:
+            await eventually(lambda: held_collection.entered >= 1, WAIT_SECONDS, "a collection to begin")
+            try:
+                # Bounded: with the bug these wait on the held collections, which the test holds longer.
+                await asyncio.wait_for(pool.load("m", RequestedOptions()).outcome(), WAIT_SECONDS)
+                view = await asyncio.wait_for(pool.pin("m", True), WAIT_SECONDS)
+            except TimeoutError:
+                pytest.fail(f"the pool's work queued behind {held_collection.entered} held collections")
+            assert view.pinned
+            assert "m" in json.loads((tmp_path / "pins.json").read_text())["pinned"]
+            assert not any(scrape.done() for scrape in scrapes)  # all still held
+            assert telemetry.prometheus is not None
+            collections = telemetry.prometheus.collections
+            await eventually(lambda: collections.waiting == SCRAPES, WAIT_SECONDS, "every scrape to wait")
+            assert held_collection.entered == collections.started == 1
+        finally:
+            held_collection.release.set()
+            replies = await asyncio.gather(*scrapes)
+            await pool.shutdown()
+            await telemetry.close()
+    assert all(status == 200 and "held_collection 1.0" in text for status, text in replies)
+    # The one held, then one for every scrape that came while it ran.
+    assert held_collection.entered == collections.started <= 2
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_SECONDS) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+async def test_the_metrics_endpoint_answers_pipelined_requests_in_order_and_refuses_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guard for the endpoint that replaced aiohttp's server (issue 18, finding 4): requests
+    pipelined on one connection are answered in order, HEAD without a body; another path is 404,
+    another method 405; an oversized or unparseable request is answered and the connection closed."""
+    caplog.set_level(logging.INFO, logger="lemonade_grpc")
+    telemetry = await Telemetry.start(TelemetrySettings(prometheus_listen="127.0.0.1:0"), env={})
+    port = prometheus_port(caplog.text)
+    try:
+        pipelined = await asyncio.to_thread(
+            _exchange,
+            port,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        statuses = re.findall(rb"^HTTP/1\.1 (\d+)", pipelined, re.MULTILINE)
+        assert statuses == [b"200", b"200", b"404", b"405", b"200"], pipelined[:2000]
+        assert pipelined.count(b"# TYPE process_resident_memory_bytes gauge") == 2  # not in HEAD's
+        huge = await asyncio.to_thread(
+            _exchange, port, b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * (64 << 10) + b"\r\n\r\n"
+        )
+        assert huge.startswith(b"HTTP/1.1 431 "), huge[:200]
+        garbage = await asyncio.to_thread(_exchange, port, b"\x16\x03\x01 not http\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 "), garbage[:200]
+    finally:
+        await telemetry.close()
+
+
+async def test_the_metrics_endpoint_closes_silent_connections_and_bounds_how_many_it_holds(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guard: a connection that never completes a request is closed when its keep-alive time has
+    passed, whatever bytes it trickles; past `MAX_CONNECTIONS` the connection idle longest is closed
+    (each holds a descriptor the gRPC streams and backends need), and a scraper is still served."""
+    monkeypatch.setattr(prometheus, "MAX_CONNECTIONS", 4)
+    caplog.set_level(logging.INFO, logger="lemonade_grpc")
+    telemetry = await Telemetry.start(TelemetrySettings(prometheus_listen="127.0.0.1:0"), env={})
+    port = prometheus_port(caplog.text)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+    try:
+        for sock in idle:
+            sock.setblocking(False)
+
+        def closed(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:
+                return False
+
+        await eventually(lambda: sum(map(closed, idle)) >= 6, WAIT_SECONDS, "the oldest idle to be closed")
+        async with aiohttp.ClientSession() as session:
+            status, text = await _get(session, f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        assert "process_resident_memory_bytes" in text
+        monkeypatch.setattr(prometheus, "KEEPALIVE_SECONDS", 0.1)
+        unfinished = await asyncio.to_thread(_exchange, port, b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        assert unfinished == b""  # closed, never answered
+    finally:
+        for sock in idle:
+            sock.close()
+        await telemetry.close()
+
+
+async def test_finding_4_the_serving_process_holds_no_aiohttp_with_a_prometheus_endpoint(
+    servers: ServerFactory,
+) -> None:
+    """Was (issue 18, finding 4): the endpoint ran on aiohttp's server, about 10 MiB of the serving
+    process's memory (9.3 MiB of it the import alone) for one route. Now it is served with httptools,
+    which the backend client already uses: no aiohttp module (its C parser) is mapped at all."""
+    server = servers.start(env={"LEMONADE_GRPC_PROMETHEUS_LISTEN": "127.0.0.1:0"})
+    async with aiohttp.ClientSession() as session:
+        status, _ = await _get(session, f"http://127.0.0.1:{prometheus_port(server.log())}/metrics")
+    assert status == 200
+    mapped = await asyncio.to_thread(Path(f"/proc/{server.process.pid}/maps").read_text)
+    assert "/aiohttp/" not in mapped, [line for line in mapped.splitlines() if "/aiohttp/" in line][:3]
+
+
+# ------------------------- issue 18, finding 13: OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The lines of `text` that are JSON objects (the console exporters' output among log lines)."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a log line written into the middle of a long one; the next export is whole
+    return found
+
+
+def printed_span(server: Server, name: str) -> dict[str, Any] | None:
+    return next((o for o in json_lines(server.log()) if o.get("name") == name and "context" in o), None)
+
+
+def printed_metric(server: Server, name: str) -> dict[str, Any] | None:
+    for data in json_lines(server.log()):
+        for resource in data.get("resource_metrics", []):
+            for scope in resource["scope_metrics"]:
+                for metric in scope["metrics"]:
+                    if metric["name"] == name:
+                        return cast(dict[str, Any], metric)
+    return None
+
+
+STATUS_SPAN = "/lemonade.v1.ModelControl/Status"
+
+
+async def printed(find: Callable[[], dict[str, Any] | None], what: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        return find()
+
+    return await poll(check, WAIT_SECONDS, what)
+
+
+@pytest.mark.parametrize("variable", ["OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"])
+async def test_finding_13_console_prints_spans_or_metrics_on_standard_output(
+    servers: ServerFactory, variable: str
+) -> None:
+    """Was (issue 18, finding 13): `console`, a known value of both variables in the OpenTelemetry
+    spec (what one sets to see telemetry without a collector), was ignored in silence: the server
+    ran and printed nothing. Now each span, each metric export, is one JSON line on stdout."""
+    server = servers.start(env={variable: "console", **FAST_EXPORT})
+    async with connect(server.address) as client:
+        await client.control.Status(pb.StatusRequest())
+    if variable == "OTEL_TRACES_EXPORTER":
+        span = await printed(lambda: printed_span(server, STATUS_SPAN), "the printed span")
+        assert span["attributes"]["rpc.method"] == "Status"
+        assert printed_metric(server, "lemonade.models") is None  # metrics were not asked for
+    else:
+        metric = await printed(lambda: printed_metric(server, "lemonade.models"), "the printed metrics")
+        assert {"type": "llm", "state": "ready"} in [p["attributes"] for p in metric["data"]["data_points"]]
+        assert printed_span(server, STATUS_SPAN) is None
+    assert server.stop() == 0
+
+
+async def test_finding_13_a_list_of_exporters_exports_to_each(servers: ServerFactory) -> None:
+    """Was: `console,otlp` exported by OTLP only. A comma-separated list (case and spaces as the
+    spec allows) gets each exporter: the span is printed and reaches the collector."""
+    async with grpc_receiver() as receiver:
+        server = servers.start(env={**receiver.env(), "OTEL_TRACES_EXPORTER": " Console , OTLP "})
+        async with connect(server.address) as client:
+            await client.control.Status(pb.StatusRequest())
+        await printed(lambda: printed_span(server, STATUS_SPAN), "the printed span")
+
+        async def collected() -> list[Span] | None:
+            return list(named(receiver.received.spans(), STATUS_SPAN)) or None
+
+        await poll(collected, WAIT_SECONDS, "the span at the collector")
+
+
+async def test_finding_13_prometheus_in_otel_metrics_exporter_serves_the_endpoint(
+    servers: ServerFactory,
+) -> None:
+    """Was: `OTEL_METRICS_EXPORTER=prometheus` (a known value) was ignored. It serves the endpoint
+    on `OTEL_EXPORTER_PROMETHEUS_HOST`:`…_PORT`, as `[telemetry] prometheus_listen` would."""
+    server = servers.start(
+        env={
+            "OTEL_METRICS_EXPORTER": "prometheus",
+            "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+            "OTEL_EXPORTER_PROMETHEUS_PORT": "0",
+        }
+    )
+    samples = await scrape(prometheus_port(server.log()))
+    assert value(samples, "lemonade_models", type="llm", state="ready") == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "named_value"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "consle"}, "consle"),
+        ({"OTEL_METRICS_EXPORTER": "otlp,statsd"}, "statsd"),
+        ({"OTEL_TRACES_EXPORTER": "prometheus"}, "prometheus"),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "zipkin"),
+        ({"OTEL_METRICS_EXPORTER": "logging"}, "logging"),
+        ({"OTEL_METRICS_EXPORTER": "none,console"}, "none,console"),
+        ({"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": "http"}, "http"),
+    ],
+    ids=["typo", "unknown-in-list", "metrics-only-value", "zipkin", "deprecated", "none-and-more", "port"],
+)
+def test_finding_13_an_exporter_we_cannot_serve_stops_serve_with_a_config_error(
+    tmp_path: Path, env: dict[str, str], named_value: str
+) -> None:
+    """Was: any value of OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER other than the ones we act on
+    was ignored: the server ran, exporting nothing. Now it refuses to start, exit status 2, with a
+    config error naming the variable and the value, as the other OTEL_* mistakes do."""
+    try:
+        done = run_serve(tmp_path, env, seconds=WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{env}: the server started anyway")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    variable = next(name for name, value in env.items() if named_value in value)
+    assert re.search(rf"config error: {variable}='[^']*{re.escape(named_value)}", done.stderr), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "traces", "metrics"),
+    [
+        ({}, set(), set()),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, {"otlp"}, {"otlp"}),
+        ({"OTEL_TRACES_EXPORTER": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, {"otlp"}, {"otlp"}),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, {"otlp"}, set()),  # the exporter's default endpoint
+        ({"OTEL_TRACES_EXPORTER": "CONSOLE", "OTEL_METRICS_EXPORTER": "console,"}, {"console"}, {"console"}),
+        ({"OTEL_METRICS_EXPORTER": "otlp, prometheus,otlp"}, set(), {"otlp", "prometheus"}),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, set(), {"otlp"}),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "TRUE"}, set(), set()),
+    ],
+)
+def test_finding_13_the_exporter_variables_mean_what_the_spec_says(
+    env: dict[str, str], traces: set[str], metrics: set[str]
+) -> None:
+    assert exporters(env, "TRACES") == traces
+    assert exporters(env, "METRICS") == metrics

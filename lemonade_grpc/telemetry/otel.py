@@ -1,9 +1,13 @@
 """OpenTelemetry providers from the standard `OTEL_*` environment variables.
 
-Traces go out by OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and `OTEL_TRACES_EXPORTER` is
-not `none`; metrics likewise (`…_METRICS_ENDPOINT`, `OTEL_METRICS_EXPORTER`),
-and also through the Prometheus endpoint when one is configured.
+`OTEL_TRACES_EXPORTER` and `OTEL_METRICS_EXPORTER` choose the exporters, as
+a comma-separated list (`exporters`): `otlp`, `console` (one JSON object a
+line on standard output), `none`, and for metrics `prometheus` (a scrape
+endpoint on `OTEL_EXPORTER_PROMETHEUS_HOST`:`…_PORT`). Unset, a signal goes
+out by OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the signal's own
+`…_TRACES_ENDPOINT`, `…_METRICS_ENDPOINT`) is set, and nowhere otherwise:
+telemetry is off by default. Metrics also go to the Prometheus endpoint
+when `[telemetry] prometheus_listen` configures one.
 `OTEL_EXPORTER_OTLP_PROTOCOL` (or the per-signal variable) picks `grpc` (our
 default, as the Python distro's) or `http/protobuf`. `OTEL_SDK_DISABLED=true`
 turns all of it off. The exporters themselves read the rest of the standard
@@ -25,11 +29,14 @@ from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import metrics, trace
 
+from lemonade_grpc.bounds import echo
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, MetricsData
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,19 @@ SCOPE = "lemonade_grpc"
 SERVICE_NAME = "lemonade-grpc"
 PROTOCOLS = ("grpc", "http/protobuf")
 Signal = Literal["TRACES", "METRICS"]
+# What `OTEL_{signal}_EXPORTER` may name here (the spec's known values that we serve).
+EXPORTERS: dict[Signal, tuple[str, ...]] = {
+    "TRACES": ("otlp", "console", "none"),
+    "METRICS": ("otlp", "console", "prometheus", "none"),
+}
+# Known to the spec, not served here: what to use instead.
+NOT_SERVED = {
+    "zipkin": "no Zipkin exporter is installed; use otlp (a collector can forward to Zipkin)",
+    "logging": "the deprecated name of console, which new implementations should not take; use console",
+    "otlp/stdout": "in development in the spec; use console",
+}
+PROMETHEUS_HOST = "localhost"  # the spec's defaults for OTEL_EXPORTER_PROMETHEUS_HOST and _PORT
+PROMETHEUS_PORT = 9464
 
 
 class TelemetryConfigError(ValueError):
@@ -54,14 +74,63 @@ def _version() -> str:
         return "0"
 
 
+def exporters(env: Mapping[str, str], signal: Signal) -> frozenset[str]:
+    """The exporters `OTEL_{signal}_EXPORTER` names (none: an empty set).
+
+    The spec's meanings: a comma-separated list, case-insensitive, `none`
+    for no exporter; an empty value is an unset one. Unset, the spec's
+    default `otlp` holds only when an OTLP endpoint is set (telemetry is off
+    by default here); named, `otlp` exports to the exporter's default
+    endpoint (localhost:4317, 4318 for http/protobuf) when none is set.
+    `OTEL_SDK_DISABLED=true` turns every exporter off.
+
+    Raises `TelemetryConfigError` naming the variable and its value for a
+    name we do not serve, or `none` beside another. The spec says to warn
+    and ignore an unknown value; issue 18, finding 13: `console` and typos
+    were ignored in silence, and a server exporting nothing when asked to
+    export is a mistake found too late, as with the other `OTEL_*` values.
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return frozenset()
+    variable = f"OTEL_{signal}_EXPORTER"
+    raw = env.get(variable, "")
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    if not names:
+        endpoint = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return frozenset({"otlp"}) if endpoint else frozenset()
+    known = EXPORTERS[signal]
+    for name in names:
+        if name in NOT_SERVED:
+            raise TelemetryConfigError(
+                f"{variable}={echo(raw)}: {name} is not served here: {NOT_SERVED[name]}"
+            )
+        if name not in known:
+            raise TelemetryConfigError(
+                f"{variable}={echo(raw)}: unknown exporter {echo(name)};"
+                f" known: {', '.join(known)} (or a comma-separated list of them)"
+            )
+    if "none" in names and len(set(names)) > 1:
+        raise TelemetryConfigError(f"{variable}={echo(raw)}: none cannot be listed with other exporters")
+    return frozenset(names) - {"none"}
+
+
 def otlp_wanted(env: Mapping[str, str], signal: Signal) -> bool:
     """Whether `signal` is to be exported by OTLP, per the standard variables."""
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporters = {name.strip() for name in env.get(f"OTEL_{signal}_EXPORTER", "otlp").split(",")}
-    if "otlp" not in exporters:
-        return False
-    return bool(env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return "otlp" in exporters(env, signal)
+
+
+def prometheus_listen(env: Mapping[str, str]) -> str | None:
+    """`HOST:PORT` for a Prometheus endpoint when `OTEL_METRICS_EXPORTER` lists `prometheus`, else None.
+
+    `OTEL_EXPORTER_PROMETHEUS_HOST` (default localhost) and `…_PORT` (9464).
+    """
+    if "prometheus" not in exporters(env, "METRICS"):
+        return None
+    host = env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or PROMETHEUS_HOST
+    raw = env.get("OTEL_EXPORTER_PROMETHEUS_PORT", "").strip() or str(PROMETHEUS_PORT)
+    if not (raw.isdigit() and int(raw) <= 65535):
+        raise TelemetryConfigError(f"OTEL_EXPORTER_PROMETHEUS_PORT={echo(raw)}: must be a port, 0..65535")
+    return f"[{host}]:{int(raw)}" if ":" in host else f"{host}:{int(raw)}"
 
 
 def otlp_protocol(env: Mapping[str, str], signal: Signal) -> str:
@@ -123,32 +192,66 @@ def _resource() -> Resource:
     return resource
 
 
-def _tracer_provider(env: Mapping[str, str], resource: Resource) -> TracerProvider:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+def _span_line(span: ReadableSpan) -> str:
+    # One JSON object a line (the SDK's default indents each over ~40 lines): greppable, parseable.
+    return str(span.to_json(indent=None)) + "\n"
 
+
+def _metrics_line(data: MetricsData) -> str:
+    return data.to_json(indent=None) + "\n"
+
+
+def _span_exporter(env: Mapping[str, str], name: str) -> SpanExporter:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter(formatter=_span_line)
     if otlp_protocol(env, "TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
+    return OTLPSpanExporter()
+
+
+def _tracer_provider(env: Mapping[str, str], resource: Resource, names: frozenset[str]) -> TracerProvider:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     # shutdown_on_exit off: `Telemetry.close` flushes, bounded; an atexit flush would block the exit again.
     provider = TracerProvider(resource=resource, sampler=_sampler(env), shutdown_on_exit=False)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for name in sorted(names):
+        # Batched for the console too: a span's end never waits for a write to standard output.
+        provider.add_span_processor(BatchSpanProcessor(_span_exporter(env, name)))
     return provider
 
 
-def _otlp_metric_reader(env: Mapping[str, str]) -> MetricReader:
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+def _metric_exporter(env: Mapping[str, str], name: str) -> MetricExporter:
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
+        return ConsoleMetricExporter(formatter=_metrics_line)
     if otlp_protocol(env, "METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
             OTLPMetricExporter,
         )
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    return OTLPMetricExporter()
+
+
+def _metric_readers(env: Mapping[str, str], names: frozenset[str]) -> list[MetricReader]:
+    """A periodic reader per push exporter (`prometheus` is served by `Telemetry`, not here)."""
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    return [
+        PeriodicExportingMetricReader(_metric_exporter(env, name)) for name in sorted(names - {"prometheus"})
+    ]
+
+
+def _describe(env: Mapping[str, str], signal: Signal, names: frozenset[str]) -> str:
+    return ", ".join(f"OTLP over {otlp_protocol(env, signal)}" if n == "otlp" else n for n in sorted(names))
 
 
 @dataclass
@@ -198,18 +301,19 @@ def providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...] = 
 
 
 def _providers(env: Mapping[str, str], extra_readers: tuple[MetricReader, ...]) -> Providers:
-    want_traces = otlp_wanted(env, "TRACES")
-    readers = list(extra_readers)
-    if otlp_wanted(env, "METRICS"):
-        readers.append(_otlp_metric_reader(env))
+    traces = exporters(env, "TRACES")
+    metered = exporters(env, "METRICS")
+    readers = [*extra_readers, *_metric_readers(env, metered)]
     result = Providers()
-    if not want_traces and not readers:
+    if not traces and not readers:
         return result
     resource = _resource()
-    if want_traces:
-        result.tracer_provider = _tracer_provider(env, resource)
+    if traces:
+        result.tracer_provider = _tracer_provider(env, resource, traces)
         result.tracer = result.tracer_provider.get_tracer(SCOPE, _version())
-        log.info("tracing: OTLP over %s", otlp_protocol(env, "TRACES"))
+        log.info("tracing: %s", _describe(env, "TRACES", traces))
+    if metered - {"prometheus"}:
+        log.info("metrics: %s", _describe(env, "METRICS", metered - {"prometheus"}))
     if readers:
         from opentelemetry.sdk.metrics import MeterProvider
 

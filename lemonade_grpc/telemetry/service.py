@@ -24,10 +24,10 @@ from lemonade_grpc.telemetry import otel
 from lemonade_grpc.telemetry.logs import LogFormat
 from lemonade_grpc.telemetry.metrics import Instruments, LoopSnapshots
 from lemonade_grpc.telemetry.observer import PoolTelemetry
+from lemonade_grpc.telemetry.prometheus import MetricsEndpoint, PrometheusListenError
 from lemonade_grpc.telemetry.streams import RecordingStreams, StreamTelemetry
 
 if TYPE_CHECKING:
-    from aiohttp import web
     from opentelemetry.sdk.metrics.export import MetricReader
     from prometheus_client import CollectorRegistry
 
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 TRACED_SERVICE_PREFIX = "/lemonade.v1."
 # The longest a stop waits for the exporters to send what they hold.
 FLUSH_SECONDS = 3.0
-# An idle scrape connection is closed after this long (Prometheus scrapes every 15-60 s and reconnects).
-PROMETHEUS_KEEPALIVE_SECONDS = 75.0
+
+__all__ = ["PrometheusListenError", "Telemetry", "TelemetrySettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +52,12 @@ class TelemetrySettings:
     log_format: LogFormat = "plain"
 
 
-class PrometheusListenError(RuntimeError):
-    """The Prometheus endpoint could not listen on its address."""
-
-
 class Telemetry:
     """What telemetry the settings and environment ask for; no-ops for the rest."""
 
-    def __init__(self, providers: otel.Providers, prometheus: web.AppRunner | None = None) -> None:
+    def __init__(self, providers: otel.Providers, prometheus: MetricsEndpoint | None = None) -> None:
         self._providers = providers
-        self._prometheus = prometheus
+        self.prometheus = prometheus
         self._snapshots: Callable[[], PoolView | None] = lambda: None
         instruments = Instruments(providers.meter, self._read_pool) if providers.metering else None
         self.observer = PoolTelemetry(providers.tracer, instruments)
@@ -79,12 +75,15 @@ class Telemetry:
         `PrometheusListenError` when the endpoint cannot listen.
         """
         env = os.environ if env is None else env
-        if settings.prometheus_listen is None:
+        # `[telemetry] prometheus_listen` first; else the spec's OTEL_METRICS_EXPORTER=prometheus.
+        from_env = otel.prometheus_listen(env)
+        listen = settings.prometheus_listen or from_env
+        if listen is None:
             return cls(otel.providers(env))
         reader, registry = _prometheus_reader()
         providers = otel.providers(env, (reader,))
         try:
-            endpoint = await _serve_prometheus(settings.prometheus_listen, registry)
+            endpoint = await MetricsEndpoint.start(listen, registry)
         except BaseException:
             await asyncio.to_thread(providers.shutdown)
             raise
@@ -112,8 +111,8 @@ class Telemetry:
         thread and is abandoned after `flush_seconds`: the process exits on
         time and what was not sent is lost, as it would be anyway.
         """
-        if self._prometheus is not None:
-            await self._prometheus.cleanup()
+        if self.prometheus is not None:
+            await self.prometheus.close()
         if not (self._providers.tracing or self._providers.metering):
             return
         log.info("telemetry: flushing the exporters (at most %g s)", flush_seconds)
@@ -144,37 +143,3 @@ def _prometheus_reader() -> tuple[MetricReader, CollectorRegistry]:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # the control plane's own CPU, memory and descriptors
     return PrometheusMetricReader(registry=registry), registry
-
-
-async def _serve_prometheus(listen: str, registry: CollectorRegistry) -> web.AppRunner:
-    """`GET /metrics` on `listen` (HOST:PORT), served on the event loop.
-
-    Not prometheus_client's own server: a thread per connection, kept as long
-    as the client keeps it, and a traceback printed to stderr (past the log
-    format) for each connection reset. Here a connection costs a socket, an
-    idle one is closed after `PROMETHEUS_KEEPALIVE_SECONDS`, and the
-    collection (the gauges' snapshot, the process metrics) runs in a thread.
-    """
-    # Imported here: aiohttp's server is 2 MiB the process holds only with an endpoint to serve.
-    from aiohttp import web
-    from prometheus_client.exposition import choose_encoder
-
-    async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        body = await asyncio.to_thread(encoder, registry)
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=PROMETHEUS_KEEPALIVE_SECONDS)
-    await runner.setup()
-    host, _, port = listen.rpartition(":")
-    try:
-        site = web.TCPSite(runner, host.strip("[]"), int(port), backlog=128)
-        await site.start()
-    except (OSError, UnicodeError, ValueError) as error:
-        await runner.cleanup()
-        raise PrometheusListenError(f"cannot listen on {listen} for Prometheus: {error}") from error
-    bound = runner.addresses[0]
-    log.info("prometheus: http://%s:%d/metrics", host, bound[1])
-    return runner
