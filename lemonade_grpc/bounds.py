@@ -69,13 +69,13 @@ WATCH_QUEUE_EVENTS = Range(1, 1_000_000)
 MAX_WATCH_STREAMS = Range(1, 65_536)
 STREAM_INTERVAL_MS = Range(0, 1_000)
 
-# Inference requests.
-MAX_TOKENS = Range(1, 1 << 20)
 # [backend_logs] (MiB)
 LOG_FILE_MB = Range(1, 1 << 20)  # max_file_mb
 LOG_TOTAL_MB = Range(1, 1 << 24)  # max_total_mb
 LOG_MIN_FREE_MB = Range(0, 1 << 24)  # min_free_mb: 0 = write until the disk is full
 
+# Inference requests.
+MAX_TOKENS = Range(1, 1 << 20)
 TOP_K = Range(0, 1 << 20)
 STOP_STRINGS = 16
 STOP_STRING_BYTES = 256  # one stop string, UTF-8

@@ -166,6 +166,7 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
         functools.partial(
             Backend.launch,
             log_dir=config.state_dir / "logs",
+            log_settings=config.backend_logs,
             registry=registry,
             health_timeout=config.pool.health_timeout_seconds,
             stop_grace=config.pool.stop_grace_seconds,
@@ -248,7 +249,6 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
     finally:
         await shut_down(server, health_servicer, pool, config)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            log_settings=config.backend_logs,
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     log.info("stopped")

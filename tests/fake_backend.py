@@ -17,13 +17,13 @@ Each token's text names the prompt, so concurrent streams can be
 told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
 
-Stepped by the test (issue 18 finding 12: time and pacing driven by the test,
 Loud: `--stderr-bytes-per-token N` writes N bytes to stderr before each token,
 blocking when the pipe is full as a real server's logger does (issue 18
 finding 7); `--spew-stderr-bytes N` writes N bytes to stderr at start, before
 the port is bound, so a load's end means they were written (issue 18 finding 6:
 logs that would fill a disk).
 
+Stepped by the test (issue 18 finding 12: time and pacing driven by the test,
 not guessed): `--stepped` makes each token wait for a permit that
 `POST /release` (body `{"tokens": N}`) gives; the release answers once those
 N tokens are written (or the generation ended), and `GET /slots` says
@@ -60,10 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--listen-delay-seconds", type=float, default=0.0)
     parser.add_argument("--busy-health-seconds", type=float, default=0.0)
     parser.add_argument("--not-http-requests", type=int, default=0)
-    parser.add_argument("--pid-log", type=Path)
-    parser.add_argument("--stepped", action="store_true")
     parser.add_argument("--stderr-bytes-per-token", type=int, default=0)
     parser.add_argument("--spew-stderr-bytes", type=int, default=0)
+    parser.add_argument("--pid-log", type=Path)
+    parser.add_argument("--stepped", action="store_true")
     parser.add_argument("--ready-file", type=Path)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -189,10 +189,10 @@ class FakeBackend:
                     await self.permit(reader)
                 if self.args.crash_after_tokens >= 0 and self.tokens_sent >= self.args.crash_after_tokens:
                     os._exit(3)
-                text = f"{tag}{index} " + "x" * self.args.token_bytes
-                choice = {"delta": {"content": text}} if chat else {"text": text}
                 if self.args.stderr_bytes_per_token:
                     write_stderr(self.args.stderr_bytes_per_token, f"token {index}")
+                text = f"{tag}{index} " + "x" * self.args.token_bytes
+                choice = {"delta": {"content": text}} if chat else {"text": text}
                 writer.write(sse({"choices": [{**choice, "index": 0, "finish_reason": None}]}))
                 await writer.drain()
                 self.tokens_sent += 1
@@ -213,8 +213,6 @@ class FakeBackend:
             self.changed()
 
 
-def sse(event: Mapping[str, object]) -> bytes:
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
 def write_stderr(count: int, label: str) -> None:
     """`count` bytes to stderr in lines of at most 64 KiB, each a blocking write, as a logger writes."""
     while count > 0:
@@ -226,6 +224,8 @@ def write_stderr(count: int, label: str) -> None:
         count -= size
 
 
+def sse(event: Mapping[str, object]) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
 async def respond(writer: asyncio.StreamWriter, status: int, body: str) -> None:
@@ -256,9 +256,9 @@ async def main(argv: list[str]) -> int:
         asyncio.get_running_loop().call_later(args.exit_after_seconds, os._exit, 4)
     if args.listen_delay_seconds:
         await asyncio.sleep(args.listen_delay_seconds)
+    write_stderr(args.spew_stderr_bytes, "spew")
     server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
     async with server:
-    write_stderr(args.spew_stderr_bytes, "spew")
         await server.serve_forever()
     return 0
 
