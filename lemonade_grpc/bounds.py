@@ -66,7 +66,9 @@ MAX_STREAMS = Range(1, 65_536)  # max_streams, max_streams_per_model
 MAX_QUEUED_STREAMS = Range(0, 1_000_000)
 MAX_QUEUED_LOADS = Range(1, 10_000)
 WATCH_QUEUE_EVENTS = Range(1, 1_000_000)
-MAX_WATCH_STREAMS = Range(1, 65_536)
+MAX_WATCH_STREAMS = Range(1, 65_536)  # max_watch_streams, max_health_watch_streams
+MAX_CONNECTIONS = Range(0, 1 << 20)  # 0: derived from the descriptor limit
+HANDSHAKE_TIMEOUT_SECONDS = Range(0.1, 3_600)
 STREAM_INTERVAL_MS = Range(0, 1_000)
 
 # [backend_logs] (MiB)

@@ -125,6 +125,12 @@ def watch_line(event: pb.WatchResponse) -> str:
     if which == "model_loaded":
         status = event.model_loaded.status
         return f"{head} {status.name} loaded (pid {status.pid}, {size(status.rss_bytes)})"
+    if which == "model_updated":
+        status = event.model_updated.status
+        idle = status.options.idle_unload_seconds if status.options.HasField("idle_unload_seconds") else None
+        pinned = ", pinned" if status.pinned else ""
+        unload = f"idle unload after {idle} s" if idle else "no idle unload"
+        return f"{head} {status.name} updated in place (pid {status.pid}, {unload}{pinned})"
     if which == "model_unloaded":
         gone = event.model_unloaded
         reason = pb.UnloadReason.Name(gone.reason).removeprefix("UNLOAD_REASON_").lower()

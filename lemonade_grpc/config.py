@@ -143,6 +143,27 @@ def load(overrides: Overrides, env: Mapping[str, str] | None = None) -> Config:
     )
 
 
+def reload_tokens(config: Config, env: Mapping[str, str] | None = None) -> Tokens:
+    """The tokens `config`'s sources hold now: its file's `[auth]` and the token variables.
+
+    What SIGHUP re-reads (issue 18 finding 1): tokens rotate without a
+    restart. Nothing else of the file is read again. Raises `ConfigError`
+    naming the field, as at start-up.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if config.source is not None:
+        try:
+            with config.source.open("rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as error:
+            raise ConfigError("config", f"cannot read {config.source}: {error}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError("config", f"{config.source} is not valid TOML: {error}") from None
+    base_dir = config.source.parent if config.source is not None else Path.cwd()
+    return _tokens(_table(data, "auth"), env, base_dir)
+
+
 def builtin_catalog(tiny_model: Path) -> dict[str, ModelSpec]:
     """The catalog used when the config defines no models: the bundled tiny model."""
     return {
@@ -182,6 +203,9 @@ _LIMITS_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
     "max_queued_loads": (bounds.MAX_QUEUED_LOADS, int),
     "watch_queue_events": (bounds.WATCH_QUEUE_EVENTS, int),
     "max_watch_streams": (bounds.MAX_WATCH_STREAMS, int),
+    "max_health_watch_streams": (bounds.MAX_WATCH_STREAMS, int),
+    "max_connections": (bounds.MAX_CONNECTIONS, int),
+    "handshake_timeout_seconds": (bounds.HANDSHAKE_TIMEOUT_SECONDS, float),
     "stream_interval_ms": (bounds.STREAM_INTERVAL_MS, float),
 }
 

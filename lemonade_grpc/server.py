@@ -26,20 +26,23 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
 from lemonade_grpc.api import reflection
 from lemonade_grpc.api.auth import AuthInterceptor
+from lemonade_grpc.api.health import BoundedHealth
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.estimate import estimate_bytes
 from lemonade_grpc.backends.registry import BackendRegistry, Record
-from lemonade_grpc.config import Config, builtin_catalog
+from lemonade_grpc.config import Config, ConfigError, builtin_catalog, reload_tokens
+from lemonade_grpc.heap import HeapTrimmer
 from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.pool.settings import Limits
 from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 from lemonade_grpc.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
 from lemonade_grpc.telemetry.service import PrometheusListenError, Telemetry
-from lemonade_grpc.tls import ReloadableCredentials
+from lemonade_grpc.tls import ReloadableCredentials, TLSFilesInvalid
 
 log = logging.getLogger("lemonade_grpc")
 
@@ -49,8 +52,28 @@ SERVICE_NAMES = (
 )
 
 
-def server_options(config: Config) -> list[tuple[str, int]]:
-    """gRPC server channel arguments."""
+# Descriptors the server keeps for its own work whatever its clients hold:
+# a backend connection per running stream, and this many more for backends'
+# pipes and logs, the state files, /proc reads and the telemetry exporters.
+OWN_DESCRIPTORS = 1024
+
+
+def connection_limit(limits: Limits, descriptors: int) -> int:
+    """How many client connections the server accepts at once with `descriptors` (RLIMIT_NOFILE).
+
+    `limits.max_connections`, or when 0 what the descriptors leave once the
+    server's own work is provided for (at most half of them). Connections
+    beyond are closed by gRPC before their handshake (issue 18 finding 5:
+    20,100 silent TCP connections took all 20,000 descriptors, and a Load's
+    /proc read then failed).
+    """
+    own = min(limits.max_streams + OWN_DESCRIPTORS, descriptors // 2)
+    available = max(1, descriptors - own)
+    return min(limits.max_connections, available) if limits.max_connections else available
+
+
+def server_options(config: Config, descriptors: int) -> list[tuple[str, int]]:
+    """gRPC server channel arguments, for a process allowed `descriptors` open files."""
     # Calls that arrived but that the event loop has not taken up yet. gRPC
     # cancels those beyond 1,000 by default, without a word ("CANCELLED"):
     # a burst of 1,100 streams lost a few. Our own admission (`[limits]`)
@@ -63,6 +86,10 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         ("grpc.server.max_pending_requests", pending),
         ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ("grpc.max_allowed_incoming_connections", connection_limit(config.limits, descriptors)),
+        # A peer that connects and says nothing (no TLS hello, no HTTP/2
+        # preface) is dropped after this long, not after gRPC's 120 s.
+        ("grpc.server_handshake_timeout_ms", round(config.limits.handshake_timeout_seconds * 1000)),
     ]
 
 
@@ -111,6 +138,47 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+def reload_on_hangup(
+    config: Config, tls: ReloadableCredentials | None, authenticator: AuthInterceptor | None
+) -> None:
+    """SIGHUP: read the TLS files and the tokens again; nothing else changes until a restart.
+
+    New certificate files take effect at the next handshake and new tokens
+    at the next call; streams and connections go on. Files that cannot be
+    used keep what is in force, with an error line saying why. Turning
+    authentication on or off takes a restart: the server's interceptors are
+    fixed when it starts (and a reload must never open a server that was closed).
+    """
+    log.info("SIGHUP: reloading the TLS files and tokens (other configuration changes need a restart)")
+    if tls is not None:
+        tls.reload()
+    try:
+        tokens = reload_tokens(config)
+    except ConfigError as error:
+        log.error("SIGHUP: tokens not reloaded, keeping those in force: %s", error)
+        return
+    if authenticator is None:
+        if tokens.enabled:
+            log.error(
+                "SIGHUP: tokens are configured now but authentication was off at start: restart to use them"
+            )
+        return
+    if not tokens.enabled:
+        log.error(
+            "SIGHUP: no token is configured any more; a reload cannot turn authentication off:"
+            " keeping the tokens in force"
+        )
+        return
+    changed = tokens != authenticator.tokens
+    authenticator.tokens = tokens
+    log.info(
+        "SIGHUP: tokens %s (%d admin, %d inference)",
+        "reloaded" if changed else "unchanged",
+        len(tokens.admin),
+        len(tokens.inference),
+    )
+
+
 class ListenError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -124,6 +192,10 @@ async def serve(config: Config) -> int:
     # Before anything else, reaping above all: a second server on this state
     # directory must not kill the first one's backends (issue 9, finding 5).
     # Held until the process exits (the descriptor is never closed here).
+    # SIGHUP's default action ends the process: from the first step to the
+    # last, a reload (systemd's ExecReload) must never kill the server.
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, _hangup_ignored, "starting")
     try:
         state_lock = StateDirLock.acquire(config.state_dir)
     except StateDirLocked as error:
@@ -134,7 +206,12 @@ async def serve(config: Config) -> int:
         return EXIT_STATE_DIR_LOCKED
     log.info("state directory %s (locked: %s)", config.state_dir, state_lock.path)
     # Many concurrent streams need many descriptors (finding 7).
-    log.info("file descriptor limit: %d", raise_fd_limit())
+    descriptors = raise_fd_limit()
+    log.info(
+        "file descriptor limit: %d (client connections: at most %d)",
+        descriptors,
+        connection_limit(config.limits, descriptors),
+    )
     if config.builtin_catalog:
         config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model()))
     registry = BackendRegistry(config.state_dir / "backends.json")
@@ -144,13 +221,16 @@ async def serve(config: Config) -> int:
     except PrometheusListenError as error:
         raise ListenError(str(error)) from error
     try:
-        return await _serve(config, registry, stale, telemetry)
+        return await _serve(config, registry, stale, telemetry, descriptors)
     finally:
         # The backends are stopped by now; a signal during the flush exits at once.
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, _exit_now, signum)
         await telemetry.close()
+
+
+def _hangup_ignored(when: str) -> None:
+    log.info("SIGHUP while %s: nothing to reload", when)
 
 
 def _exit_now(signum: signal.Signals) -> None:
@@ -159,7 +239,9 @@ def _exit_now(signum: signal.Signals) -> None:
     os._exit(128 + signum)
 
 
-async def _serve(config: Config, registry: BackendRegistry, stale: list[Record], telemetry: Telemetry) -> int:
+async def _serve(
+    config: Config, registry: BackendRegistry, stale: list[Record], telemetry: Telemetry, descriptors: int
+) -> int:
     pool = Pool(
         config.models,
         config.pool,
@@ -191,19 +273,22 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
     # Authentication first: a refused call is refused whatever its bytes.
     # Tracing outermost: a refused call has its span too.
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
-    if config.tokens.enabled:
-        interceptors.insert(0, AuthInterceptor(config.tokens))
+    authenticator = AuthInterceptor(config.tokens) if config.tokens.enabled else None
+    if authenticator is not None:
+        interceptors.insert(0, authenticator)
     interceptors[:0] = telemetry.interceptors()
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config, descriptors))
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
     inference_grpc.add_InferenceServicer_to_server(Inference(pool, telemetry.streams), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealth(config.limits.max_health_watch_streams)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((*SERVICE_NAMES, health.SERVICE_NAME), server)
     try:
         tls = ReloadableCredentials(config.tls) if config.tls is not None else None
     except OSError as error:
         raise ListenError(f"cannot read the TLS files: {error}") from error
+    except TLSFilesInvalid as error:
+        raise ListenError(f"the TLS files cannot be used: {error}") from error
     try:
         if tls is None:
             port = server.add_insecure_port(config.listen)
@@ -233,12 +318,13 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    if tls is not None:
-        # New certificate files take effect at the next handshake; streams go on.
-        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    # Always: SIGHUP's default action ends the process, and the shipped unit's
+    # ExecReload sends it whatever the config (issue 18 finding 1).
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup, config, tls, authenticator)
 
     await server.start()
     tune_gc()
+    trimming = asyncio.create_task(HeapTrimmer().run(), name="heap trimmer")
     try:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -247,8 +333,10 @@ async def _serve(config: Config, registry: BackendRegistry, stale: list[Record],
         pool.start()  # after listening: Status and Watch show the pins being restored
         await stop.wait()
     finally:
+        trimming.cancel()
         await shut_down(server, health_servicer, pool, config)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signal.SIGHUP, _hangup_ignored, "stopping")
+        for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     log.info("stopped")

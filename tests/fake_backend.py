@@ -5,7 +5,8 @@ Speaks the subset of llama-server's HTTP protocol that lemonade-grpc uses:
 `/v1/chat/completions` (SSE), and `GET /slots`. Standard library only, so it
 starts in tens of milliseconds.
 
-Faults: `--load-seconds` (slow load), `--fail-start` (exit at once),
+Faults: `--load-seconds` (slow load), `--fail-start` (exit at once; with
+`--fail-start-while FILE`, while FILE exists),
 `--crash-after-tokens` (exit mid-stream), `--ignore-sigterm`,
 `--token-seconds` (slow generation), `--exit-after-seconds` (crash on a
 timer, again at every restart), `--token-bytes` (big deltas, to fill
@@ -53,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=0.0)
     parser.add_argument("--token-seconds", type=float, default=0.0)
     parser.add_argument("--fail-start", action="store_true")
+    parser.add_argument("--fail-start-while", type=Path)  # exit at once while this file exists
     parser.add_argument("--crash-after-tokens", type=int, default=-1)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--exit-after-seconds", type=float, default=-1.0)
@@ -75,12 +77,12 @@ class FakeBackend:
         self.ready_at = time.monotonic() + args.load_seconds
         self.processing = 0
         self.tokens_sent = 0
-        self.not_http_left = args.not_http_requests
         # --stepped: tokens the test released and not yet written; generations waiting for one.
         self.permits = 0
         self.waiting = 0
         self.ended = 0  # generations ended, however
         self._change = asyncio.Event()  # set (and replaced) at each change of the three
+        self.not_http_left = args.not_http_requests
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -243,7 +245,7 @@ async def main(argv: list[str]) -> int:
     if args.pid_log:
         with args.pid_log.open("a") as log:
             log.write(f"{os.getpid()}\n")
-    if args.fail_start:
+    if args.fail_start or (args.fail_start_while is not None and args.fail_start_while.exists()):
         print("fake backend: failing at start as asked", file=sys.stderr)
         return 3
     if not args.model.exists():

@@ -111,6 +111,64 @@ async def test_a_request_during_a_pinned_models_restart_backoff_keeps_its_pin_an
     assert list(saved_pins(server.state_dir)) == ["m"], "…and its pin is gone from pins.json"
 
 
+async def test_finding_2_an_inference_token_never_drops_a_crashed_models_pin(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Issue 18 finding 2: a pinned model crashed, its backend briefly could not start; one Complete
+    with an inference token cancelled the pending restart and, when its own load failed, dropped the
+    pin: the model stayed FAILED for good, pins.json empty, while Status still said pinned."""
+    admin, reader = "admin-0123456789abcdef", "infer-0123456789abcdef"
+    (tmp_path / "admin.token").write_text(admin)
+    (tmp_path / "inference.token").write_text(reader)
+    broken = tmp_path / "backend-cannot-start"
+    config = (
+        f'[auth]\nadmin_token_file = "{tmp_path / "admin.token"}"\n'
+        f'inference_token_file = "{tmp_path / "inference.token"}"\n'
+        "[pool]\nrestart_backoff_seconds = 1\nrestart_backoff_max_seconds = 1\nmax_restarts = 1000\n"
+        + fake_model("m", tiny_model, "--fail-start-while", str(broken))
+    )
+    server = servers.start(config)
+    as_admin = (("authorization", f"Bearer {admin}"),)
+    as_reader = (("authorization", f"Bearer {reader}"),)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        client = Client(channel)
+        loaded = [
+            r async for r in client.control.Load(pb.LoadRequest(model="m", pinned=True), metadata=as_admin)
+        ]
+        before = loaded[-1].status
+        assert before.pinned
+        broken.touch()
+        os.kill(before.pid, signal.SIGKILL)
+        request = inference_pb2.CompleteRequest(model="m", prompt="x", max_tokens=2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [r async for r in client.inference.Complete(request, metadata=as_reader)]
+        assert (refused.value.code(), error_info(refused.value).reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "BACKEND_START_FAILED",
+        )
+
+        async def status() -> pb.ModelStatus:
+            pool = (await client.control.Status(pb.StatusRequest(), metadata=as_reader)).pool
+            [model] = [m for m in pool.models if m.name == "m"]
+            return model
+
+        failed = await status()
+        assert (failed.state, failed.pinned) == (pb.MODEL_STATE_FAILED, True)
+        assert list(saved_pins(server.state_dir)) == ["m"], "the request's failed load dropped the pin"
+        # The backend can start again: the restart schedule, which the request must not have ended,
+        # brings the model back with its pin.
+        broken.unlink()
+
+        async def restarted() -> pb.ModelStatus | None:
+            model = await status()
+            return model if model.state == pb.MODEL_STATE_READY else None
+
+        after = await poll(restarted, 30, "the crashed pinned model to be restarted")
+    assert after.pinned
+    assert after.pid != before.pid
+    assert list(saved_pins(server.state_dir)) == ["m"]
+
+
 # ------------------------------------------------------------ hostile state files
 
 

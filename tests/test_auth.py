@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from conftest import Server, ServerFactory, fake_model, poll
+from conftest import Server, ServerFactory, eventually, fake_model, poll
 from lemonade_grpc import auth
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
@@ -191,3 +192,33 @@ async def test_the_client_and_the_cli_send_their_token(
     assert '"name": "m"' in with_token.stdout
     assert without.returncode == 1
     assert "UNAUTHENTICATED UNAUTHENTICATED" in without.stderr
+
+
+async def test_finding_1_sighup_rotates_the_tokens_and_never_turns_authentication_off(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Issue 18 finding 1: SIGHUP reloads what is reloadable; tokens rotate without a restart.
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(ADMIN + "\n")
+    server = servers.start(f'[auth]\nadmin_token_file = "{token_file}"\n' + fake_model("m", tiny_model))
+    rotated = "rotated-0123456789abcdef"
+
+    async def status(token: str) -> str:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            return await outcome(control(channel)["Status"], (("authorization", f"Bearer {token}"),))
+
+    assert (await status(ADMIN), await status(rotated)) == ("OK", "UNAUTHENTICATED UNAUTHENTICATED")
+    token_file.write_text(rotated + "\n")
+    server.process.send_signal(signal.SIGHUP)
+    await eventually(
+        lambda: "SIGHUP: tokens reloaded (1 admin, 0 inference)" in server.log(), 15, "the reload"
+    )
+    assert (await status(ADMIN), await status(rotated)) == ("UNAUTHENTICATED UNAUTHENTICATED", "OK")
+
+    # An emptied token file would open the server to anyone: refused, the tokens in force kept.
+    token_file.write_text("# nobody\n")
+    server.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: "cannot turn authentication off" in server.log(), 15, "the refused reload")
+    assert (await status(ADMIN), await status(rotated)) == ("UNAUTHENTICATED UNAUTHENTICATED", "OK")
+    assert ADMIN not in server.log()
+    assert rotated not in server.log()

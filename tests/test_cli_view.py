@@ -82,6 +82,15 @@ def test_progress_bars_watch_lines_and_plans() -> None:
         sequence=13, model_unloaded=pb.ModelUnloaded(model="tiny", reason=pb.UNLOAD_REASON_IDLE, pid=7)
     )
     assert watch_line(gone) == "#13 tiny unloaded (idle)"
+    updated = pb.WatchResponse(
+        sequence=14,
+        model_updated=pb.ModelUpdated(
+            status=pb.ModelStatus(
+                name="tiny", pid=7, pinned=True, options=pb.LoadOptions(idle_unload_seconds=60)
+            )
+        ),
+    )
+    assert watch_line(updated) == "#14 tiny updated in place (pid 7, idle unload after 60 s, pinned)"
     snapshot = pb.WatchResponse(
         sequence=1, snapshot=pb.PoolStatus(models=[pb.ModelStatus(name="a", state=pb.MODEL_STATE_READY)])
     )

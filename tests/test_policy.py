@@ -7,15 +7,16 @@ from typing import Any
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.policy import (
     EvictionPlan,
+    FailedLoadPlan,
     LoadPlan,
     MemoryPlan,
     NoRoom,
     NotEnoughMemory,
     PressurePlan,
     Resident,
+    after_failed_load,
     changes_nothing,
     choose_victims,
-    drops_pin_after_failure,
     fit_pins,
     plan_load,
     plan_memory,
@@ -158,10 +159,20 @@ def test_reuse_and_no_op_rules() -> None:
     assert not changes_nothing(running, False, EffectiveOptions(512, 60, ("--threads", "2")), None)
 
 
-def test_only_a_failed_ordinary_load_drops_its_pin() -> None:
-    assert drops_pin_after_failure(restart=False, cancelled=False)
-    assert not drops_pin_after_failure(restart=True, cancelled=False)
-    assert not drops_pin_after_failure(restart=False, cancelled=True)
+def test_a_failed_load_drops_only_the_pin_it_brought() -> None:
+    def plan(**changed: bool) -> FailedLoadPlan:
+        facts = {"cancelled": False, "ready": False, "pinned": True, "pin_in_force": False}
+        return after_failed_load(**(facts | {"restart_pending": False, "restart": False} | changed))
+
+    assert plan() is FailedLoadPlan.UNPIN  # Load pinned=true, or a restored pin, that failed
+    assert plan(pinned=False) is FailedLoadPlan.UNPIN
+    assert plan(cancelled=True) is FailedLoadPlan.KEEP
+    assert plan(ready=True) is FailedLoadPlan.KEEP
+    # Issue 18 finding 2: the pin of a crashed model held before the load; any origin.
+    assert plan(pin_in_force=True) is FailedLoadPlan.RESTART
+    assert plan(restart=True) is FailedLoadPlan.RESTART
+    assert plan(pin_in_force=True, restart_pending=True) is FailedLoadPlan.KEEP
+    assert plan(pin_in_force=True, pinned=False) is FailedLoadPlan.UNPIN  # the load said pinned=false
 
 
 def test_pressure_counts_what_models_being_stopped_will_free() -> None:

@@ -7,6 +7,7 @@ the command recipe); memory figures and the memory estimate are injected.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,13 @@ import pytest
 
 from conftest import eventually, fake_spec, is_gone, launcher, shut_down
 from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool.errors import InsufficientMemory, InternalError, ModelNotLoaded, Overloaded
+from lemonade_grpc.pool.errors import (
+    InsufficientMemory,
+    InternalError,
+    ModelNotLoaded,
+    Overloaded,
+    ServerResourcesExhausted,
+)
 from lemonade_grpc.pool.events import ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
@@ -215,3 +222,28 @@ async def test_pins_reply_is_the_model_as_that_pin_left_it(make_pool: PoolMaker,
     # Both set the pin before either's file write is done.
     pinned, unpinned = await asyncio.gather(pool.pin("a", True), pool.pin("a", False))
     assert (pinned.pinned, unpinned.pinned) == (True, False)
+
+
+# --- issue 18 finding 5: out of descriptors, a load is RESOURCE_EXHAUSTED, never INTERNAL ------------
+
+
+class NoDescriptors(FixedMemory):
+    """A host probe that fails as /proc/meminfo's read did with every descriptor taken."""
+
+    def available_bytes(self) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+async def test_finding_5_out_of_descriptors_a_load_and_an_auto_load_are_server_resources_exhausted(
+    make_pool: PoolMaker, tiny_model: Path
+) -> None:
+    pool = make_pool({"m": fake_spec("m", tiny_model)}, lambda spec, options: 0, NoDescriptors(GIB))
+    with pytest.raises(ServerResourcesExhausted) as loaded:
+        await pool.load("m", RequestedOptions()).outcome()
+    with pytest.raises(ServerResourcesExhausted) as leased:
+        async with pool.lease("m"):
+            pass
+    for raised in (loaded, leased):
+        assert raised.value.reason == "SERVER_RESOURCES_EXHAUSTED"
+        assert "Too many open files" in raised.value.message
+    assert pool.model_view("m") is None  # nothing was started

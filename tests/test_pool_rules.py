@@ -302,6 +302,31 @@ async def test_backends_that_survived_a_crash_are_reaped_at_boot(
         replay.cancel()
 
 
+async def test_finding_10_without_setpriv_a_backend_left_unrecorded_by_a_crash_is_reaped_at_boot(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path
+) -> None:
+    # Issue 18 finding 10: without setpriv (no parent-death signal), a crash of the server between a
+    # backend's spawn and its record left a backend that no boot would find (4 in 30 SIGKILLs).
+    no_setpriv = {"PATH": str(tmp_path / "empty-bin")}
+    pid_log = tmp_path / "pids"
+    config = fake_model("m", tiny_model, "--pid-log", str(pid_log), "--load-seconds", "60")
+    server = servers.start(config, env=no_setpriv)
+    async with connect(server.address) as client:
+        load = client.control.Load(pb.LoadRequest(model="m"))
+        await eventually(lambda: len(pids_in(pid_log)) == 1, 15, "the backend to be spawned")
+        [pid] = pids_in(pid_log)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+        load.cancel()
+    assert not is_gone(pid), "the backend died with the server: setpriv was used after all"
+    # What a crash between the spawn and the record leaves: a live backend that no record names.
+    (server.state_dir / "backends.json").write_text('{"backends": []}')
+    again = servers.start(config, state_dir=server.state_dir, env=no_setpriv)
+    await eventually(lambda: is_gone(pid), 10, f"the unrecorded backend pid {pid} to be reaped")
+    assert f"reaped stale backend of m, pid {pid}, left unrecorded by a previous run" in again.log()
+    assert "reaped 1 stale backend(s)" in again.log()
+
+
 async def test_queued_loads_report_their_place_and_status_shows_the_queue(
     servers: ServerFactory, tiny_model: Path
 ) -> None:

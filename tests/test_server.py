@@ -146,3 +146,25 @@ def test_the_server_collects_garbage_less_often_and_never_what_start_up_made() -
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+async def test_finding_1_sighup_without_tls_keeps_the_server_and_its_streams(servers: ServerFactory) -> None:
+    # Issue 18 finding 1: with no [tls], SIGHUP (systemd's ExecReload) killed the server, cut its streams
+    # and left no "shutting down" line; systemd took it for a clean exit and did not restart it.
+    server = servers.start()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stream = inference_pb2_grpc.InferenceStub(channel).Complete(
+            inference_pb2.CompleteRequest(model="tiny", prompt="x", max_tokens=1 << 20, ignore_eos=True)
+        )
+        await next_message(stream)
+        for _ in range(2):  # a second reload is as harmless as the first
+            server.process.send_signal(signal.SIGHUP)
+            await eventually(lambda: "SIGHUP: reloading" in server.log(), 10, "the SIGHUP to be handled")
+        await eventually(lambda: server.log().count("SIGHUP: reloading") == 2, 10, "the second SIGHUP")
+        # The stream opened before the reloads still delivers, and new calls are served.
+        await next_message(stream)
+        status = await model_control_pb2_grpc.ModelControlStub(channel).Status(pb.StatusRequest())
+        assert [m.name for m in status.pool.models] == ["tiny"]
+        stream.cancel()
+    assert server.process.poll() is None
+    assert server.stop(signal.SIGTERM) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerFactory, fake_model, next_message, poll
+from conftest import ServerFactory, eventually, fake_model, next_message, poll, serve_command
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
 from lemonade_grpc.client import connect
@@ -149,3 +149,49 @@ async def test_the_client_and_the_cli_speak_tls(
         check=False,
     )
     assert (shown.returncode, shown.stdout.strip()) == (0, "no models loaded"), shown.stderr
+
+
+def unusable(directory: Path, kind: str) -> tuple[bytes, bytes]:
+    """Certificate and key file contents that gRPC cannot use: `kind` says how."""
+    if kind == "garbage":
+        return b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n", b"junk"
+    if kind == "empty":
+        return b"", b""
+    # mismatched: the new CA's certificate with the old CA's key
+    return (directory / "new-server.pem").read_bytes(), (directory / "old-server.key").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "mismatched"])
+async def test_finding_8_a_reload_of_unusable_files_keeps_the_certificate_and_says_why(
+    servers: ServerFactory, tiny_model: Path, tmp_path: Path, kind: str
+) -> None:
+    # Issue 18 finding 8: the log said "certificate reloaded"; gRPC core then refused the files in a raw
+    # line of its own (`Handshaker factory creation failed with TSI_INVALID_ARGUMENT`).
+    make_ca(tmp_path, "old")
+    make_ca(tmp_path, "new")
+    server = servers.start(tls_config(tmp_path, "old", tiny_model))
+    cert, key = unusable(tmp_path, kind)
+    (tmp_path / "server.pem").write_bytes(cert)
+    (tmp_path / "server.key").write_bytes(key)
+    server.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: "TLS:" in server.log(), 15, "the reload's verdict in the log")
+    log = server.log()
+    assert "keeping the certificate in use" in log
+    assert "certificate reloaded" not in log
+    # Handshakes go on with the old certificate, and gRPC core never saw the bad files.
+    assert await status_over(server.address, credentials(tmp_path, "old")) == "OK"
+    assert await status_over(server.address, credentials(tmp_path, "new")) == "UNAVAILABLE"
+    assert "Handshaker factory creation failed" not in server.log()
+    assert server.process.poll() is None
+
+
+def test_finding_8_unusable_files_at_start_are_a_listen_error(tmp_path: Path, tiny_model: Path) -> None:
+    make_ca(tmp_path, "old")
+    make_ca(tmp_path, "new")
+    config = tmp_path / "c.toml"
+    config.write_text(tls_config(tmp_path, "old", tiny_model))
+    (tmp_path / "server.pem").write_bytes((tmp_path / "new-server.pem").read_bytes())
+    command = [*serve_command(tmp_path / "state"), "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "the TLS files cannot be used: the key does not belong to the certificate" in result.stderr

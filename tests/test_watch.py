@@ -181,3 +181,32 @@ def test_a_subscriber_far_behind_gets_an_event_built_again() -> None:
     assert again is not first
     assert again == first
     assert messages.built == 4
+
+
+async def test_finding_11_a_load_that_keeps_the_process_ends_on_watch_with_the_new_options(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    # Issue 18 finding 11: a Load changing only idle_unload_seconds answered already_loaded but put one
+    # QUEUED on Watch and nothing after: a dashboard showed the model queued forever, and nothing said
+    # that its options had changed.
+    server = servers.start(llama_model("a", tiny_model))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        control = model_control_pb2_grpc.ModelControlStub(channel)
+        [m async for m in control.Load(pb.LoadRequest(model="a"))]
+        watch = control.Watch(pb.WatchRequest())
+        await next_message(watch)  # the snapshot
+        options = pb.LoadOptions(idle_unload_seconds=3600)
+        answer = [m async for m in control.Load(pb.LoadRequest(model="a", options=options, pinned=True))]
+        assert answer[-1].already_loaded
+        seen = [await next_message(watch)]
+        while kind(seen[-1]) not in ("model_updated", "model_loaded", "load_failed"):
+            seen.append(await asyncio.wait_for(next_message(watch), 15))
+        # The Load's own last answer and Status agree with what Watch said.
+        status = await control.Status(pb.StatusRequest())
+        watch.cancel()
+    assert [kind(m) for m in seen] == ["load_progress", "pin_changed", "model_updated"]
+    assert seen[0].load_progress.phase == pb.LOAD_PHASE_QUEUED
+    updated = seen[-1].model_updated.status
+    assert (updated.name, updated.options.idle_unload_seconds, updated.pinned) == ("a", 3600, True)
+    assert updated.pid == answer[-1].status.pid == status.pool.models[0].pid
+    assert updated.options == answer[-1].status.options == status.pool.models[0].options

@@ -34,7 +34,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through when its token's role covers its method (`auth.required_role`)."""
 
     def __init__(self, tokens: auth.Tokens) -> None:
-        self._tokens = tokens
+        self.tokens = tokens  # replaced whole by a SIGHUP reload; each call reads it once
 
     async def intercept_service(
         self,
@@ -44,7 +44,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         needed = auth.required_role(details.method)
         if needed is None:
             return await continuation(details)
-        role = self._tokens.role_of(_bearer(details.invocation_metadata))
+        role = self.tokens.role_of(_bearer(details.invocation_metadata))
         error: PoolError
         if role is None:
             error = Unauthenticated(

@@ -176,6 +176,8 @@ def watch_event(envelope: events.Envelope, server_idle_default: int) -> pb.Watch
         )
     elif isinstance(event, events.ModelLoaded):
         response.model_loaded.status.CopyFrom(model_status(event.model, server_idle_default))
+    elif isinstance(event, events.ModelUpdated):
+        response.model_updated.status.CopyFrom(model_status(event.model, server_idle_default))
     elif isinstance(event, events.ModelUnloaded):
         response.model_unloaded.CopyFrom(
             pb.ModelUnloaded(

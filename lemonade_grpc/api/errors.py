@@ -15,10 +15,8 @@ without the details (they may quote the request or the host).
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
-import os
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
@@ -27,7 +25,15 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lemonade_grpc.pool.errors import ErrorKind, InternalError, PoolError, ServerResourcesExhausted
+from lemonade_grpc.pool.errors import (
+    ErrorKind,
+    InternalError,
+    PoolError,
+    exhausted_resource,
+    server_resources_exhausted,
+)
+
+__all__ = ["abort", "exhausted_resource", "server_resources_exhausted", "stream", "to_status", "unary"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +49,6 @@ DOMAIN = "lemonade.v1"
 MAX_MESSAGE_BYTES = 1024
 ELLIPSIS = "…"
 _ELLIPSIS_BYTES = len(ELLIPSIS.encode())
-
-# Errnos that say the control plane itself ran out of something. With them,
-# a failed connection to a healthy backend is our shortage, not its crash
-# (issue 9, finding 7: "Too many open files" reported as BACKEND_CRASHED).
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 INTERNAL_MESSAGE = "internal error (see the server log)"
 
@@ -119,31 +120,6 @@ async def abort(context: grpc.aio.ServicerContext[Request, Response], error: Poo
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("context.abort returned")  # pragma: no cover
-
-
-def exhausted_resource(error: BaseException) -> OSError | None:
-    """The OSError behind `error` that says the server ran out of resources, or None. Pure.
-
-    Looks at `error`, its `os_error` (`BackendConnectionError`, aiohttp's
-    ClientConnectorError), and the
-    explicit causes (`raise ... from`) down the chain; only an errno in
-    `RESOURCE_ERRNOS` counts.
-    """
-    current: BaseException | None = error
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        for candidate in (current, getattr(current, "os_error", None)):
-            if isinstance(candidate, OSError) and candidate.errno in RESOURCE_ERRNOS:
-                return candidate
-        current = current.__cause__
-    return None
-
-
-def server_resources_exhausted(cause: OSError) -> ServerResourcesExhausted:
-    """The error for a shortage of ours: names the resource (strerror), never the request."""
-    what = os.strerror(cause.errno) if cause.errno is not None else "resources"
-    return ServerResourcesExhausted(f"the server ran out of resources ({what}); retry later")
 
 
 def _translate(error: Exception, method: str) -> PoolError:

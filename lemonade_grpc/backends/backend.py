@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
@@ -22,7 +23,12 @@ from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
 from lemonade_grpc.backends.recipes import backend_argv
 from lemonade_grpc.backends.registry import BackendRegistry
 from lemonade_grpc.catalog import ModelSpec, Recipe
-from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
+from lemonade_grpc.pool.errors import (
+    BackendStartFailed,
+    StateWriteFailed,
+    exhausted_resource,
+    server_resources_exhausted,
+)
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.settings import BackendLogSettings
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound
@@ -177,10 +183,16 @@ class Backend:
             argv = backend_argv(spec, options, port)
             # Its size first: progress is measured against it (llama-server only: its log names the stages).
             size = spec.path.stat().st_size if spec.recipe is Recipe.LLAMACPP else None
+            # Marked before it exists: a crash of ours between the spawn and the
+            # record leaves a process the next boot finds all the same (issue 18 finding 10).
+            env = {**os.environ, **registry.marks(spec.name)} if registry is not None else None
             process = await BackendProcess.spawn(
-                argv, log_path=log_dir / f"{spec.name}.log", log_settings=log_settings
+                argv, log_path=log_dir / f"{spec.name}.log", env=env, log_settings=log_settings
             )
         except (LlamaServerNotFound, OSError) as error:
+            shortage = exhausted_resource(error)
+            if shortage is not None:  # ours, not the backend's (issue 18 finding 5)
+                raise server_resources_exhausted(shortage) from error
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
         # Created before any await: the backend's first lines are not missed.
         return cls(process, port, registry, LoadProgress(size) if size is not None else None)
@@ -192,6 +204,9 @@ class Backend:
         try:
             await self._registry.add(self.pid, model)
         except OSError as error:
+            shortage = exhausted_resource(error)
+            if shortage is not None:
+                raise server_resources_exhausted(shortage) from error
             raise StateWriteFailed(
                 f"cannot record the backend of {model} (pid {self.pid}) in {self._registry.path}: {error}"
             ) from error

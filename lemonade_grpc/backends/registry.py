@@ -8,6 +8,15 @@ still recorded and still running is a survivor of the last run and is killed.
 A record holds the process's start time, so a pid reused by an unrelated
 process is never touched.
 
+A record is written once the process exists, so a crash of ours in between
+would leave a backend nobody tracks (issue 18 finding 10: 30 SIGKILLs during
+Loads without `setpriv` left 4 live backends, none recorded). So each
+backend's environment also carries the state directory it belongs to
+(`OWNER_VARIABLE`), set before it is spawned, and inherited by whatever it
+starts: at boot, every live process of ours that carries this state
+directory's mark is a survivor too. The state directory's lock makes the
+mark unambiguous: only one server uses a state directory at a time.
+
 A backend that cannot be recorded must not run (issue 9, finding 3: with a
 state directory that could not be written, each load left one more live,
 untracked process): `add` raises, and the caller stops the process. Writes
@@ -33,6 +42,11 @@ from lemonade_grpc.files import AtomicWriter
 log = logging.getLogger(__name__)
 
 
+# In a backend's environment: the state directory whose server started it, and its model.
+OWNER_VARIABLE = "LEMONADE_GRPC_BACKEND_OF"
+MODEL_VARIABLE = "LEMONADE_GRPC_BACKEND_MODEL"
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     pid: int
@@ -50,6 +64,15 @@ class BackendRegistry:
 
     def __contains__(self, pid: object) -> bool:
         return pid in self._records
+
+    @property
+    def owner(self) -> str:
+        """The mark of this state directory's backends: the directory's absolute path."""
+        return str(self.path.parent.resolve())
+
+    def marks(self, model: str) -> dict[str, str]:
+        """The variables a backend of `model` is spawned with: a boot finds it even unrecorded."""
+        return {OWNER_VARIABLE: self.owner, MODEL_VARIABLE: model}
 
     async def add(self, pid: int, model: str) -> None:
         """Record a freshly spawned backend; return once the record is durable.
@@ -111,6 +134,7 @@ class BackendRegistry:
                     "reaped stale backend of %s, pid %d, left by a previous run", record.model, record.pid
                 )
                 stale.append(record)
+        stale.extend(self._reap_marked({record.pid for record in stale}))
         self._records.clear()
         if found:  # absent: nothing to clear, and nothing written
             try:
@@ -118,6 +142,39 @@ class BackendRegistry:
             except OSError as error:
                 log.warning("cannot rewrite %s: %s", self.path, error)
         return stale
+
+    def _reap_marked(self, reaped: set[int]) -> list[Record]:
+        """Kill the process groups of live processes marked as this state directory's backends.
+
+        Those a record named are in `reaped` already. Only processes whose
+        environment can be read (our own user's) are looked at; never our
+        own process or group.
+        """
+        found: list[Record] = []
+        ours = {os.getpid(), os.getpgid(0)}
+        for process in psutil.process_iter(["environ", "create_time", "status"]):
+            environ = process.info["environ"] or {}
+            if environ.get(OWNER_VARIABLE) != self.owner or process.pid in ours | reaped:
+                continue
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                group = os.getpgid(process.pid)
+                if group in reaped:
+                    continue  # in the group of a recorded backend, killed above
+                if group not in ours:
+                    os.killpg(group, signal.SIGKILL)
+                os.kill(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+            model = environ.get(MODEL_VARIABLE, "?")[: bounds.MODEL_NAME_LENGTH]
+            log.warning(
+                "reaped stale backend of %s, pid %d, left unrecorded by a previous run",
+                model,
+                process.pid,
+            )
+            found.append(Record(process.pid, model, process.info["create_time"] or 0.0))
+        return found
 
     def _load(self) -> tuple[list[Record], bool]:
         """The records on disk, and whether there is a file (readable or not) to rewrite.

@@ -8,6 +8,8 @@ ErrorInfo reasons of the public contract (DESIGN.md "Errors").
 from __future__ import annotations
 
 import enum
+import errno
+import os
 
 
 class ErrorKind(enum.Enum):
@@ -165,3 +167,33 @@ class PermissionDenied(PoolError):
 
     kind = ErrorKind.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+# Errnos that say the control plane itself ran out of something. With them,
+# a failed connection to a healthy backend is our shortage, not its crash
+# (issue 9, finding 7: "Too many open files" reported as BACKEND_CRASHED).
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def exhausted_resource(error: BaseException) -> OSError | None:
+    """The OSError behind `error` that says the server ran out of resources, or None. Pure.
+
+    Looks at `error`, its `os_error` (`BackendConnectionError`), and the
+    explicit causes (`raise ... from`) down the chain; only an errno in
+    `RESOURCE_ERRNOS` counts.
+    """
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for candidate in (current, getattr(current, "os_error", None)):
+            if isinstance(candidate, OSError) and candidate.errno in RESOURCE_ERRNOS:
+                return candidate
+        current = current.__cause__
+    return None
+
+
+def server_resources_exhausted(cause: OSError) -> ServerResourcesExhausted:
+    """The error for a shortage of ours: names the resource (strerror), never the request."""
+    what = os.strerror(cause.errno) if cause.errno is not None else "resources"
+    return ServerResourcesExhausted(f"the server ran out of resources ({what}); retry later")

@@ -65,6 +65,13 @@ class ModelLoaded:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelUpdated:
+    """A READY model's options (and pin) changed in place; ends the load that changed them."""
+
+    model: ModelView
+
+
+@dataclass(frozen=True, slots=True)
 class ModelUnloaded:
     model: str
     reason: UnloadReason
@@ -105,7 +112,16 @@ class ModelStateChanged:
     message: str = ""
 
 
-Event = LoadProgress | ModelLoaded | ModelUnloaded | PinChanged | LoadFailed | PoolWarning | ModelStateChanged
+Event = (
+    LoadProgress
+    | ModelLoaded
+    | ModelUpdated
+    | ModelUnloaded
+    | PinChanged
+    | LoadFailed
+    | PoolWarning
+    | ModelStateChanged
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,10 @@ class LoadJob:
         self.waiters = 0
         self.history: list[LoadProgress] = []
         self.evicted: list[str] = []
+        # Set by the load path: the model's pin was in force when this load
+        # began (a pinned model crashed, or being reloaded). Its failure then
+        # keeps the pin and restarts the model (issue 18 finding 2).
+        self.pin_in_force = False
         self.task: asyncio.Task[None] | None = None
         # What a cancellation means: set by whoever cancels the task
         # (Unload: LOAD_CANCELLED; shutdown: SHUTTING_DOWN).

@@ -8,6 +8,7 @@ these functions and nothing else, so a decision is written once.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -205,15 +206,40 @@ def relieve_pressure(
     return PressurePlan(plan.victims, None)
 
 
-def drops_pin_after_failure(*, restart: bool, cancelled: bool) -> bool:
-    """Whether a model whose load failed loses its pin.
+def after_failed_load(
+    *, cancelled: bool, ready: bool, pinned: bool, pin_in_force: bool, restart_pending: bool, restart: bool
+) -> FailedLoadPlan:
+    """What becomes of a model's pin when a load of it fails. Pure decision; must not log.
 
-    A pin is kept only while its model is loaded: a model that fails to
-    load must not be retried at every boot (DESIGN.md item 5). A restart
-    after a crash keeps it (its backoff decides), and a cancelled load says
-    nothing about the model.
+    `ready`: the model's entry is READY after the failure (the load failed
+    before it stopped anything); `pinned`: its entry is pinned (a FAILED one:
+    the load's own, or the crashed one it never replaced); `pin_in_force`:
+    its pin held before this load began; `restart_pending`: a restart is
+    scheduled already; `restart`: this load was that restart.
+
+    A cancelled load says nothing about the model, and a READY model lost
+    nothing: no change. A pin in force before the load is never ended by its
+    failure, whoever asked for the load: only Pin and Unload unpin, and a
+    restart's backoff gives up in the end (issue 18 finding 2: a Complete
+    during a crashed pinned model's backoff cancelled the restart and, when
+    its own load failed, dropped the pin for good). A pin that this load
+    brought (a Load with `pinned = true`, a pin restored at boot) is dropped:
+    a model that fails to load must not be retried at every boot (DESIGN.md
+    item 5).
     """
-    return not restart and not cancelled
+    if cancelled or ready or (pinned and restart_pending):
+        return FailedLoadPlan.KEEP
+    if pinned and (pin_in_force or restart):
+        return FailedLoadPlan.RESTART
+    return FailedLoadPlan.UNPIN
+
+
+class FailedLoadPlan(enum.Enum):
+    """`after_failed_load`'s answer."""
+
+    KEEP = "keep"  # pin and schedule as they are
+    RESTART = "restart"  # keep the pin, schedule a restart (with backoff)
+    UNPIN = "unpin"  # drop the pin, in memory and on disk
 
 
 def fit_pins(pins: Sequence[tuple[str, K]], max_loaded: Mapping[K, int]) -> tuple[list[str], list[str]]:

@@ -52,6 +52,8 @@ from lemonade_grpc.pool.errors import (
     ShuttingDown,
     SlotsPinned,
     StateWriteFailed,
+    exhausted_resource,
+    server_resources_exhausted,
 )
 from lemonade_grpc.pool.events import (
     EventBus,
@@ -61,6 +63,7 @@ from lemonade_grpc.pool.events import (
     ModelLoaded,
     ModelStateChanged,
     ModelUnloaded,
+    ModelUpdated,
     PinChanged,
     PoolWarning,
     UnloadReason,
@@ -272,6 +275,13 @@ class Pool:
         except PoolError as error:
             self._fail(job, error)
         except Exception as error:
+            shortage = exhausted_resource(error)
+            if shortage is not None:
+                # Out of descriptors or memory: ours, not a bug (issue 18 finding 5:
+                # a /proc/meminfo read failing EMFILE was answered INTERNAL).
+                log.warning("load of %s failed: the server ran out of resources: %s", job.name, error)
+                self._fail(job, server_resources_exhausted(shortage))
+                return
             # A bug of ours must not leave the job's followers waiting forever
             # (issue #9 finding 16): the job ends, the traceback is logged.
             log.exception("load of %s failed unexpectedly", job.name)
@@ -306,11 +316,22 @@ class Pool:
         job.finish(None, error)
         self._observer.load_ended(job, None, error)
         self.bus.publish(LoadFailed(job.name, error.reason, error.message))
-        cancelled = isinstance(error, LoadCancelled | LoadAbortedByShutdown)
-        if (
-            policy.drops_pin_after_failure(restart=job.origin is LoadOrigin.RESTART, cancelled=cancelled)
-            and self._ready(job.name) is None
-        ):
+        model = self._models.get(job.name)
+        failed = model if model is not None and model.state is ModelState.FAILED else None
+        plan = policy.after_failed_load(
+            cancelled=isinstance(error, LoadCancelled | LoadAbortedByShutdown) or self._closing,
+            ready=model is not None and model.state is ModelState.READY,
+            pinned=failed is not None and failed.pinned,
+            pin_in_force=job.pin_in_force,
+            restart_pending=failed is not None and failed.restart_timer is not None,
+            restart=job.origin is LoadOrigin.RESTART,
+        )
+        if plan is policy.FailedLoadPlan.RESTART:
+            assert failed is not None
+            self._schedule_restart(failed, f"could not be started ({error.reason})")
+        elif plan is policy.FailedLoadPlan.UNPIN:
+            if failed is not None:
+                self._set_pin(failed, False)  # Status agrees with the pins file
             self._pins.drop(job.name)
 
     def _announce_queue(self) -> None:
@@ -358,6 +379,7 @@ class Pool:
             # it with them (absent fields keep the current options).
             crashed = self._awaiting_restart(job.name)
             base = running or crashed
+            job.pin_in_force = base is not None and base.pinned
             wanted = opts.resolve(job.requested, base.options if base else None, spec.defaults)
             if running is not None and policy.reuses_process(running.options, wanted):
                 result = self._reuse(job, running, wanted)
@@ -532,7 +554,9 @@ class Pool:
             self._set_state(model, ModelState.FAILED, message=error.message)
             raise
         except BaseException as error:
-            self._set_state(model, ModelState.FAILED, message=f"internal error ({type(error).__name__})")
+            shortage = exhausted_resource(error) if isinstance(error, Exception) else None
+            what = server_resources_exhausted(shortage).message if shortage else "internal error"
+            self._set_state(model, ModelState.FAILED, message=f"{what} ({type(error).__name__})")
             raise
         model.backend = backend
         model.loaded_at = model.last_used_at = self._clock()
@@ -545,11 +569,21 @@ class Pool:
 
     def _reuse(self, job: LoadJob, running: Model, wanted: EffectiveOptions) -> LoadResult:
         """Same process: only settings that need no restart change."""
-        running.options = wanted
         self._set_pin(running, job.pinned)
-        self._arm_idle(running)
+        self._update_options(running, wanted)
         self._remember_pin(running)
         return LoadResult(model_view(running), already_loaded=True, evicted=())
+
+    def _update_options(self, model: Model, options: EffectiveOptions) -> None:
+        """The one place a READY model's options change in place; publishes ModelUpdated.
+
+        The event also ends, on Watch, the load that made the change (issue
+        18 finding 11: such a load showed QUEUED and nothing after, and
+        nothing said the options had changed).
+        """
+        model.options = options
+        self._arm_idle(model)
+        self.bus.publish(ModelUpdated(model_view(model)))
 
     def _resident(self, model: Model) -> policy.Resident:
         """What the eviction policy needs to know of `model`."""
@@ -711,10 +745,14 @@ class Pool:
         backend.process.kill_group()  # exited: its group's leftovers; hung: no grace
         self._teardown(backend.stop(0), f"clean up {model.name}")
         if model.pinned and not self._closing:
-            self._schedule_restart(model)
+            self._schedule_restart(model, "crashed")
 
-    def _schedule_restart(self, model: Model) -> None:
-        """Restart pinned `model` after its backoff, or give up when it keeps crashing."""
+    def _schedule_restart(self, model: Model, what: str) -> None:
+        """Restart pinned FAILED `model` after its backoff, or give up when it keeps failing.
+
+        `what` happened to it, for the warning ("crashed"). Each call counts
+        toward `max_restarts` within `restart_window_seconds`.
+        """
         count, delay = self._crashes.record(model.name)
         if delay is None:
             self._set_pin(model, False)
@@ -729,7 +767,7 @@ class Pool:
             return
         self._warn(
             "RESTART_SCHEDULED",
-            f"{model.name} crashed; restarting it in {delay:g} s with its pin and options",
+            f"{model.name} {what}; restarting it in {delay:g} s with its pin and options",
             model.name,
         )
         model.restart_timer = asyncio.get_running_loop().call_later(
@@ -748,21 +786,20 @@ class Pool:
         self._observer.restarting(model.name)
 
         async def follow() -> None:
+            # What becomes of the pin is `_fail`'s decision, as for any load.
             try:
                 await job.outcome()
             except (LoadCancelled, LoadAbortedByShutdown):
                 pass
             except PoolError as error:
-                failed = self._models.get(job.name)
-                if failed is not None and failed.state is ModelState.FAILED and failed.pinned:
-                    log.warning("%s: restart failed: %s", job.name, error.message)
-                    self._schedule_restart(failed)
-                else:
-                    self._restart_failed(job.name, error)
+                log.warning("%s: restart failed: %s", job.name, error.message)
 
         self._background.spawn(follow(), f"restart {model.name}")
 
     def _restart_failed(self, name: str, error: PoolError) -> None:
+        model = self._models.get(name)
+        if model is not None:
+            self._set_pin(model, False)  # Status agrees with the pins file
         self._pins.drop(name)
         self._warn("RESTART_FAILED", f"{name} could not be restarted: {error.message}", name)
 

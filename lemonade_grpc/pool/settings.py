@@ -84,6 +84,16 @@ class Limits:
     watch_queue_events: int = 1024
     # Watch streams open at once (each holds a queue of up to 4 MiB).
     max_watch_streams: int = 1024
+    # grpc.health.v1.Health Watch streams open at once, counted apart: Health
+    # is open to callers without a token (issue 18 finding 3).
+    max_health_watch_streams: int = 256
+    # Client connections at once; 0: the descriptor limit less what the
+    # server keeps for its own work (`server.connection_limit`). A connection
+    # that has not finished its handshake (TLS, HTTP/2 preface) within
+    # `handshake_timeout_seconds` is closed: peers that connect and say
+    # nothing cannot hold descriptors (issue 18 finding 5).
+    max_connections: int = 0
+    handshake_timeout_seconds: float = 10.0
     # After an inference stream's first message, at most one message per
     # this many milliseconds (0: every delta as soon as it arrives). The
     # deltas of the interval go out together; the first delta and the end

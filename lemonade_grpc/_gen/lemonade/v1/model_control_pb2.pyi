@@ -824,6 +824,7 @@ class WatchResponse(_message.Message):
     LOAD_FAILED_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     MODEL_STATE_CHANGED_FIELD_NUMBER: _builtins.int
+    MODEL_UPDATED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Sequence number. A snapshot carries the sequence of the last event it
     reflects; the next event has that number + 1.
@@ -870,6 +871,10 @@ class WatchResponse(_message.Message):
         FAILED while loading).
         """
 
+    @_builtins.property
+    def model_updated(self) -> Global___ModelUpdated:
+        """A READY model's settings changed in place, same process."""
+
     def __init__(
         self,
         *,
@@ -884,12 +889,13 @@ class WatchResponse(_message.Message):
         load_failed: Global___LoadFailed | None = ...,
         warning: Global___Warning | None = ...,
         model_state_changed: Global___ModelStateChanged | None = ...,
+        model_updated: Global___ModelUpdated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "model_updated", b"model_updated", "pin_changed", b"pin_changed", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "pin_changed", b"pin_changed", "resync", b"resync", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "load_failed", b"load_failed", "load_progress", b"load_progress", "model_loaded", b"model_loaded", "model_state_changed", b"model_state_changed", "model_unloaded", b"model_unloaded", "model_updated", b"model_updated", "pin_changed", b"pin_changed", "resync", b"resync", "sequence", b"sequence", "snapshot", b"snapshot", "time", b"time", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "load_progress", "model_loaded", "model_unloaded", "pin_changed", "load_failed", "warning", "model_state_changed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "load_progress", "model_loaded", "model_unloaded", "pin_changed", "load_failed", "warning", "model_state_changed", "model_updated"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -952,6 +958,35 @@ class ModelLoaded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelLoaded: _TypeAlias = ModelLoaded  # noqa: Y015
+
+@_typing.final
+class ModelUpdated(_message.Message):
+    """ModelUpdated reports a READY model whose settings changed without a
+    restart: a Load that kept its process (only settings that need none
+    changed, such as idle_unload_seconds). It ends that load on Watch, as
+    model_loaded ends a load that started a process and load_failed one that
+    failed: every load whose progress Watch shows ends there.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___ModelStatus:
+        """The model's status, with its new options and pin."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___ModelStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelUpdated: _TypeAlias = ModelUpdated  # noqa: Y015
 
 @_typing.final
 class ModelUnloaded(_message.Message):

@@ -1492,6 +1492,7 @@ type WatchResponse struct {
 	//	*WatchResponse_LoadFailed
 	//	*WatchResponse_Warning
 	//	*WatchResponse_ModelStateChanged
+	//	*WatchResponse_ModelUpdated
 	Event         isWatchResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1627,6 +1628,15 @@ func (x *WatchResponse) GetModelStateChanged() *ModelStateChanged {
 	return nil
 }
 
+func (x *WatchResponse) GetModelUpdated() *ModelUpdated {
+	if x != nil {
+		if x, ok := x.Event.(*WatchResponse_ModelUpdated); ok {
+			return x.ModelUpdated
+		}
+	}
+	return nil
+}
+
 type isWatchResponse_Event interface {
 	isWatchResponse_Event()
 }
@@ -1672,6 +1682,11 @@ type WatchResponse_ModelStateChanged struct {
 	ModelStateChanged *ModelStateChanged `protobuf:"bytes,17,opt,name=model_state_changed,json=modelStateChanged,proto3,oneof"`
 }
 
+type WatchResponse_ModelUpdated struct {
+	// A READY model's settings changed in place, same process.
+	ModelUpdated *ModelUpdated `protobuf:"bytes,18,opt,name=model_updated,json=modelUpdated,proto3,oneof"`
+}
+
 func (*WatchResponse_Snapshot) isWatchResponse_Event() {}
 
 func (*WatchResponse_LoadProgress) isWatchResponse_Event() {}
@@ -1687,6 +1702,8 @@ func (*WatchResponse_LoadFailed) isWatchResponse_Event() {}
 func (*WatchResponse_Warning) isWatchResponse_Event() {}
 
 func (*WatchResponse_ModelStateChanged) isWatchResponse_Event() {}
+
+func (*WatchResponse_ModelUpdated) isWatchResponse_Event() {}
 
 // LoadProgress is a load's progress.
 type LoadProgress struct {
@@ -1807,6 +1824,56 @@ func (x *ModelLoaded) GetStatus() *ModelStatus {
 	return nil
 }
 
+// ModelUpdated reports a READY model whose settings changed without a
+// restart: a Load that kept its process (only settings that need none
+// changed, such as idle_unload_seconds). It ends that load on Watch, as
+// model_loaded ends a load that started a process and load_failed one that
+// failed: every load whose progress Watch shows ends there.
+type ModelUpdated struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model's status, with its new options and pin.
+	Status        *ModelStatus `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ModelUpdated) Reset() {
+	*x = ModelUpdated{}
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelUpdated) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelUpdated) ProtoMessage() {}
+
+func (x *ModelUpdated) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelUpdated.ProtoReflect.Descriptor instead.
+func (*ModelUpdated) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ModelUpdated) GetStatus() *ModelStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
 // ModelUnloaded reports a model that left the pool.
 type ModelUnloaded struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1824,7 +1891,7 @@ type ModelUnloaded struct {
 
 func (x *ModelUnloaded) Reset() {
 	*x = ModelUnloaded{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1836,7 +1903,7 @@ func (x *ModelUnloaded) String() string {
 func (*ModelUnloaded) ProtoMessage() {}
 
 func (x *ModelUnloaded) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1849,7 +1916,7 @@ func (x *ModelUnloaded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelUnloaded.ProtoReflect.Descriptor instead.
 func (*ModelUnloaded) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{19}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ModelUnloaded) GetModel() string {
@@ -1901,7 +1968,7 @@ type ModelStateChanged struct {
 
 func (x *ModelStateChanged) Reset() {
 	*x = ModelStateChanged{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1913,7 +1980,7 @@ func (x *ModelStateChanged) String() string {
 func (*ModelStateChanged) ProtoMessage() {}
 
 func (x *ModelStateChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1926,7 +1993,7 @@ func (x *ModelStateChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStateChanged.ProtoReflect.Descriptor instead.
 func (*ModelStateChanged) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{20}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ModelStateChanged) GetModel() string {
@@ -1970,7 +2037,7 @@ type PinChanged struct {
 
 func (x *PinChanged) Reset() {
 	*x = PinChanged{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1982,7 +2049,7 @@ func (x *PinChanged) String() string {
 func (*PinChanged) ProtoMessage() {}
 
 func (x *PinChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1995,7 +2062,7 @@ func (x *PinChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinChanged.ProtoReflect.Descriptor instead.
 func (*PinChanged) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{21}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PinChanged) GetModel() string {
@@ -2028,7 +2095,7 @@ type LoadFailed struct {
 
 func (x *LoadFailed) Reset() {
 	*x = LoadFailed{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2040,7 +2107,7 @@ func (x *LoadFailed) String() string {
 func (*LoadFailed) ProtoMessage() {}
 
 func (x *LoadFailed) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2053,7 +2120,7 @@ func (x *LoadFailed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadFailed.ProtoReflect.Descriptor instead.
 func (*LoadFailed) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{22}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *LoadFailed) GetModel() string {
@@ -2092,7 +2159,7 @@ type Warning struct {
 
 func (x *Warning) Reset() {
 	*x = Warning{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2104,7 +2171,7 @@ func (x *Warning) String() string {
 func (*Warning) ProtoMessage() {}
 
 func (x *Warning) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2117,7 +2184,7 @@ func (x *Warning) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Warning.ProtoReflect.Descriptor instead.
 func (*Warning) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{23}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Warning) GetCode() string {
@@ -2150,7 +2217,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2162,7 +2229,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2175,7 +2242,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{24}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{25}
 }
 
 // ListModelsResponse is the catalog.
@@ -2189,7 +2256,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2201,7 +2268,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2214,7 +2281,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{25}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListModelsResponse) GetModels() []*CatalogModel {
@@ -2249,7 +2316,7 @@ type CatalogModel struct {
 
 func (x *CatalogModel) Reset() {
 	*x = CatalogModel{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2261,7 +2328,7 @@ func (x *CatalogModel) String() string {
 func (*CatalogModel) ProtoMessage() {}
 
 func (x *CatalogModel) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2274,7 +2341,7 @@ func (x *CatalogModel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CatalogModel.ProtoReflect.Descriptor instead.
 func (*CatalogModel) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{26}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CatalogModel) GetName() string {
@@ -2348,7 +2415,7 @@ type PlanRequest struct {
 
 func (x *PlanRequest) Reset() {
 	*x = PlanRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2360,7 +2427,7 @@ func (x *PlanRequest) String() string {
 func (*PlanRequest) ProtoMessage() {}
 
 func (x *PlanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2373,7 +2440,7 @@ func (x *PlanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlanRequest.ProtoReflect.Descriptor instead.
 func (*PlanRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{27}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PlanRequest) GetModel() string {
@@ -2410,7 +2477,7 @@ type Eviction struct {
 
 func (x *Eviction) Reset() {
 	*x = Eviction{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2422,7 +2489,7 @@ func (x *Eviction) String() string {
 func (*Eviction) ProtoMessage() {}
 
 func (x *Eviction) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2435,7 +2502,7 @@ func (x *Eviction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Eviction.ProtoReflect.Descriptor instead.
 func (*Eviction) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{28}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Eviction) GetModel() string {
@@ -2486,7 +2553,7 @@ type PlanResponse struct {
 
 func (x *PlanResponse) Reset() {
 	*x = PlanResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2498,7 +2565,7 @@ func (x *PlanResponse) String() string {
 func (*PlanResponse) ProtoMessage() {}
 
 func (x *PlanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2511,7 +2578,7 @@ func (x *PlanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlanResponse.ProtoReflect.Descriptor instead.
 func (*PlanResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{29}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PlanResponse) GetModel() string {
@@ -2672,7 +2739,7 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x0estreams_queued\x18\t \x01(\rR\rstreamsQueued\"M\n" +
 	"\fWatchRequest\x12*\n" +
 	"\x0esince_sequence\x18\x01 \x01(\x04H\x00R\rsinceSequence\x88\x01\x01B\x11\n" +
-	"\x0f_since_sequence\"\xf5\x04\n" +
+	"\x0f_since_sequence\"\xb7\x05\n" +
 	"\rWatchResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
@@ -2687,7 +2754,8 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\vload_failed\x18\x0f \x01(\v2\x17.lemonade.v1.LoadFailedH\x00R\n" +
 	"loadFailed\x120\n" +
 	"\awarning\x18\x10 \x01(\v2\x14.lemonade.v1.WarningH\x00R\awarning\x12P\n" +
-	"\x13model_state_changed\x18\x11 \x01(\v2\x1e.lemonade.v1.ModelStateChangedH\x00R\x11modelStateChangedB\a\n" +
+	"\x13model_state_changed\x18\x11 \x01(\v2\x1e.lemonade.v1.ModelStateChangedH\x00R\x11modelStateChanged\x12@\n" +
+	"\rmodel_updated\x18\x12 \x01(\v2\x19.lemonade.v1.ModelUpdatedH\x00R\fmodelUpdatedB\a\n" +
 	"\x05event\"\x88\x01\n" +
 	"\fLoadProgress\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12,\n" +
@@ -2695,6 +2763,8 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\bfraction\x18\x03 \x01(\x01R\bfraction\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\"?\n" +
 	"\vModelLoaded\x120\n" +
+	"\x06status\x18\x01 \x01(\v2\x18.lemonade.v1.ModelStatusR\x06status\"@\n" +
+	"\fModelUpdated\x120\n" +
 	"\x06status\x18\x01 \x01(\v2\x18.lemonade.v1.ModelStatusR\x06status\"\x84\x01\n" +
 	"\rModelUnloaded\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x121\n" +
@@ -2811,7 +2881,7 @@ func file_lemonade_v1_model_control_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_model_control_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_lemonade_v1_model_control_proto_goTypes = []any{
 	(ModelType)(0),                // 0: lemonade.v1.ModelType
 	(ModelState)(0),               // 1: lemonade.v1.ModelState
@@ -2837,18 +2907,19 @@ var file_lemonade_v1_model_control_proto_goTypes = []any{
 	(*WatchResponse)(nil),         // 21: lemonade.v1.WatchResponse
 	(*LoadProgress)(nil),          // 22: lemonade.v1.LoadProgress
 	(*ModelLoaded)(nil),           // 23: lemonade.v1.ModelLoaded
-	(*ModelUnloaded)(nil),         // 24: lemonade.v1.ModelUnloaded
-	(*ModelStateChanged)(nil),     // 25: lemonade.v1.ModelStateChanged
-	(*PinChanged)(nil),            // 26: lemonade.v1.PinChanged
-	(*LoadFailed)(nil),            // 27: lemonade.v1.LoadFailed
-	(*Warning)(nil),               // 28: lemonade.v1.Warning
-	(*ListModelsRequest)(nil),     // 29: lemonade.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 30: lemonade.v1.ListModelsResponse
-	(*CatalogModel)(nil),          // 31: lemonade.v1.CatalogModel
-	(*PlanRequest)(nil),           // 32: lemonade.v1.PlanRequest
-	(*Eviction)(nil),              // 33: lemonade.v1.Eviction
-	(*PlanResponse)(nil),          // 34: lemonade.v1.PlanResponse
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*ModelUpdated)(nil),          // 24: lemonade.v1.ModelUpdated
+	(*ModelUnloaded)(nil),         // 25: lemonade.v1.ModelUnloaded
+	(*ModelStateChanged)(nil),     // 26: lemonade.v1.ModelStateChanged
+	(*PinChanged)(nil),            // 27: lemonade.v1.PinChanged
+	(*LoadFailed)(nil),            // 28: lemonade.v1.LoadFailed
+	(*Warning)(nil),               // 29: lemonade.v1.Warning
+	(*ListModelsRequest)(nil),     // 30: lemonade.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 31: lemonade.v1.ListModelsResponse
+	(*CatalogModel)(nil),          // 32: lemonade.v1.CatalogModel
+	(*PlanRequest)(nil),           // 33: lemonade.v1.PlanRequest
+	(*Eviction)(nil),              // 34: lemonade.v1.Eviction
+	(*PlanResponse)(nil),          // 35: lemonade.v1.PlanResponse
+	(*timestamppb.Timestamp)(nil), // 36: google.protobuf.Timestamp
 }
 var file_lemonade_v1_model_control_proto_depIdxs = []int32{
 	5,  // 0: lemonade.v1.LoadOptions.backend_args:type_name -> lemonade.v1.BackendArgs
@@ -2858,61 +2929,63 @@ var file_lemonade_v1_model_control_proto_depIdxs = []int32{
 	0,  // 4: lemonade.v1.ModelStatus.type:type_name -> lemonade.v1.ModelType
 	1,  // 5: lemonade.v1.ModelStatus.state:type_name -> lemonade.v1.ModelState
 	6,  // 6: lemonade.v1.ModelStatus.options:type_name -> lemonade.v1.LoadOptions
-	35, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
-	35, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
-	35, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
+	36, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
+	36, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
+	36, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
 	9,  // 10: lemonade.v1.PinResponse.status:type_name -> lemonade.v1.ModelStatus
 	19, // 11: lemonade.v1.StatusResponse.pool:type_name -> lemonade.v1.PoolStatus
 	0,  // 12: lemonade.v1.SlotUsage.type:type_name -> lemonade.v1.ModelType
 	2,  // 13: lemonade.v1.LoadInFlight.phase:type_name -> lemonade.v1.LoadPhase
-	35, // 14: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
+	36, // 14: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
 	9,  // 15: lemonade.v1.PoolStatus.models:type_name -> lemonade.v1.ModelStatus
 	16, // 16: lemonade.v1.PoolStatus.slots:type_name -> lemonade.v1.SlotUsage
 	17, // 17: lemonade.v1.PoolStatus.memory:type_name -> lemonade.v1.MemoryStatus
 	18, // 18: lemonade.v1.PoolStatus.load_in_flight:type_name -> lemonade.v1.LoadInFlight
 	18, // 19: lemonade.v1.PoolStatus.queue:type_name -> lemonade.v1.LoadInFlight
-	35, // 20: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
+	36, // 20: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
 	19, // 21: lemonade.v1.WatchResponse.snapshot:type_name -> lemonade.v1.PoolStatus
 	22, // 22: lemonade.v1.WatchResponse.load_progress:type_name -> lemonade.v1.LoadProgress
 	23, // 23: lemonade.v1.WatchResponse.model_loaded:type_name -> lemonade.v1.ModelLoaded
-	24, // 24: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
-	26, // 25: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
-	27, // 26: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
-	28, // 27: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
-	25, // 28: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
-	2,  // 29: lemonade.v1.LoadProgress.phase:type_name -> lemonade.v1.LoadPhase
-	9,  // 30: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
-	3,  // 31: lemonade.v1.ModelUnloaded.reason:type_name -> lemonade.v1.UnloadReason
-	1,  // 32: lemonade.v1.ModelStateChanged.state:type_name -> lemonade.v1.ModelState
-	3,  // 33: lemonade.v1.ModelStateChanged.reason:type_name -> lemonade.v1.UnloadReason
-	31, // 34: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
-	0,  // 35: lemonade.v1.CatalogModel.type:type_name -> lemonade.v1.ModelType
-	6,  // 36: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
-	1,  // 37: lemonade.v1.CatalogModel.state:type_name -> lemonade.v1.ModelState
-	6,  // 38: lemonade.v1.PlanRequest.options:type_name -> lemonade.v1.LoadOptions
-	3,  // 39: lemonade.v1.Eviction.reason:type_name -> lemonade.v1.UnloadReason
-	4,  // 40: lemonade.v1.PlanResponse.outcome:type_name -> lemonade.v1.PlanOutcome
-	6,  // 41: lemonade.v1.PlanResponse.options:type_name -> lemonade.v1.LoadOptions
-	33, // 42: lemonade.v1.PlanResponse.evictions:type_name -> lemonade.v1.Eviction
-	7,  // 43: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
-	10, // 44: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
-	12, // 45: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
-	14, // 46: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
-	20, // 47: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
-	29, // 48: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
-	32, // 49: lemonade.v1.ModelControl.Plan:input_type -> lemonade.v1.PlanRequest
-	8,  // 50: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
-	11, // 51: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
-	13, // 52: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
-	15, // 53: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
-	21, // 54: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
-	30, // 55: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
-	34, // 56: lemonade.v1.ModelControl.Plan:output_type -> lemonade.v1.PlanResponse
-	50, // [50:57] is the sub-list for method output_type
-	43, // [43:50] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	25, // 24: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
+	27, // 25: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
+	28, // 26: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
+	29, // 27: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
+	26, // 28: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
+	24, // 29: lemonade.v1.WatchResponse.model_updated:type_name -> lemonade.v1.ModelUpdated
+	2,  // 30: lemonade.v1.LoadProgress.phase:type_name -> lemonade.v1.LoadPhase
+	9,  // 31: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
+	9,  // 32: lemonade.v1.ModelUpdated.status:type_name -> lemonade.v1.ModelStatus
+	3,  // 33: lemonade.v1.ModelUnloaded.reason:type_name -> lemonade.v1.UnloadReason
+	1,  // 34: lemonade.v1.ModelStateChanged.state:type_name -> lemonade.v1.ModelState
+	3,  // 35: lemonade.v1.ModelStateChanged.reason:type_name -> lemonade.v1.UnloadReason
+	32, // 36: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
+	0,  // 37: lemonade.v1.CatalogModel.type:type_name -> lemonade.v1.ModelType
+	6,  // 38: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
+	1,  // 39: lemonade.v1.CatalogModel.state:type_name -> lemonade.v1.ModelState
+	6,  // 40: lemonade.v1.PlanRequest.options:type_name -> lemonade.v1.LoadOptions
+	3,  // 41: lemonade.v1.Eviction.reason:type_name -> lemonade.v1.UnloadReason
+	4,  // 42: lemonade.v1.PlanResponse.outcome:type_name -> lemonade.v1.PlanOutcome
+	6,  // 43: lemonade.v1.PlanResponse.options:type_name -> lemonade.v1.LoadOptions
+	34, // 44: lemonade.v1.PlanResponse.evictions:type_name -> lemonade.v1.Eviction
+	7,  // 45: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
+	10, // 46: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
+	12, // 47: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
+	14, // 48: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
+	20, // 49: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
+	30, // 50: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
+	33, // 51: lemonade.v1.ModelControl.Plan:input_type -> lemonade.v1.PlanRequest
+	8,  // 52: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
+	11, // 53: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
+	13, // 54: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
+	15, // 55: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
+	21, // 56: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
+	31, // 57: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
+	35, // 58: lemonade.v1.ModelControl.Plan:output_type -> lemonade.v1.PlanResponse
+	52, // [52:59] is the sub-list for method output_type
+	45, // [45:52] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_model_control_proto_init() }
@@ -2933,15 +3006,16 @@ func file_lemonade_v1_model_control_proto_init() {
 		(*WatchResponse_LoadFailed)(nil),
 		(*WatchResponse_Warning)(nil),
 		(*WatchResponse_ModelStateChanged)(nil),
+		(*WatchResponse_ModelUpdated)(nil),
 	}
-	file_lemonade_v1_model_control_proto_msgTypes[27].OneofWrappers = []any{}
+	file_lemonade_v1_model_control_proto_msgTypes[28].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_model_control_proto_rawDesc), len(file_lemonade_v1_model_control_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   30,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
