@@ -180,7 +180,7 @@ async def failure(call: Stream) -> tuple[grpc.StatusCode, str]:
 # ------------------------------------------------------- (a) the relay
 
 
-# "not-http" (answered BACKEND_CRASHED) is the control: the rest answer INTERNAL today.
+# "not-http" (answered BACKEND_ERROR since issue 18 finding 14) is the control: the rest answered INTERNAL.
 MALFORMED = [
     "not-http",
     "http500-binary",

@@ -62,20 +62,26 @@ def estimate_bytes(spec: ModelSpec, options: EffectiveOptions) -> int:
         return 0
     if spec.recipe is not Recipe.LLAMACPP:
         return min(stat.st_size, MAX_ESTIMATE_BYTES)
-    per_cell = kv_bytes_per_cell(spec.path, stat.st_mtime)
+    try:
+        per_cell = kv_bytes_per_cell(spec.path, stat.st_mtime)
+    except OSError as error:  # not cached: out of descriptors now says nothing of the file
+        log.warning("cannot read the GGUF header of %s (%s): estimating from its size", spec.path, error)
+        per_cell = 0
     return min(stat.st_size + per_cell * options.ctx_size + PROCESS_OVERHEAD_BYTES, MAX_ESTIMATE_BYTES)
 
 
 @functools.lru_cache(maxsize=64)
 def kv_bytes_per_cell(path: Path, mtime: float) -> int:
-    """KV-cache bytes per context cell of the GGUF at `path`; 0 when its header cannot be read.
+    """KV-cache bytes per context cell of the GGUF at `path`; 0 when its header is not one we can read.
 
     At most `MAX_ESTIMATE_BYTES`; a negative number in the header counts as
     absent. `mtime` is part of the cache key, so a replaced file is read again.
+    Raises OSError when the file cannot be read now (not cached: `lru_cache`
+    keeps no exception, and a shortage of descriptors passes).
     """
     try:
         fields = read_metadata(path, wanted=_shape_key)
-    except (OSError, ValueError) as error:  # not a GGUF we can read: the file size still counts
+    except ValueError as error:  # not a GGUF we can read: the file size still counts
         log.warning("cannot read the GGUF header of %s (%s): estimating from its size", path, error)
         return 0
 
