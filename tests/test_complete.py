@@ -29,7 +29,10 @@ async def test_complete_streams_token_by_token_and_ends_with_usage(
     )
     responses = await complete(inference, request)
     *deltas, last = responses
-    assert len([d for d in deltas if d.text]) > 1, "expected the text in several messages"
+    # How many messages a fast backend's 40 tokens make depends on the machine's
+    # speed (issue 18 finding 12); that deltas stream as they come is shown with
+    # a backend the test steps, in test_stream_interval.py.
+    assert [d for d in deltas if d.text], "no text"
     assert all(d.finish_reason == pb.FINISH_REASON_UNSPECIFIED for d in deltas)
     assert last.finish_reason == pb.FINISH_REASON_LENGTH
     assert last.usage.completion_tokens == 40

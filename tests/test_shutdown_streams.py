@@ -256,8 +256,8 @@ async def test_sigterm_ends_a_queued_stream_with_shutting_down_even_if_the_slot_
         queued = complete(other, "m", 3, prompt="q")
         await wait_streams(other, (1, 1), 5, "the second stream to queue")
         server.process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
+        # The reason is the proof (issue 18 finding 12: was also `< 3` s): a call
+        # left to gRPC's end of the stop grace is cancelled without ErrorInfo.
         assert await failure(queued) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
-        assert time.monotonic() - started < 3
         stalled.cancel()
     assert server.process.wait(30) == 0
