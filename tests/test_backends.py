@@ -23,7 +23,7 @@ import aiohttp
 import psutil
 import pytest
 
-from conftest import BACKEND_OPTIONS, FAKE_BACKEND, eventually, is_gone, launch_backend
+from conftest import BACKEND_OPTIONS, FAKE_BACKEND, eventually, is_gone, launch_backend, release_tokens
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend, PortTaken, free_port
 from lemonade_grpc.backends.openai_client import BackendConnectionError, OpenAIClient
@@ -330,16 +330,22 @@ async def test_a_closed_client_refuses_every_request() -> None:
 async def test_last_activity_moves_with_each_read(
     tiny_model: Path, tmp_path: Path, spawned: list[Backend]
 ) -> None:
-    backend = await launch_backend(
-        fake_spec(tiny_model, "--token-seconds", "0.05"), tmp_path / "logs", spawned
-    )
+    # One token per step of the test, so one per read (issue 18 finding 12: timed
+    # tokens came several to a read on a loaded machine).
+    backend = await launch_backend(fake_spec(tiny_model, "--stepped"), tmp_path / "logs", spawned)
     try:
         assert backend.client.last_activity == 0.0  # /health answers are not activity
         await backend.client.health()
         before = time.monotonic()
         assert backend.client.last_activity == 0.0
         reads: list[float] = []
-        async for _ in backend.client.stream("/v1/completions", {"prompt": "p", "max_tokens": 5}):
+        stream = backend.client.stream("/v1/completions", {"prompt": "p", "max_tokens": 5})
+        for _ in range(5):
+            following = asyncio.ensure_future(anext(stream))
+            await release_tokens(backend.port, 1)
+            await following
+            reads.append(backend.client.last_activity)
+        async for _ in stream:  # the end of the stream
             reads.append(backend.client.last_activity)
         assert reads == sorted(reads)
         assert len(set(reads)) == len(reads) >= 5
@@ -390,7 +396,10 @@ def test_the_kernels_listening_sockets_agree_with_proc_net() -> None:
 
 def test_descendants_are_the_process_tree(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
-    script = f"sleep 30 & sleep 30 & (sleep 30 & wait) & touch {ready}; wait"
+    # The marker is written by the last shell to fork, with no process of its own
+    # (issue 18 finding 12: `touch` after the subshell's fork raced it, and was
+    # itself a fifth child while it ran).
+    script = f"sleep 30 & sleep 30 & (sleep 30 & : > {ready}; wait) & wait"
     shell = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
