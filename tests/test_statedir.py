@@ -189,16 +189,18 @@ class SlowWrites:
 async def test_writes_run_off_the_loop_one_at_a_time_and_the_latest_text_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow = SlowWrites(monkeypatch)
+    slow = SlowWrites(monkeypatch, seconds=30)  # held until the test releases it
     writer = AtomicWriter(tmp_path / "state.json")
     first = asyncio.create_task(writer.write("0"))
     await asyncio.sleep(0)  # the first write starts alone
     rest = [asyncio.create_task(writer.write(str(n))) for n in range(1, 10)]
-    ticks = 0
-    while not first.done():  # the loop stays free while the file is written
+    await eventually(lambda: slow.concurrent == 1, 10, "the first write to be under way")
+    # The loop stays free while the file is written: it turns, the write still
+    # held (issue 18 finding 12: was a count of 10 ms ticks during a 0.2 s write).
+    for _ in range(5):
         await asyncio.sleep(0.01)
-        ticks += 1
-    assert ticks >= 5
+        assert not first.done()
+    slow.release.set()
     await asyncio.gather(first, *rest)
     assert slow.texts == ["0", "9"]  # 1..8 coalesced into the newest text
     assert slow.most_concurrent == 1
