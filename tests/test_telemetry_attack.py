@@ -355,14 +355,15 @@ async def test_idle_connections_to_the_prometheus_endpoint_cost_no_thread_and_bl
     before = _thread_count(server.process.pid)
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
     try:
-        await asyncio.sleep(0.5)
-        threads = _thread_count(server.process.pid)
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{port}/metrics") as reply,
         ):
             assert reply.status == 200
             assert "lemonade_models" in await reply.text()
+        # Counted once a scrape accepted after the 300 was answered, so every one
+        # of them was accepted by then (issue 18 finding 12: was after a 0.5 s sleep).
+        threads = _thread_count(server.process.pid)
     finally:
         for sock in idle:
             sock.close()
@@ -491,7 +492,11 @@ async def test_a_stream_cancelled_while_the_server_waits_on_a_slow_reader_is_cou
 class _HangingTraces:
     """A collector's TraceService that never answers: exports stay in flight until it stops."""
 
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
     async def Export(self, request: Any, context: Any) -> Any:
+        self.called.set()
         await asyncio.sleep(60)
 
 
@@ -506,7 +511,8 @@ async def test_json_logs_stay_json_when_the_collector_goes_away_mid_export(
     (Seen 2 times in 4 with the stock receiver stopping between exports; every time with an
     export in flight.)"""
     collector = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_HangingTraces(), collector)  # type: ignore[no-untyped-call]
+    hanging = _HangingTraces()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(hanging, collector)  # type: ignore[no-untyped-call]
     collector_port = collector.add_insecure_port("127.0.0.1:0")
     await collector.start()
     try:
@@ -521,13 +527,19 @@ async def test_json_logs_stay_json_when_the_collector_goes_away_mid_export(
         )
         async with connect(server.address) as client:
             await client.ready("a")  # spans: the BatchSpanProcessor exports them at once
-        await asyncio.sleep(0.5)
+        # An export in flight (issue 18 finding 12: was a 0.5 s sleep).
+        await asyncio.wait_for(hanging.called.wait(), 10)
     finally:
         await collector.stop(None)  # cancels the export in flight: GOAWAY
-    await asyncio.sleep(0.5)
+    # The server has seen its export fail (the GOAWAY comes before): was a 0.5 s sleep.
+    await eventually(lambda: "encountered while exporting traces" in server.log(), 10, "the failed export")
     server.stop(seconds=40)
     bad = not_json(server.log())
     assert not bad, "\n".join(bad[:20])
+
+
+def failed_export(log: str) -> bool:
+    return "Failed to export" in log or "encountered while exporting" in log
 
 
 async def test_json_logs_stay_json_under_load_failures_and_a_dead_collector(
@@ -562,7 +574,8 @@ async def test_json_logs_stay_json_under_load_failures_and_a_dead_collector(
         await asyncio.sleep(0.5)  # between exports: no call in flight when the receiver stops
     await asyncio.gather(*(one(m) for m in ["a"] * 6 + ["b", "broken", "nope"]))
     await scrape(port)
-    await asyncio.sleep(1.0)
+    # Exports failing after the collector left (issue 18 finding 12: was a 1 s sleep).
+    await eventually(lambda: failed_export(server.log()), 30, "an export to fail without the collector")
     server.stop(seconds=40)
     lines = server.log().splitlines()
     bad = [line for line in not_json(server.log()) if "chttp2_transport" not in line]  # the test above
@@ -643,7 +656,12 @@ async def test_no_load_span_or_state_is_left_behind_however_the_loads_end(
         # Shutdown with one load running and one queued behind it.
         jobs.append(pool.load("slow", RequestedOptions()))
         jobs.append(pool.load("c", RequestedOptions()))
-        await asyncio.sleep(0.3)
+
+        def slow_running() -> bool:
+            flight = pool.snapshot().load_in_flight
+            return flight is not None and flight.model == "slow"
+
+        await eventually(slow_running, 10, "slow's load to run")  # was a 0.3 s sleep (issue 18 finding 12)
     finally:
         await pool.shutdown()
     for job in jobs:
