@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import pytest
@@ -29,16 +29,15 @@ from conftest import (
     release_tokens,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
-from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import (
-    InferenceAsyncStub,
-    InferenceStub,
-    add_InferenceServicer_to_server,
-)
+from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceStub, add_InferenceServicer_to_server
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.openai_client import Chunk, Pacer, PacingClock
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import Limits
+
+if TYPE_CHECKING:
+    from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceAsyncStub
 
 INTERVAL = 0.005
 
