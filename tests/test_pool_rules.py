@@ -29,6 +29,7 @@ from conftest import (
     llama_model,
     next_message,
     pids_in,
+    poll,
     read_all,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
@@ -114,7 +115,11 @@ async def test_alternating_options_never_leave_two_processes_lemonade_1603(
 async def test_load_while_inference_loads_does_not_reload_lemonade_1604(
     servers: ServerFactory, tiny_model: Path, pid_log: Path
 ) -> None:
-    server = servers.start(fake_model("m", tiny_model, "--load-seconds", "0.3", "--pid-log", str(pid_log)))
+    # The load ends when the test says, once the Load waits for it (issue 18
+    # finding 12: was a 0.3 s load, which a slow Load could miss altogether).
+    loaded = pid_log.with_name("m.ready")
+    config = fake_model("m", tiny_model, "--ready-file", str(loaded), "--pid-log", str(pid_log))
+    server = servers.start(config)
     async with connect(server.address) as client:
         completion = client.inference.Complete(
             inference_pb2.CompleteRequest(model="m", prompt="x", max_tokens=3)
@@ -122,7 +127,17 @@ async def test_load_while_inference_loads_does_not_reload_lemonade_1604(
         first = asyncio.create_task(next_message(completion))
         # Wait until the inference-triggered load is under way, then ask again.
         await eventually(lambda: len(pids_in(pid_log)) == 1, 10, "the inference-triggered load to spawn")
-        ready = await client.ready("m")
+        waiters = (await client.control.Status(pb.StatusRequest())).pool.load_in_flight.waiters
+        asking = asyncio.ensure_future(client.ready("m"))
+
+        async def waiting() -> bool | None:
+            pool = (await client.control.Status(pb.StatusRequest())).pool
+            joined = pool.load_in_flight.model == "m" and pool.load_in_flight.waiters > waiters
+            return True if joined or [q for q in pool.queue if q.model == "m"] else None
+
+        await poll(waiting, 10, "the Load to join or queue behind the inference-triggered load")
+        loaded.touch()
+        ready = await asking
         await first
         assert [ready.pid] == pids_in(pid_log)
 
