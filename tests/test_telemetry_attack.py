@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1174,3 +1175,14 @@ def test_finding_13_the_exporter_variables_mean_what_the_spec_says(
 ) -> None:
     assert exporters(env, "TRACES") == traces
     assert exporters(env, "METRICS") == metrics
+
+
+def test_with_telemetry_off_the_sdk_is_not_imported() -> None:
+    """Guard (a slip made while fixing finding 13): building the providers for an environment that
+    asks for nothing imported the SDK's metric readers, 0.9 MiB of a server with telemetry off."""
+    code = (
+        "import sys; from lemonade_grpc.telemetry import otel; otel.providers({});"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

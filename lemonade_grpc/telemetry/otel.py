@@ -243,6 +243,8 @@ def _metric_exporter(env: Mapping[str, str], name: str) -> MetricExporter:
 
 def _metric_readers(env: Mapping[str, str], names: frozenset[str]) -> list[MetricReader]:
     """A periodic reader per push exporter (`prometheus` is served by `Telemetry`, not here)."""
+    if not names - {"prometheus"}:
+        return []  # and the SDK stays unimported: telemetry off costs nothing
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     return [

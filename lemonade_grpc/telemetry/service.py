@@ -24,7 +24,6 @@ from lemonade_grpc.telemetry import otel
 from lemonade_grpc.telemetry.logs import LogFormat
 from lemonade_grpc.telemetry.metrics import Instruments, LoopSnapshots
 from lemonade_grpc.telemetry.observer import PoolTelemetry
-from lemonade_grpc.telemetry.prometheus import MetricsEndpoint, PrometheusListenError
 from lemonade_grpc.telemetry.streams import RecordingStreams, StreamTelemetry
 
 if TYPE_CHECKING:
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from lemonade_grpc.pool.pool import Pool
+    from lemonade_grpc.telemetry.prometheus import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ TRACED_SERVICE_PREFIX = "/lemonade.v1."
 # The longest a stop waits for the exporters to send what they hold.
 FLUSH_SECONDS = 3.0
 
-__all__ = ["PrometheusListenError", "Telemetry", "TelemetrySettings"]
-
 
 @dataclass(frozen=True, slots=True)
 class TelemetrySettings:
@@ -50,6 +48,10 @@ class TelemetrySettings:
 
     prometheus_listen: str | None = None
     log_format: LogFormat = "plain"
+
+
+class PrometheusListenError(RuntimeError):
+    """The Prometheus endpoint could not listen on its address."""
 
 
 class Telemetry:
@@ -80,6 +82,9 @@ class Telemetry:
         listen = settings.prometheus_listen or from_env
         if listen is None:
             return cls(otel.providers(env))
+        # Imported here: the endpoint's code is held only by a process that serves one.
+        from lemonade_grpc.telemetry.prometheus import MetricsEndpoint
+
         reader, registry = _prometheus_reader()
         providers = otel.providers(env, (reader,))
         try:
