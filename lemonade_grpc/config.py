@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lemonade_grpc import auth, bounds
 from lemonade_grpc.auth import Tokens
@@ -234,14 +234,27 @@ def _pool(table: Mapping[str, Any], env: Mapping[str, str]) -> tuple[PoolSetting
     return PoolSettings(max_loaded=max_loaded, **values), allowed
 
 
-def _limits(table: Mapping[str, Any]) -> Limits:
-    _only_keys(table, "limits.", set(_LIMITS_NUMBERS))
-    defaults = Limits()
+Settings = TypeVar("Settings", Limits, BackendLogSettings)
+
+
+def _numbers_table(
+    table: Mapping[str, Any],
+    name: str,
+    numbers: Mapping[str, tuple[bounds.Range, type]],
+    kind: type[Settings],
+) -> Settings:
+    """A table of numbers only (`[limits]`, `[backend_logs]`): each checked against its range."""
+    _only_keys(table, f"{name}.", set(numbers))
+    defaults = kind()
     values = {
-        key: _number(table, f"limits.{key}", getattr(defaults, key), valid, kind)
-        for key, (valid, kind) in _LIMITS_NUMBERS.items()
+        key: _number(table, f"{name}.{key}", getattr(defaults, key), valid, number_type)
+        for key, (valid, number_type) in numbers.items()
     }
-    return Limits(**values)
+    return kind(**values)
+
+
+def _limits(table: Mapping[str, Any]) -> Limits:
+    return _numbers_table(table, "limits", _LIMITS_NUMBERS, Limits)
 
 
 _BACKEND_LOG_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
@@ -253,13 +266,7 @@ _BACKEND_LOG_NUMBERS: dict[str, tuple[bounds.Range, type]] = {
 
 def _backend_logs(table: Mapping[str, Any]) -> BackendLogSettings:
     """[backend_logs]: how much disk the backends' logs may take (issue 18 finding 6)."""
-    _only_keys(table, "backend_logs.", set(_BACKEND_LOG_NUMBERS))
-    defaults = BackendLogSettings()
-    values = {
-        key: _number(table, f"backend_logs.{key}", getattr(defaults, key), valid, kind)
-        for key, (valid, kind) in _BACKEND_LOG_NUMBERS.items()
-    }
-    return BackendLogSettings(**values)
+    return _numbers_table(table, "backend_logs", _BACKEND_LOG_NUMBERS, BackendLogSettings)
 
 
 def _allowed_args(table: Mapping[str, Any], field_name: str, recipe: Recipe) -> frozenset[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerFactory, fake_spec, launcher, llama_model, next_message, shut_down
+from conftest import ServerFactory, connect, fake_spec, launcher, llama_model, next_message, shut_down
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
 from lemonade_grpc.api import convert
@@ -190,9 +190,9 @@ async def test_finding_11_a_load_that_keeps_the_process_ends_on_watch_with_the_n
     # QUEUED on Watch and nothing after: a dashboard showed the model queued forever, and nothing said
     # that its options had changed.
     server = servers.start(llama_model("a", tiny_model))
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        control = model_control_pb2_grpc.ModelControlStub(channel)
-        [m async for m in control.Load(pb.LoadRequest(model="a"))]
+    async with connect(server.address) as client:
+        await client.ready("a")
+        control = client.control
         watch = control.Watch(pb.WatchRequest())
         await next_message(watch)  # the snapshot
         options = pb.LoadOptions(idle_unload_seconds=3600)
