@@ -187,7 +187,14 @@ def _setup(sizes: list[str]) -> int:
         binary = llama_server.locate()
         print(f"llama-server: {binary} (found)")
     except llama_server.LlamaServerNotFound:
-        binary = llama_server.build()
+        try:
+            binary = llama_server.build()
+        except llama_server.LlamaServerBuildFailed as error:
+            # The build said what failed and showed the log's last lines: no traceback after them.
+            print(
+                f"lemonade-grpc setup: the llama-server build failed (full log: {error.log})", file=sys.stderr
+            )
+            return 1
         print(f"llama-server: {binary} (built in {time.monotonic() - started:.0f} s)")
     for size in ["tiny", *sizes]:
         model = tiny_model.ensure_model(size)

@@ -143,3 +143,16 @@ def test_a_failing_build_names_its_full_log_kept_next_to_the_binary_and_shows_it
     assert "fatal error: no-such-header.h" in kept
     assert not llama_server.cached_binary().exists()
     assert [p.name for p in log.parent.iterdir()] == ["build.log"], "the build's work directory was left"
+
+
+def test_setup_ends_a_failed_build_with_a_line_naming_the_log_not_a_traceback(
+    fake_toolchain: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lemonade_grpc import cli
+
+    monkeypatch.delenv("LEMONADE_LLAMA_SERVER", raising=False)  # no llama-server to find: it is built
+
+    assert cli.main(["setup"]) == 1
+    err = capsys.readouterr().err
+    assert f"the llama-server build failed (full log: {llama_server.build_log()})" in err
+    assert "Traceback" not in err
