@@ -46,6 +46,12 @@ Invariants (each failure is printed and makes the exit status 1):
 Prints a summary (operations by kind and outcome, kills, checks) and writes
 it to bench/results/soak-<date>.txt. Usage:
 `python bench/soak.py [--duration S] [--clients N] [--seed N]`.
+
+The server's RSS is sampled every `--trend-every` seconds under load
+(printed as it is read, and in the summary with the change over the run's
+second half). `--unbounded` lifts the 10-minute bound for an investigative
+run (issue 18 finding 15: eight minutes could not tell an allocator
+settling from a slow leak); `make soak` never passes it.
 """
 
 from __future__ import annotations
@@ -941,6 +947,7 @@ class Invariants:
         self.most_live: Counter[str] = Counter()
         self.sequence_seen: tuple[float, int] | None = None
         self.trend: list[tuple[float, Resources]] = []
+        self.trend_every = 30.0
         self.session: aiohttp.ClientSession | None = None
 
     async def status(self) -> pb.PoolStatus:
@@ -970,9 +977,10 @@ class Invariants:
 
     async def check_once(self) -> None:
         now = time.monotonic()
-        if not self.trend or now - self.trend[-1][0] >= 30:
+        if not self.trend or now - self.trend[-1][0] >= self.trend_every:
             with contextlib.suppress(psutil.Error, OSError):
                 self.trend.append((now, resources(self.server.process.pid)))
+                print(f"[{self.record.elapsed()}] server under load: {self.trend[-1][1]}", flush=True)
         pool = await self.status()
         self.check_status(pool)
         await self.check_ready(pool)
@@ -1237,6 +1245,7 @@ async def soak(
         monitor = Monitor(control, record)
         chaos = Chaos(server, control, args.seed, record)
         invariants = Invariants(server, control, record, monitor, chaos)
+        invariants.trend_every = args.trend_every
         clients = Clients(server.address, args.clients, args.seed, record, monitor)
         background: list[asyncio.Task[None]] = [asyncio.create_task(monitor.run())]
         await asyncio.sleep(0.5)
@@ -1273,12 +1282,13 @@ async def soak(
             for code, examples in sorted(monitor.warnings.items()):
                 record.note(f"warning {code}, e.g.: " + " | ".join(examples))
             record.note(
-                "server under load, every 30 s (s: RSS MiB/fds/threads): "
+                f"server under load, every {args.trend_every:g} s (s: RSS MiB/fds/threads): "
                 + ", ".join(
                     f"{at - record.started:.0f}: {r.rss_bytes / 2**20:.1f}/{r.fds}/{r.threads}"
                     for at, r in invariants.trend
                 )
             )
+            record.note(second_half(invariants.trend))
             record.note(f"most live backends per type: {dict(invariants.most_live)} (slots {SLOTS})")
             await shutdown_check(server, control, inference, record)
             return baseline, end
@@ -1297,6 +1307,20 @@ async def sleep_watching(seconds: float, background: list[asyncio.Task[None]]) -
         for task in background:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"a soak task failed: {task.exception()!r}") from task.exception()
+
+
+def second_half(trend: list[tuple[float, Resources]]) -> str:
+    """RSS over the second half of the samples under load: first, last, lowest, highest, rate."""
+    half = trend[len(trend) // 2 :]
+    if len(half) < 2:
+        return "RSS over the second half: too few samples"
+    (start, first), (end, last) = half[0], half[-1]
+    mib = [r.rss_bytes / 2**20 for _, r in half]
+    rate = (last.rss_bytes - first.rss_bytes) / 2**20 / max(1e-9, (end - start) / 60)
+    return (
+        f"RSS over the second half ({len(half)} samples, {(end - start) / 60:.1f} min):"
+        f" {mib[0]:.1f} -> {mib[-1]:.1f} MiB, range {min(mib):.1f}-{max(mib):.1f}, {rate:+.3f} MiB/min"
+    )
 
 
 def compare(baseline: Resources | None, end: Resources | None, record: Record) -> list[str]:
@@ -1335,7 +1359,7 @@ def summary(args: argparse.Namespace, record: Record, table: list[str], wall: fl
         f" Python {platform.python_version()}, grpcio {grpc.__version__}",
         f"seed {args.seed}; {args.clients} clients; duration {args.duration:g} s; wall {wall:.0f} s",
         f"repeat: python bench/soak.py --seed {args.seed} --duration {args.duration:g}"
-        f" --clients {args.clients}",
+        f" --clients {args.clients}{' --unbounded' if args.unbounded else ''}",
         f"slots {SLOTS}; models {', '.join(f'{m} ({TYPE_OF[m]})' for m in MODELS)}",
         "",
         "operations (kind: outcome count):",
@@ -1383,11 +1407,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=None, help="default: bench/results/soak-DATE.txt")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server log, state)")
+    parser.add_argument(
+        "--trend-every", type=float, default=30.0, help="seconds between RSS samples under load (default 30)"
+    )
+    parser.add_argument(
+        "--unbounded",
+        action="store_true",
+        help="allow a --duration beyond the 10-minute bound (an investigative run; not `make soak`)",
+    )
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 2**31)
-    if not 10 <= args.duration <= BUDGET_SECONDS - OVERHEAD_SECONDS:
-        parser.error(f"--duration must be in 10..{BUDGET_SECONDS - OVERHEAD_SECONDS:g} (10 minutes in all)")
+    if args.trend_every <= 0:
+        parser.error("--trend-every must be positive")
+    args.budget = BUDGET_SECONDS
+    if args.unbounded:
+        if args.duration < 10:
+            parser.error("--duration must be at least 10")
+        args.budget = args.duration + OVERHEAD_SECONDS + 15
+    elif not 10 <= args.duration <= BUDGET_SECONDS - OVERHEAD_SECONDS:
+        parser.error(
+            f"--duration must be in 10..{BUDGET_SECONDS - OVERHEAD_SECONDS:g} (10 minutes in all;"
+            " --unbounded for a longer investigative run)"
+        )
     return args
 
 
@@ -1404,12 +1446,12 @@ def main(argv: list[str]) -> int:
     try:
         baseline, end = asyncio.run(
             asyncio.wait_for(
-                soak(args, record, server), BUDGET_SECONDS - (time.monotonic() - record.started) - 15
+                soak(args, record, server), args.budget - (time.monotonic() - record.started) - 15
             )
         )
         table = compare(baseline, end, record)
     except TimeoutError:
-        record.violation("the soak overran its 10-minute budget")
+        record.violation(f"the soak overran its budget ({args.budget:g} s)")
     except Exception as error:  # a failure of the soak itself still reports and cleans up
         record.violation(f"the soak stopped on {type(error).__name__}: {error}")
     finally:

@@ -226,11 +226,12 @@ class _Exchange(asyncio.Protocol):
     `read` then hands out the body as it arrives. The connection is not
     read while more than `READ_BUFFER_BYTES` wait unread, or while `hold`
     says so. `close` breaks it from outside; a reader then sees
-    `BackendConnectionError`.
+    `BackendConnectionError`. `release` ends it for good once its request
+    is over.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[int] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self._body = bytearray()
@@ -245,6 +246,8 @@ class _Exchange(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            return  # released: nothing more is read
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -266,7 +269,7 @@ class _Exchange(asyncio.Protocol):
 
     # httptools callbacks
     def on_headers_complete(self) -> None:
-        if not self.head.done():
+        if not self.head.done() and self._parser is not None:
             self.head.set_result(self._parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
@@ -314,6 +317,23 @@ class _Exchange(asyncio.Protocol):
         if not self._complete:
             self._fail(BackendConnectionError("the connection was closed"))
         self._wake()
+
+    def release(self) -> None:
+        """Drop what ties this exchange into reference cycles; call once its request is over. Idempotent.
+
+        issue 18 finding 15: the parser's callbacks hold the exchange, and an
+        error it raised holds, through its traceback, a frame holding the
+        exchange: every request left a cycle that only the collector's
+        oldest generation frees, which the server runs rarely
+        (`server.GC_THRESHOLD`), so they piled up under churn. Call after
+        `close` (no byte is read after it); a later `close` is harmless.
+        """
+        self._parser = None
+        self._error = None
+        if self.head.done() and not self.head.cancelled() and self.head.exception() is not None:
+            # The failed head holds the error a reader raised: keep a done future that holds nothing.
+            self.head = asyncio.get_running_loop().create_future()
+            self.head.cancel()
 
     def _fail(self, error: BackendConnectionError) -> None:
         if self._error is None:
@@ -382,29 +402,32 @@ class OpenAIClient:
         exchange = _Exchange(loop)
         request = _request(method, path, self._host_header, body, headers)
         try:
-            async with asyncio.timeout(CONNECT_SECONDS):
-                sock, sent = await self._connect_and_send(loop, request)
-                try:
-                    await loop.create_connection(lambda: exchange, sock=sock)
-                except BaseException:
-                    sock.close()
-                    raise
-        except OSError as error:
-            raise BackendConnectionError(f"cannot connect to {self.base_url}: {error}", error) from error
-        except TimeoutError as error:
-            exchange.close()
-            raise BackendConnectionError(f"cannot connect to {self.base_url}: timed out") from error
-        self._open.add(exchange)
-        try:
-            if self._closed:  # closed while this one connected
-                raise BackendConnectionError("client closed")
-            assert exchange.transport is not None
-            if sent < len(request):
-                exchange.transport.write(request[sent:])
-            yield exchange
+            try:
+                async with asyncio.timeout(CONNECT_SECONDS):
+                    sock, sent = await self._connect_and_send(loop, request)
+                    try:
+                        await loop.create_connection(lambda: exchange, sock=sock)
+                    except BaseException:
+                        sock.close()
+                        raise
+            except OSError as error:
+                raise BackendConnectionError(f"cannot connect to {self.base_url}: {error}", error) from error
+            except TimeoutError as error:
+                exchange.close()
+                raise BackendConnectionError(f"cannot connect to {self.base_url}: timed out") from error
+            self._open.add(exchange)
+            try:
+                if self._closed:  # closed while this one connected
+                    raise BackendConnectionError("client closed")
+                assert exchange.transport is not None
+                if sent < len(request):
+                    exchange.transport.write(request[sent:])
+                yield exchange
+            finally:
+                self._open.discard(exchange)
+                exchange.close()
         finally:
-            self._open.discard(exchange)
-            exchange.close()
+            exchange.release()  # issue 18 finding 15: no cycle outlives the request
 
     async def _connect_and_send(
         self, loop: asyncio.AbstractEventLoop, request: bytes
