@@ -28,7 +28,7 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.api import errors
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
-from lemonade_grpc.backends.openai_client import BackendConnectionError
+from lemonade_grpc.backends.http import BackendConnectionError
 from lemonade_grpc.pool.errors import InvalidRequest, ModelEvicted
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import Limits

@@ -26,7 +26,8 @@ import pytest
 from conftest import BACKEND_OPTIONS, FAKE_BACKEND, eventually, is_gone, launch_backend, release_tokens
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend, PortTaken, free_port
-from lemonade_grpc.backends.openai_client import BackendConnectionError, OpenAIClient
+from lemonade_grpc.backends.http import BackendConnectionError
+from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import (
     _diag_listeners,
     _proc_listeners,

@@ -16,13 +16,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from lemonade_grpc.backends.backend import free_port
-from lemonade_grpc.backends.openai_client import (
-    BackendConnectionError,
-    BackendHTTPError,
-    Chunk,
-    MalformedResponse,
-    OpenAIClient,
-)
+from lemonade_grpc.backends.chunks import Chunk
+from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError, MalformedResponse
+from lemonade_grpc.backends.openai_client import OpenAIClient
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 

@@ -22,12 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import httptools
 import pytest
 
-from lemonade_grpc.backends.openai_client import (
-    BackendConnectionError,
-    BackendHTTPError,
-    OpenAIClient,
-    _Exchange,
-)
+from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError, Exchange
+from lemonade_grpc.backends.openai_client import OpenAIClient
 
 REQUESTS = 25
 
@@ -36,7 +32,7 @@ Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
 def left_behind() -> int:
     """Exchanges and parsers the garbage collector still tracks (alive, or cyclic garbage)."""
-    return sum(isinstance(o, _Exchange | httptools.HttpResponseParser) for o in gc.get_objects())
+    return sum(isinstance(o, Exchange | httptools.HttpResponseParser) for o in gc.get_objects())
 
 
 @contextlib.contextmanager

@@ -8,13 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lemonade_grpc.backends.openai_client import (
-    MAX_LINE_BYTES,
-    BackendHTTPError,
-    MalformedEvent,
-    SSEDecoder,
-    parse_chunk,
-)
+from lemonade_grpc.backends.chunks import MalformedEvent, parse_chunk
+from lemonade_grpc.backends.http import BackendHTTPError
+from lemonade_grpc.backends.sse import MAX_LINE_BYTES, SSEDecoder
 
 
 def test_completion_and_chat_deltas() -> None:

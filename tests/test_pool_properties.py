@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAKE_BACKEND, is_gone, launcher, pids_in
-from lemonade_grpc.backends.openai_client import BackendConnectionError
+from lemonade_grpc.backends.http import BackendConnectionError
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import InternalError, PoolError
 from lemonade_grpc.pool.model import ModelState

@@ -32,7 +32,8 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceStub, add_InferenceServicer_to_server
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.backends.openai_client import Chunk, Pacer, PacingClock
+from lemonade_grpc.backends.chunks import Chunk
+from lemonade_grpc.backends.pacing import Pacer, PacingClock
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.settings import Limits
 

@@ -20,7 +20,8 @@ from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors
-from lemonade_grpc.backends.openai_client import BackendConnectionError, BackendHTTPError, Chunk
+from lemonade_grpc.backends.chunks import Chunk
+from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.telemetry.streams import StreamTelemetry

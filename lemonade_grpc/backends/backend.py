@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lemonade_grpc.backends.openai_client import BackendConnectionError, OpenAIClient
+from lemonade_grpc.backends.http import BackendConnectionError
+from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
 from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
 from lemonade_grpc.backends.recipes import backend_argv
