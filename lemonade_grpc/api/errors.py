@@ -98,7 +98,8 @@ def to_status(error: PoolError) -> grpc.Status:
     code = _CODES[error.kind]
     message = bounded(error.message)
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))
+    metadata = {key: bounded(value, 256) for key, value in error.metadata.items()}
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))
     details = [info]
     if error.field is not None:
         bad_request = any_pb2.Any()

@@ -19,10 +19,11 @@ import grpc
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
-from lemonade_grpc.api import errors
+from lemonade_grpc.api import errors, vectors
 from lemonade_grpc.backends.chunks import Chunk
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
+from lemonade_grpc.pool.model import Lease
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.telemetry.streams import StreamTelemetry
 
@@ -130,6 +131,82 @@ class Inference(pb_grpc.InferenceServicer):
         async with contextlib.aclosing(relay) as replies:
             async for reply in replies:
                 yield reply
+
+    @errors.unary
+    async def Embed(
+        self, request: pb.EmbedRequest, context: Context[pb.EmbedRequest, pb.EmbedResponse]
+    ) -> pb.EmbedResponse:
+        payload = vectors.embed_payload(request)
+        vectors.check_embedding_model(self._pool.spec(request.model))
+        async with self._pool.lease(request.model) as lease:
+            try:
+                answer = await self._on(lease, request.model, b"POST", "/v1/embeddings", payload, raw=True)
+            except BackendHTTPError as error:
+                tokens = vectors.too_large(error.message)
+                if tokens is None:
+                    raise _http_error(error) from error
+                raise InvalidRequest(
+                    f"an input of {tokens} tokens is longer than the context of {request.model}"
+                    f" ({error.message})",
+                    field=await self._longest_input(lease, request),
+                ) from error
+        return vectors.embed_response(answer, len(request.inputs))
+
+    @errors.unary
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: Context[pb.TokenizeRequest, pb.TokenizeResponse]
+    ) -> pb.TokenizeResponse:
+        payload = vectors.tokenize_payload(request)
+        async with self._pool.lease(request.model) as lease:
+            answer = await self._on(lease, request.model, b"POST", "/tokenize", payload)
+        return vectors.tokenize_response(answer, request.with_pieces)
+
+    @errors.unary
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: Context[pb.DetokenizeRequest, pb.DetokenizeResponse]
+    ) -> pb.DetokenizeResponse:
+        vectors.detokenize_payload(request, None)  # the request's own faults first, before any load
+        async with self._pool.lease(request.model) as lease:
+            if lease.backend.vocabulary is None:
+                answer = await self._on(lease, request.model, b"GET", "/v1/models", None)
+                lease.backend.vocabulary = vectors.vocabulary_size(answer)
+            payload = vectors.detokenize_payload(request, lease.backend.vocabulary)
+            answer = await self._on(lease, request.model, b"POST", "/detokenize", payload)
+        return vectors.detokenize_response(answer)
+
+    async def _longest_input(self, lease: Lease, request: pb.EmbedRequest) -> str:
+        """The field naming the input with the most tokens: which of a batch was too long."""
+        counts = []
+        for text in request.inputs:
+            answer = await self._on(lease, request.model, b"POST", "/tokenize", {"content": text})
+            counts.append(len(vectors.tokenize_response(answer, False).ids))
+        return f"inputs[{counts.index(max(counts))}]"
+
+    async def _on(
+        self,
+        lease: Lease,
+        model: str,
+        method: bytes,
+        path: str,
+        payload: dict[str, Any] | None,
+        *,
+        raw: bool = False,
+    ) -> Any:
+        """One JSON request on a leased backend, its errors answered as a stream's are.
+
+        With `raw`, a backend's HTTP error is raised as it is, for the caller to read.
+        """
+        with self._telemetry.backend_call(model, path, lease.backend) as headers:
+            try:
+                return await lease.backend.client.request_json(
+                    method, path, payload, on_open=lease.on_revoke, headers=headers
+                )
+            except BackendHTTPError as error:
+                if raw:
+                    raise
+                raise _http_error(error) from error
+            except BackendConnectionError as error:
+                raise _broken_stream(error, model, lease.revoked) from error
 
     async def _relay(
         self,

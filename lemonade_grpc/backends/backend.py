@@ -87,6 +87,8 @@ class Backend:
         self.port = port
         self._registry = registry
         self.client = OpenAIClient(f"http://127.0.0.1:{port}")
+        # The model's vocabulary size once asked for (Detokenize checks ids against it).
+        self.vocabulary: int | None = None
         self._stopping: asyncio.Task[int] | None = None
         # Until it is ready: its output wakes the readiness check and feeds the load's progress.
         self._ready_hint = asyncio.Event()

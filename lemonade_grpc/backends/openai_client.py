@@ -41,6 +41,9 @@ from lemonade_grpc.backends.pacing import Pacer, PacingClock, hold
 from lemonade_grpc.backends.sse import SSEDecoder
 
 ERROR_BODY_BYTES = 64 << 10
+# The largest JSON answer read whole (`request_json`): 1,024 embeddings of 4,096
+# numbers written out in JSON take about 90 MB.
+JSON_BODY_BYTES = 256 << 20
 
 
 @contextlib.asynccontextmanager
@@ -233,6 +236,41 @@ class OpenAIClient:
                     return
             # The body ended without the terminator.
             raise BackendConnectionError("the backend's stream ended before data: [DONE]")
+
+    async def request_json(
+        self,
+        method: bytes,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        on_open: Callable[[Callable[[], None]], None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        limit: int = JSON_BODY_BYTES,
+    ) -> Any:
+        """`method` `path` (with `payload` as its JSON body) and its decoded JSON answer (embeddings, tokens).
+
+        `on_open` and `headers` as for `stream`. The answer is read whole, at
+        most `limit` bytes of it. Raises `BackendHTTPError` on an error
+        status, an answer over `limit` or one that is not JSON (a 502: the
+        backend's fault), and `BackendConnectionError` when the connection
+        breaks or the client is closed. Counts as activity, as a stream
+        does: a backend embedding a batch may be too busy for /health.
+        """
+        body = b"" if payload is None else orjson.dumps(payload)
+        async with _request_failure(), self._exchange(method, path, body, headers) as exchange:
+            status = await exchange.head
+            self.last_activity = time.monotonic()
+            if on_open is not None:
+                on_open(exchange.close)
+            data = await exchange.read_all(limit + 1 if status == 200 else ERROR_BODY_BYTES)
+            self.last_activity = time.monotonic()
+        if status != 200:
+            raise BackendHTTPError(status, error_message(data.decode("utf-8", "replace")))
+        if len(data) > limit:
+            raise BackendHTTPError(502, f"an answer of more than {limit:,} bytes")
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise BackendHTTPError(502, f"an answer that is not JSON: {data[:200]!r}") from None
 
     async def close(self) -> None:
         """Break the requests in flight; no request connects again. Idempotent."""

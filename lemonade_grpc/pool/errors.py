@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+from collections.abc import Mapping
 
 
 class ErrorKind(enum.Enum):
@@ -30,21 +31,35 @@ class ErrorKind(enum.Enum):
 class PoolError(Exception):
     """Base of every error the pool reports to a caller.
 
-    `field` names the request field at fault, for INVALID_ARGUMENT errors.
+    `field` names the request field at fault, for INVALID_ARGUMENT errors;
+    `metadata` goes into the ErrorInfo (short machine-readable facts).
     """
 
     kind: ErrorKind = ErrorKind.FAILED_PRECONDITION
     reason: str = "FAILED_PRECONDITION"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.metadata = dict(metadata or {})
 
 
 class ModelNotFound(PoolError):
     kind = ErrorKind.NOT_FOUND
     reason = "MODEL_NOT_FOUND"
+
+
+class CapabilityMissing(PoolError):
+    """The model cannot serve this request (Embed on a chat model); `metadata["capability"]` says what."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "CAPABILITY_MISSING"
+
+    def __init__(self, model: str, capability: str, message: str) -> None:
+        super().__init__(message, metadata={"model": model, "capability": capability})
 
 
 class ModelNotLoaded(PoolError):

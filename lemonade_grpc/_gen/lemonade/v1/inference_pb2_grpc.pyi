@@ -49,6 +49,19 @@ class InferenceStub:
     """Chat streams a chat completion of `messages` (the model's chat template
     is applied by the backend); same shape as Complete.
     """
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embed returns one vector per input text, in order, from a model of type
+    embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+    input longer than the model's context is INVALID_ARGUMENT naming it.
+    """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
+    """Tokenize returns the model's token ids for a text (and, if asked, the
+    bytes each token stands for).
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]
+    """Detokenize returns the text of token ids; an id outside the model's
+    vocabulary is INVALID_ARGUMENT naming it.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -64,6 +77,19 @@ class InferenceAsyncStub(InferenceStub):
     Chat: _aio.UnaryStreamMultiCallable[_inference_pb2.ChatRequest, _inference_pb2.ChatResponse]  # type: ignore[assignment]
     """Chat streams a chat completion of `messages` (the model's chat template
     is applied by the backend); same shape as Complete.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed returns one vector per input text, in order, from a model of type
+    embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+    input longer than the model's context is INVALID_ARGUMENT naming it.
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize returns the model's token ids for a text (and, if asked, the
+    bytes each token stands for).
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize returns the text of token ids; an id outside the model's
+    vocabulary is INVALID_ARGUMENT naming it.
     """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +115,37 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.ChatResponse], _abc.AsyncIterator[_inference_pb2.ChatResponse]]:
         """Chat streams a chat completion of `messages` (the model's chat template
         is applied by the backend); same shape as Complete.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embed returns one vector per input text, in order, from a model of type
+        embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+        input longer than the model's context is INVALID_ARGUMENT naming it.
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _inference_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
+        """Tokenize returns the model's token ids for a text (and, if asked, the
+        bytes each token stands for).
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _inference_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DetokenizeResponse, _abc.Awaitable[_inference_pb2.DetokenizeResponse]]:
+        """Detokenize returns the text of token ids; an id outside the model's
+        vocabulary is INVALID_ARGUMENT naming it.
         """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

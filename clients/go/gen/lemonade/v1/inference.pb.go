@@ -80,6 +80,60 @@ func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{0}
 }
 
+// EmbeddingNormalization is how each vector is scaled.
+type EmbeddingNormalization int32
+
+const (
+	// Euclidean (unit length), as OpenAI's API returns: cosine similarity is
+	// then a dot product.
+	EmbeddingNormalization_EMBEDDING_NORMALIZATION_UNSPECIFIED EmbeddingNormalization = 0
+	// Euclidean (unit length); the same as UNSPECIFIED.
+	EmbeddingNormalization_EMBEDDING_NORMALIZATION_EUCLIDEAN EmbeddingNormalization = 1
+	// The pooled vector as the model makes it.
+	EmbeddingNormalization_EMBEDDING_NORMALIZATION_NONE EmbeddingNormalization = 2
+)
+
+// Enum value maps for EmbeddingNormalization.
+var (
+	EmbeddingNormalization_name = map[int32]string{
+		0: "EMBEDDING_NORMALIZATION_UNSPECIFIED",
+		1: "EMBEDDING_NORMALIZATION_EUCLIDEAN",
+		2: "EMBEDDING_NORMALIZATION_NONE",
+	}
+	EmbeddingNormalization_value = map[string]int32{
+		"EMBEDDING_NORMALIZATION_UNSPECIFIED": 0,
+		"EMBEDDING_NORMALIZATION_EUCLIDEAN":   1,
+		"EMBEDDING_NORMALIZATION_NONE":        2,
+	}
+)
+
+func (x EmbeddingNormalization) Enum() *EmbeddingNormalization {
+	p := new(EmbeddingNormalization)
+	*p = x
+	return p
+}
+
+func (x EmbeddingNormalization) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (EmbeddingNormalization) Descriptor() protoreflect.EnumDescriptor {
+	return file_lemonade_v1_inference_proto_enumTypes[1].Descriptor()
+}
+
+func (EmbeddingNormalization) Type() protoreflect.EnumType {
+	return &file_lemonade_v1_inference_proto_enumTypes[1]
+}
+
+func (x EmbeddingNormalization) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use EmbeddingNormalization.Descriptor instead.
+func (EmbeddingNormalization) EnumDescriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{1}
+}
+
 // CompleteRequest asks for a text completion.
 type CompleteRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -730,6 +784,409 @@ func (x *ChatResponse) GetTimings() *Timings {
 	return nil
 }
 
+// EmbedRequest asks for the embeddings of a batch of texts.
+type EmbedRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog name of a model of type embedding. Required.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The texts, 1..1024 of them, none empty.
+	Inputs []string `protobuf:"bytes,2,rep,name=inputs,proto3" json:"inputs,omitempty"`
+	// How each vector is scaled; unit length by default.
+	Normalization EmbeddingNormalization `protobuf:"varint,3,opt,name=normalization,proto3,enum=lemonade.v1.EmbeddingNormalization" json:"normalization,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EmbedRequest) Reset() {
+	*x = EmbedRequest{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EmbedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EmbedRequest) ProtoMessage() {}
+
+func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
+func (*EmbedRequest) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *EmbedRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *EmbedRequest) GetInputs() []string {
+	if x != nil {
+		return x.Inputs
+	}
+	return nil
+}
+
+func (x *EmbedRequest) GetNormalization() EmbeddingNormalization {
+	if x != nil {
+		return x.Normalization
+	}
+	return EmbeddingNormalization_EMBEDDING_NORMALIZATION_UNSPECIFIED
+}
+
+// Embedding is one text's vector.
+type Embedding struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model's dimension of them.
+	Values        []float32 `protobuf:"fixed32,1,rep,packed,name=values,proto3" json:"values,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Embedding) Reset() {
+	*x = Embedding{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Embedding) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Embedding) ProtoMessage() {}
+
+func (x *Embedding) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
+func (*Embedding) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Embedding) GetValues() []float32 {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+// EmbedResponse holds one embedding per input, in the order of the inputs.
+type EmbedResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// embeddings[i] is the vector of inputs[i].
+	Embeddings []*Embedding `protobuf:"bytes,1,rep,name=embeddings,proto3" json:"embeddings,omitempty"`
+	// Length of every vector.
+	Dimension uint32 `protobuf:"varint,2,opt,name=dimension,proto3" json:"dimension,omitempty"`
+	// prompt_tokens: the tokens of all the inputs together.
+	Usage         *Usage `protobuf:"bytes,3,opt,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EmbedResponse) Reset() {
+	*x = EmbedResponse{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EmbedResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EmbedResponse) ProtoMessage() {}
+
+func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
+func (*EmbedResponse) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *EmbedResponse) GetEmbeddings() []*Embedding {
+	if x != nil {
+		return x.Embeddings
+	}
+	return nil
+}
+
+func (x *EmbedResponse) GetDimension() uint32 {
+	if x != nil {
+		return x.Dimension
+	}
+	return 0
+}
+
+func (x *EmbedResponse) GetUsage() *Usage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+// TokenizeRequest asks for the tokens of a text.
+type TokenizeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog name of the model whose vocabulary is used. Required.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The text; may be empty (no tokens).
+	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
+	// Add the model's special tokens (such as a beginning-of-sequence token)
+	// as a prompt would have them.
+	AddSpecial bool `protobuf:"varint,3,opt,name=add_special,json=addSpecial,proto3" json:"add_special,omitempty"`
+	// Also return `pieces`.
+	WithPieces    bool `protobuf:"varint,4,opt,name=with_pieces,json=withPieces,proto3" json:"with_pieces,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenizeRequest) Reset() {
+	*x = TokenizeRequest{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenizeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenizeRequest) ProtoMessage() {}
+
+func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
+func (*TokenizeRequest) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *TokenizeRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *TokenizeRequest) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *TokenizeRequest) GetAddSpecial() bool {
+	if x != nil {
+		return x.AddSpecial
+	}
+	return false
+}
+
+func (x *TokenizeRequest) GetWithPieces() bool {
+	if x != nil {
+		return x.WithPieces
+	}
+	return false
+}
+
+// TokenizeResponse holds the token ids of the text, in order.
+type TokenizeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ids   []uint32               `protobuf:"varint,1,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	// With `with_pieces`: pieces[i] is the text of ids[i] as bytes (a token
+	// may hold part of a UTF-8 character).
+	Pieces        [][]byte `protobuf:"bytes,2,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenizeResponse) Reset() {
+	*x = TokenizeResponse{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenizeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenizeResponse) ProtoMessage() {}
+
+func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
+func (*TokenizeResponse) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *TokenizeResponse) GetIds() []uint32 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *TokenizeResponse) GetPieces() [][]byte {
+	if x != nil {
+		return x.Pieces
+	}
+	return nil
+}
+
+// DetokenizeRequest asks for the text of token ids.
+type DetokenizeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog name of the model whose vocabulary is used. Required.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Token ids, each below the model's vocabulary size.
+	Ids           []uint32 `protobuf:"varint,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DetokenizeRequest) Reset() {
+	*x = DetokenizeRequest{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DetokenizeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DetokenizeRequest) ProtoMessage() {}
+
+func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
+func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *DetokenizeRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *DetokenizeRequest) GetIds() []uint32 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+// DetokenizeResponse holds the text of the ids.
+type DetokenizeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Text          string                 `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DetokenizeResponse) Reset() {
+	*x = DetokenizeResponse{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DetokenizeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DetokenizeResponse) ProtoMessage() {}
+
+func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
+func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *DetokenizeResponse) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
 var File_lemonade_v1_inference_proto protoreflect.FileDescriptor
 
 const file_lemonade_v1_inference_proto_rawDesc = "" +
@@ -810,14 +1267,49 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"tokenCount\x12>\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x19.lemonade.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x04 \x01(\v2\x12.lemonade.v1.UsageR\x05usage\x12.\n" +
-	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings*_\n" +
+	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\"\x87\x01\n" +
+	"\fEmbedRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
+	"\x06inputs\x18\x02 \x03(\tR\x06inputs\x12I\n" +
+	"\rnormalization\x18\x03 \x01(\x0e2#.lemonade.v1.EmbeddingNormalizationR\rnormalization\"#\n" +
+	"\tEmbedding\x12\x16\n" +
+	"\x06values\x18\x01 \x03(\x02R\x06values\"\x8f\x01\n" +
+	"\rEmbedResponse\x126\n" +
+	"\n" +
+	"embeddings\x18\x01 \x03(\v2\x16.lemonade.v1.EmbeddingR\n" +
+	"embeddings\x12\x1c\n" +
+	"\tdimension\x18\x02 \x01(\rR\tdimension\x12(\n" +
+	"\x05usage\x18\x03 \x01(\v2\x12.lemonade.v1.UsageR\x05usage\"}\n" +
+	"\x0fTokenizeRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x12\n" +
+	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1f\n" +
+	"\vadd_special\x18\x03 \x01(\bR\n" +
+	"addSpecial\x12\x1f\n" +
+	"\vwith_pieces\x18\x04 \x01(\bR\n" +
+	"withPieces\"<\n" +
+	"\x10TokenizeResponse\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\rR\x03ids\x12\x16\n" +
+	"\x06pieces\x18\x02 \x03(\fR\x06pieces\";\n" +
+	"\x11DetokenizeRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\rR\x03ids\"(\n" +
+	"\x12DetokenizeResponse\x12\x12\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text*_\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
-	"\x14FINISH_REASON_LENGTH\x10\x022\x95\x01\n" +
+	"\x14FINISH_REASON_LENGTH\x10\x02*\x8a\x01\n" +
+	"\x16EmbeddingNormalization\x12'\n" +
+	"#EMBEDDING_NORMALIZATION_UNSPECIFIED\x10\x00\x12%\n" +
+	"!EMBEDDING_NORMALIZATION_EUCLIDEAN\x10\x01\x12 \n" +
+	"\x1cEMBEDDING_NORMALIZATION_NONE\x10\x022\xed\x02\n" +
 	"\tInference\x12I\n" +
 	"\bComplete\x12\x1c.lemonade.v1.CompleteRequest\x1a\x1d.lemonade.v1.CompleteResponse0\x01\x12=\n" +
-	"\x04Chat\x12\x18.lemonade.v1.ChatRequest\x1a\x19.lemonade.v1.ChatResponse0\x01B\xbc\x01\n" +
+	"\x04Chat\x12\x18.lemonade.v1.ChatRequest\x1a\x19.lemonade.v1.ChatResponse0\x01\x12>\n" +
+	"\x05Embed\x12\x19.lemonade.v1.EmbedRequest\x1a\x1a.lemonade.v1.EmbedResponse\x12G\n" +
+	"\bTokenize\x12\x1c.lemonade.v1.TokenizeRequest\x1a\x1d.lemonade.v1.TokenizeResponse\x12M\n" +
+	"\n" +
+	"Detokenize\x12\x1e.lemonade.v1.DetokenizeRequest\x1a\x1f.lemonade.v1.DetokenizeResponseB\xbc\x01\n" +
 	"\x0fcom.lemonade.v1B\x0eInferenceProtoP\x01ZLgithub.com/lemonade-grpc/lemonade-grpc/clients/go/gen/lemonade/v1;lemonadev1\xa2\x02\x03LXX\xaa\x02\vLemonade.V1\xca\x02\vLemonade\\V1\xe2\x02\x17Lemonade\\V1\\GPBMetadata\xea\x02\fLemonade::V1b\x06proto3"
 
 var (
@@ -832,35 +1324,52 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 	return file_lemonade_v1_inference_proto_rawDescData
 }
 
-var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_lemonade_v1_inference_proto_goTypes = []any{
-	(FinishReason)(0),        // 0: lemonade.v1.FinishReason
-	(*CompleteRequest)(nil),  // 1: lemonade.v1.CompleteRequest
-	(*ChatMessage)(nil),      // 2: lemonade.v1.ChatMessage
-	(*ChatRequest)(nil),      // 3: lemonade.v1.ChatRequest
-	(*Usage)(nil),            // 4: lemonade.v1.Usage
-	(*Timings)(nil),          // 5: lemonade.v1.Timings
-	(*CompleteResponse)(nil), // 6: lemonade.v1.CompleteResponse
-	(*ChatResponse)(nil),     // 7: lemonade.v1.ChatResponse
+	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
+	(EmbeddingNormalization)(0), // 1: lemonade.v1.EmbeddingNormalization
+	(*CompleteRequest)(nil),     // 2: lemonade.v1.CompleteRequest
+	(*ChatMessage)(nil),         // 3: lemonade.v1.ChatMessage
+	(*ChatRequest)(nil),         // 4: lemonade.v1.ChatRequest
+	(*Usage)(nil),               // 5: lemonade.v1.Usage
+	(*Timings)(nil),             // 6: lemonade.v1.Timings
+	(*CompleteResponse)(nil),    // 7: lemonade.v1.CompleteResponse
+	(*ChatResponse)(nil),        // 8: lemonade.v1.ChatResponse
+	(*EmbedRequest)(nil),        // 9: lemonade.v1.EmbedRequest
+	(*Embedding)(nil),           // 10: lemonade.v1.Embedding
+	(*EmbedResponse)(nil),       // 11: lemonade.v1.EmbedResponse
+	(*TokenizeRequest)(nil),     // 12: lemonade.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),    // 13: lemonade.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),   // 14: lemonade.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),  // 15: lemonade.v1.DetokenizeResponse
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
-	2, // 0: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
-	0, // 1: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	4, // 2: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
-	5, // 3: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
-	0, // 4: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	4, // 5: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
-	5, // 6: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
-	1, // 7: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	3, // 8: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	6, // 9: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	7, // 10: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	9, // [9:11] is the sub-list for method output_type
-	7, // [7:9] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	3,  // 0: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
+	0,  // 1: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	5,  // 2: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
+	6,  // 3: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
+	0,  // 4: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	5,  // 5: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
+	6,  // 6: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
+	1,  // 7: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
+	10, // 8: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
+	5,  // 9: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
+	2,  // 10: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	4,  // 11: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	9,  // 12: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	12, // 13: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	14, // 14: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	7,  // 15: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	8,  // 16: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	11, // 17: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	13, // 18: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	15, // 19: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	15, // [15:20] is the sub-list for method output_type
+	10, // [10:15] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -875,8 +1384,8 @@ func file_lemonade_v1_inference_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   7,
+			NumEnums:      2,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,8 +26,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Inference_Complete_FullMethodName = "/lemonade.v1.Inference/Complete"
-	Inference_Chat_FullMethodName     = "/lemonade.v1.Inference/Chat"
+	Inference_Complete_FullMethodName   = "/lemonade.v1.Inference/Complete"
+	Inference_Chat_FullMethodName       = "/lemonade.v1.Inference/Chat"
+	Inference_Embed_FullMethodName      = "/lemonade.v1.Inference/Embed"
+	Inference_Tokenize_FullMethodName   = "/lemonade.v1.Inference/Tokenize"
+	Inference_Detokenize_FullMethodName = "/lemonade.v1.Inference/Detokenize"
 )
 
 // InferenceClient is the client API for Inference service.
@@ -43,6 +46,16 @@ type InferenceClient interface {
 	// Chat streams a chat completion of `messages` (the model's chat template
 	// is applied by the backend); same shape as Complete.
 	Chat(ctx context.Context, in *ChatRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ChatResponse], error)
+	// Embed returns one vector per input text, in order, from a model of type
+	// embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+	// input longer than the model's context is INVALID_ARGUMENT naming it.
+	Embed(ctx context.Context, in *EmbedRequest, opts ...grpc.CallOption) (*EmbedResponse, error)
+	// Tokenize returns the model's token ids for a text (and, if asked, the
+	// bytes each token stands for).
+	Tokenize(ctx context.Context, in *TokenizeRequest, opts ...grpc.CallOption) (*TokenizeResponse, error)
+	// Detokenize returns the text of token ids; an id outside the model's
+	// vocabulary is INVALID_ARGUMENT naming it.
+	Detokenize(ctx context.Context, in *DetokenizeRequest, opts ...grpc.CallOption) (*DetokenizeResponse, error)
 }
 
 type inferenceClient struct {
@@ -91,6 +104,36 @@ func (c *inferenceClient) Chat(ctx context.Context, in *ChatRequest, opts ...grp
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Inference_ChatClient = grpc.ServerStreamingClient[ChatResponse]
 
+func (c *inferenceClient) Embed(ctx context.Context, in *EmbedRequest, opts ...grpc.CallOption) (*EmbedResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EmbedResponse)
+	err := c.cc.Invoke(ctx, Inference_Embed_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *inferenceClient) Tokenize(ctx context.Context, in *TokenizeRequest, opts ...grpc.CallOption) (*TokenizeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TokenizeResponse)
+	err := c.cc.Invoke(ctx, Inference_Tokenize_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *inferenceClient) Detokenize(ctx context.Context, in *DetokenizeRequest, opts ...grpc.CallOption) (*DetokenizeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DetokenizeResponse)
+	err := c.cc.Invoke(ctx, Inference_Detokenize_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InferenceServer is the server API for Inference service.
 // All implementations must embed UnimplementedInferenceServer
 // for forward compatibility.
@@ -104,6 +147,16 @@ type InferenceServer interface {
 	// Chat streams a chat completion of `messages` (the model's chat template
 	// is applied by the backend); same shape as Complete.
 	Chat(*ChatRequest, grpc.ServerStreamingServer[ChatResponse]) error
+	// Embed returns one vector per input text, in order, from a model of type
+	// embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+	// input longer than the model's context is INVALID_ARGUMENT naming it.
+	Embed(context.Context, *EmbedRequest) (*EmbedResponse, error)
+	// Tokenize returns the model's token ids for a text (and, if asked, the
+	// bytes each token stands for).
+	Tokenize(context.Context, *TokenizeRequest) (*TokenizeResponse, error)
+	// Detokenize returns the text of token ids; an id outside the model's
+	// vocabulary is INVALID_ARGUMENT naming it.
+	Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error)
 	mustEmbedUnimplementedInferenceServer()
 }
 
@@ -119,6 +172,15 @@ func (UnimplementedInferenceServer) Complete(*CompleteRequest, grpc.ServerStream
 }
 func (UnimplementedInferenceServer) Chat(*ChatRequest, grpc.ServerStreamingServer[ChatResponse]) error {
 	return status.Error(codes.Unimplemented, "method Chat not implemented")
+}
+func (UnimplementedInferenceServer) Embed(context.Context, *EmbedRequest) (*EmbedResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Embed not implemented")
+}
+func (UnimplementedInferenceServer) Tokenize(context.Context, *TokenizeRequest) (*TokenizeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Tokenize not implemented")
+}
+func (UnimplementedInferenceServer) Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Detokenize not implemented")
 }
 func (UnimplementedInferenceServer) mustEmbedUnimplementedInferenceServer() {}
 func (UnimplementedInferenceServer) testEmbeddedByValue()                   {}
@@ -163,13 +225,80 @@ func _Inference_Chat_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Inference_ChatServer = grpc.ServerStreamingServer[ChatResponse]
 
+func _Inference_Embed_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EmbedRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServer).Embed(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Inference_Embed_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServer).Embed(ctx, req.(*EmbedRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Inference_Tokenize_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TokenizeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServer).Tokenize(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Inference_Tokenize_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServer).Tokenize(ctx, req.(*TokenizeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Inference_Detokenize_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DetokenizeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServer).Detokenize(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Inference_Detokenize_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServer).Detokenize(ctx, req.(*DetokenizeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Inference_ServiceDesc is the grpc.ServiceDesc for Inference service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var Inference_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "lemonade.v1.Inference",
 	HandlerType: (*InferenceServer)(nil),
-	Methods:     []grpc.MethodDesc{},
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Embed",
+			Handler:    _Inference_Embed_Handler,
+		},
+		{
+			MethodName: "Tokenize",
+			Handler:    _Inference_Tokenize_Handler,
+		},
+		{
+			MethodName: "Detokenize",
+			Handler:    _Inference_Detokenize_Handler,
+		},
+	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Complete",

@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/inference.proto.
  */
 export const file_lemonade_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIrQDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSIsCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkizAMKC0NoYXRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEioKCG1lc3NhZ2VzGAIgAygLMhgubGVtb25hZGUudjEuQ2hhdE1lc3NhZ2USFwoKbWF4X3Rva2VucxgDIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgCSAGIAQESEgoFdG9wX3AYBSABKAJIAogBARISCgV0b3BfaxgGIAEoBUgDiAEBEhEKBHNlZWQYByABKA1IBIgBARIMCgRzdG9wGAggAygJEhIKCmlnbm9yZV9lb3MYCSABKAgSGwoOcmVwZWF0X3BlbmFsdHkYCiABKAJIBYgBARISCgVtaW5fcBgLIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYDCABKAJIB4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgNIAEoAkgIiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iVwoHVGltaW5ncxIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAEgASgBEhEKCXByb21wdF9tcxgCIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoASKxAQoQQ29tcGxldGVSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncyKtAQoMQ2hhdFJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzKl8KDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAjKVAQoJSW5mZXJlbmNlEkkKCENvbXBsZXRlEhwubGVtb25hZGUudjEuQ29tcGxldGVSZXF1ZXN0Gh0ubGVtb25hZGUudjEuQ29tcGxldGVSZXNwb25zZTABEj0KBENoYXQSGC5sZW1vbmFkZS52MS5DaGF0UmVxdWVzdBoZLmxlbW9uYWRlLnYxLkNoYXRSZXNwb25zZTABQrwBCg9jb20ubGVtb25hZGUudjFCDkluZmVyZW5jZVByb3RvUAFaTGdpdGh1Yi5jb20vbGVtb25hZGUtZ3JwYy9sZW1vbmFkZS1ncnBjL2NsaWVudHMvZ28vZ2VuL2xlbW9uYWRlL3YxO2xlbW9uYWRldjGiAgNMWFiqAgtMZW1vbmFkZS5WMcoCC0xlbW9uYWRlXFYx4gIXTGVtb25hZGVcVjFcR1BCTWV0YWRhdGHqAgxMZW1vbmFkZTo6VjFiBnByb3RvMw");
+  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIrQDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSIsCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkizAMKC0NoYXRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEioKCG1lc3NhZ2VzGAIgAygLMhgubGVtb25hZGUudjEuQ2hhdE1lc3NhZ2USFwoKbWF4X3Rva2VucxgDIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgCSAGIAQESEgoFdG9wX3AYBSABKAJIAogBARISCgV0b3BfaxgGIAEoBUgDiAEBEhEKBHNlZWQYByABKA1IBIgBARIMCgRzdG9wGAggAygJEhIKCmlnbm9yZV9lb3MYCSABKAgSGwoOcmVwZWF0X3BlbmFsdHkYCiABKAJIBYgBARISCgVtaW5fcBgLIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYDCABKAJIB4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgNIAEoAkgIiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iVwoHVGltaW5ncxIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAEgASgBEhEKCXByb21wdF9tcxgCIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoASKxAQoQQ29tcGxldGVSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncyKtAQoMQ2hhdFJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzImkKDEVtYmVkUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIOCgZpbnB1dHMYAiADKAkSOgoNbm9ybWFsaXphdGlvbhgDIAEoDjIjLmxlbW9uYWRlLnYxLkVtYmVkZGluZ05vcm1hbGl6YXRpb24iGwoJRW1iZWRkaW5nEg4KBnZhbHVlcxgBIAMoAiJxCg1FbWJlZFJlc3BvbnNlEioKCmVtYmVkZGluZ3MYASADKAsyFi5sZW1vbmFkZS52MS5FbWJlZGRpbmcSEQoJZGltZW5zaW9uGAIgASgNEiEKBXVzYWdlGAMgASgLMhIubGVtb25hZGUudjEuVXNhZ2UiWAoPVG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgwKBHRleHQYAiABKAkSEwoLYWRkX3NwZWNpYWwYAyABKAgSEwoLd2l0aF9waWVjZXMYBCABKAgiLwoQVG9rZW5pemVSZXNwb25zZRILCgNpZHMYASADKA0SDgoGcGllY2VzGAIgAygMIi8KEURldG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgsKA2lkcxgCIAMoDSIiChJEZXRva2VuaXplUmVzcG9uc2USDAoEdGV4dBgBIAEoCSpfCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAIqigEKFkVtYmVkZGluZ05vcm1hbGl6YXRpb24SJwojRU1CRURESU5HX05PUk1BTElaQVRJT05fVU5TUEVDSUZJRUQQABIlCiFFTUJFRERJTkdfTk9STUFMSVpBVElPTl9FVUNMSURFQU4QARIgChxFTUJFRERJTkdfTk9STUFMSVpBVElPTl9OT05FEAIy7QIKCUluZmVyZW5jZRJJCghDb21wbGV0ZRIcLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVxdWVzdBodLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVzcG9uc2UwARI9CgRDaGF0EhgubGVtb25hZGUudjEuQ2hhdFJlcXVlc3QaGS5sZW1vbmFkZS52MS5DaGF0UmVzcG9uc2UwARI+CgVFbWJlZBIZLmxlbW9uYWRlLnYxLkVtYmVkUmVxdWVzdBoaLmxlbW9uYWRlLnYxLkVtYmVkUmVzcG9uc2USRwoIVG9rZW5pemUSHC5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlc3BvbnNlEk0KCkRldG9rZW5pemUSHi5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVxdWVzdBofLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXNwb25zZUK8AQoPY29tLmxlbW9uYWRlLnYxQg5JbmZlcmVuY2VQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM");
 
 /**
  * CompleteRequest asks for a text completion.
@@ -423,6 +423,214 @@ export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_inference, 6);
 
 /**
+ * EmbedRequest asks for the embeddings of a batch of texts.
+ *
+ * @generated from message lemonade.v1.EmbedRequest
+ */
+export type EmbedRequest = Message<"lemonade.v1.EmbedRequest"> & {
+  /**
+   * Catalog name of a model of type embedding. Required.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * The texts, 1..1024 of them, none empty.
+   *
+   * @generated from field: repeated string inputs = 2;
+   */
+  inputs: string[];
+
+  /**
+   * How each vector is scaled; unit length by default.
+   *
+   * @generated from field: lemonade.v1.EmbeddingNormalization normalization = 3;
+   */
+  normalization: EmbeddingNormalization;
+};
+
+/**
+ * Describes the message lemonade.v1.EmbedRequest.
+ * Use `create(EmbedRequestSchema)` to create a new message.
+ */
+export const EmbedRequestSchema: GenMessage<EmbedRequest> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 7);
+
+/**
+ * Embedding is one text's vector.
+ *
+ * @generated from message lemonade.v1.Embedding
+ */
+export type Embedding = Message<"lemonade.v1.Embedding"> & {
+  /**
+   * The model's dimension of them.
+   *
+   * @generated from field: repeated float values = 1;
+   */
+  values: number[];
+};
+
+/**
+ * Describes the message lemonade.v1.Embedding.
+ * Use `create(EmbeddingSchema)` to create a new message.
+ */
+export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 8);
+
+/**
+ * EmbedResponse holds one embedding per input, in the order of the inputs.
+ *
+ * @generated from message lemonade.v1.EmbedResponse
+ */
+export type EmbedResponse = Message<"lemonade.v1.EmbedResponse"> & {
+  /**
+   * embeddings[i] is the vector of inputs[i].
+   *
+   * @generated from field: repeated lemonade.v1.Embedding embeddings = 1;
+   */
+  embeddings: Embedding[];
+
+  /**
+   * Length of every vector.
+   *
+   * @generated from field: uint32 dimension = 2;
+   */
+  dimension: number;
+
+  /**
+   * prompt_tokens: the tokens of all the inputs together.
+   *
+   * @generated from field: lemonade.v1.Usage usage = 3;
+   */
+  usage?: Usage | undefined;
+};
+
+/**
+ * Describes the message lemonade.v1.EmbedResponse.
+ * Use `create(EmbedResponseSchema)` to create a new message.
+ */
+export const EmbedResponseSchema: GenMessage<EmbedResponse> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 9);
+
+/**
+ * TokenizeRequest asks for the tokens of a text.
+ *
+ * @generated from message lemonade.v1.TokenizeRequest
+ */
+export type TokenizeRequest = Message<"lemonade.v1.TokenizeRequest"> & {
+  /**
+   * Catalog name of the model whose vocabulary is used. Required.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * The text; may be empty (no tokens).
+   *
+   * @generated from field: string text = 2;
+   */
+  text: string;
+
+  /**
+   * Add the model's special tokens (such as a beginning-of-sequence token)
+   * as a prompt would have them.
+   *
+   * @generated from field: bool add_special = 3;
+   */
+  addSpecial: boolean;
+
+  /**
+   * Also return `pieces`.
+   *
+   * @generated from field: bool with_pieces = 4;
+   */
+  withPieces: boolean;
+};
+
+/**
+ * Describes the message lemonade.v1.TokenizeRequest.
+ * Use `create(TokenizeRequestSchema)` to create a new message.
+ */
+export const TokenizeRequestSchema: GenMessage<TokenizeRequest> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 10);
+
+/**
+ * TokenizeResponse holds the token ids of the text, in order.
+ *
+ * @generated from message lemonade.v1.TokenizeResponse
+ */
+export type TokenizeResponse = Message<"lemonade.v1.TokenizeResponse"> & {
+  /**
+   * @generated from field: repeated uint32 ids = 1;
+   */
+  ids: number[];
+
+  /**
+   * With `with_pieces`: pieces[i] is the text of ids[i] as bytes (a token
+   * may hold part of a UTF-8 character).
+   *
+   * @generated from field: repeated bytes pieces = 2;
+   */
+  pieces: Uint8Array[];
+};
+
+/**
+ * Describes the message lemonade.v1.TokenizeResponse.
+ * Use `create(TokenizeResponseSchema)` to create a new message.
+ */
+export const TokenizeResponseSchema: GenMessage<TokenizeResponse> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 11);
+
+/**
+ * DetokenizeRequest asks for the text of token ids.
+ *
+ * @generated from message lemonade.v1.DetokenizeRequest
+ */
+export type DetokenizeRequest = Message<"lemonade.v1.DetokenizeRequest"> & {
+  /**
+   * Catalog name of the model whose vocabulary is used. Required.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Token ids, each below the model's vocabulary size.
+   *
+   * @generated from field: repeated uint32 ids = 2;
+   */
+  ids: number[];
+};
+
+/**
+ * Describes the message lemonade.v1.DetokenizeRequest.
+ * Use `create(DetokenizeRequestSchema)` to create a new message.
+ */
+export const DetokenizeRequestSchema: GenMessage<DetokenizeRequest> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 12);
+
+/**
+ * DetokenizeResponse holds the text of the ids.
+ *
+ * @generated from message lemonade.v1.DetokenizeResponse
+ */
+export type DetokenizeResponse = Message<"lemonade.v1.DetokenizeResponse"> & {
+  /**
+   * @generated from field: string text = 1;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message lemonade.v1.DetokenizeResponse.
+ * Use `create(DetokenizeResponseSchema)` to create a new message.
+ */
+export const DetokenizeResponseSchema: GenMessage<DetokenizeResponse> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 13);
+
+/**
  * FinishReason says why generation ended.
  *
  * @generated from enum lemonade.v1.FinishReason
@@ -455,6 +663,41 @@ export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
   enumDesc(file_lemonade_v1_inference, 0);
 
 /**
+ * EmbeddingNormalization is how each vector is scaled.
+ *
+ * @generated from enum lemonade.v1.EmbeddingNormalization
+ */
+export enum EmbeddingNormalization {
+  /**
+   * Euclidean (unit length), as OpenAI's API returns: cosine similarity is
+   * then a dot product.
+   *
+   * @generated from enum value: EMBEDDING_NORMALIZATION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Euclidean (unit length); the same as UNSPECIFIED.
+   *
+   * @generated from enum value: EMBEDDING_NORMALIZATION_EUCLIDEAN = 1;
+   */
+  EUCLIDEAN = 1,
+
+  /**
+   * The pooled vector as the model makes it.
+   *
+   * @generated from enum value: EMBEDDING_NORMALIZATION_NONE = 2;
+   */
+  NONE = 2,
+}
+
+/**
+ * Describes the enum lemonade.v1.EmbeddingNormalization.
+ */
+export const EmbeddingNormalizationSchema: GenEnum<EmbeddingNormalization> = /*@__PURE__*/
+  enumDesc(file_lemonade_v1_inference, 1);
+
+/**
  * Inference generates text. No `Service` suffix: it is what ops type into
  * grpcurl.
  *
@@ -482,6 +725,40 @@ export const Inference: GenService<{
     methodKind: "server_streaming";
     input: typeof ChatRequestSchema;
     output: typeof ChatResponseSchema;
+  },
+  /**
+   * Embed returns one vector per input text, in order, from a model of type
+   * embedding (another model: FAILED_PRECONDITION CAPABILITY_MISSING). An
+   * input longer than the model's context is INVALID_ARGUMENT naming it.
+   *
+   * @generated from rpc lemonade.v1.Inference.Embed
+   */
+  embed: {
+    methodKind: "unary";
+    input: typeof EmbedRequestSchema;
+    output: typeof EmbedResponseSchema;
+  },
+  /**
+   * Tokenize returns the model's token ids for a text (and, if asked, the
+   * bytes each token stands for).
+   *
+   * @generated from rpc lemonade.v1.Inference.Tokenize
+   */
+  tokenize: {
+    methodKind: "unary";
+    input: typeof TokenizeRequestSchema;
+    output: typeof TokenizeResponseSchema;
+  },
+  /**
+   * Detokenize returns the text of token ids; an id outside the model's
+   * vocabulary is INVALID_ARGUMENT naming it.
+   *
+   * @generated from rpc lemonade.v1.Inference.Detokenize
+   */
+  detokenize: {
+    methodKind: "unary";
+    input: typeof DetokenizeRequestSchema;
+    output: typeof DetokenizeResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_lemonade_v1_inference, 0);
