@@ -37,17 +37,27 @@ def grpcurl() -> Path:
 
 
 def recipes() -> list[tuple[str, str]]:
-    """(comment, command) of each grpcurl command in the README's recipe block, continuations joined."""
+    """(comment, command) of each grpcurl command in the README's recipe block, continuations joined.
+
+    A command continues on the next line after a backslash, or while a
+    quoted argument (a JSON request written over several lines) is open.
+    """
     text = README.read_text()
     block = text.split("## Using it with grpcurl", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     found: list[tuple[str, str]] = []
     comment = ""
+    open_command = ""
     for line in block.replace("\\\n", " ").splitlines():
         line = line.strip()
-        if line.startswith("#"):
+        if open_command:
+            line = f"{open_command} {line}"
+        elif line.startswith("#"):
             comment = line.lstrip("# ")
-        elif line.startswith("grpcurl "):
-            found.append((comment, line))
+            continue
+        if line.startswith("grpcurl "):
+            open_command = line if line.count("'") % 2 else ""
+            if not open_command:
+                found.append((comment, line))
     return found
 
 
@@ -117,13 +127,26 @@ def ended(found: list[dict[str, Any]], out: str) -> None:
     assert found[-1]["usage"]["completion_tokens"] >= 1
 
 
+def says_paris(found: list[dict[str, Any]], out: str) -> bool:
+    """A chat that ended, and SmolLM2's answer: the capital of France is Paris."""
+    ended(found, out)
+    return "Paris" in "".join(m.get("text", "") for m in found)
+
+
+def two_vectors_of_576(found: list[dict[str, Any]], out: str) -> bool:
+    return found[0]["dimension"] == 576 and [len(e["values"]) for e in found[0]["embeddings"]] == [576, 576]
+
+
 # What each recipe must show, by its method (and, for Load, its options); the
 # Watch recipes stream for ever: they are read for `first` messages.
 CHECKS: dict[str, tuple[int | None, Check]] = {
     "list": (None, lambda f, out: set(out.split()) >= {"lemonade.v1.ModelControl", "lemonade.v1.Inference"}),
     "describe": (None, lambda f, out: "rpc Load ( .lemonade.v1.LoadRequest )" in out),
     "grpc.health.v1.Health/Check": (None, lambda f, out: f == [{"status": "SERVING"}]),
-    "ListModels": (None, lambda f, out: [m["name"] for m in f[0]["models"]] == ["tiny"]),
+    "ListModels": (
+        None,
+        lambda f, out: sorted(m["name"] for m in f[0]["models"]) == ["smollm2", "smollm2-embed", "tiny"],
+    ),
     "Plan": (
         None,
         lambda f, out: f[0]["outcome"] == "PLAN_OUTCOME_LOAD" and f[0]["options"]["ctx_size"] == 2048,
@@ -131,7 +154,9 @@ CHECKS: dict[str, tuple[int | None, Check]] = {
     "Load": (None, ready()),
     "Load ctx_size": (None, ready(2048)),
     "Complete": (None, ended),
-    "Chat": (None, ended),
+    "Chat": (None, says_paris),
+    "Embed": (None, two_vectors_of_576),
+    "Tokenize": (None, lambda f, out: f == [{"ids": [19556, 905]}]),
     "Status": (None, lambda f, out: [m["name"] for m in f[0]["pool"]["models"]] == ["tiny"]),
     "Pin": (None, lambda f, out: f[0]["status"]["pinned"] is True),
     "Watch": (1, lambda f, out: "snapshot" in f[0]),
@@ -153,7 +178,9 @@ def check_key(command: str) -> str:
     return method
 
 
-def test_the_readme_recipes_do_what_their_comments_say(servers: ServerFactory, grpcurl: Path) -> None:
+def test_the_readme_recipes_do_what_their_comments_say(
+    servers: ServerFactory, grpcurl: Path, smollm2_model: Path
+) -> None:
     server = servers.start()
     found = recipes()
     assert len(found) >= 14, f"the README's recipe block was not found whole: {found}"
