@@ -199,6 +199,32 @@ class Client:
             request.messages.add(role=role, content=content)
         return _messages(self.inference.Chat(request))
 
+    async def embed(
+        self,
+        model: str,
+        inputs: Sequence[str],
+        *,
+        normalize: bool = True,
+    ) -> list[list[float]]:
+        """One vector per input, in order; unit length unless `normalize` is False."""
+        normalization = (
+            ipb.EMBEDDING_NORMALIZATION_EUCLIDEAN if normalize else ipb.EMBEDDING_NORMALIZATION_NONE
+        )
+        request = ipb.EmbedRequest(model=model, inputs=inputs, normalization=normalization)
+        answer = await self.inference.Embed(request)
+        return [list(embedding.values) for embedding in answer.embeddings]
+
+    async def tokenize(self, model: str, text: str, *, add_special: bool = False) -> list[int]:
+        """The model's token ids for `text`."""
+        answer = await self.inference.Tokenize(
+            ipb.TokenizeRequest(model=model, text=text, add_special=add_special)
+        )
+        return list(answer.ids)
+
+    async def detokenize(self, model: str, ids: Sequence[int]) -> str:
+        """The text of token `ids`."""
+        return (await self.inference.Detokenize(ipb.DetokenizeRequest(model=model, ids=ids))).text
+
     async def watch(
         self, since: int | None = None, *, resume: bool = True
     ) -> AsyncIterator[pb.WatchResponse]:

@@ -45,6 +45,24 @@ async def test_load_pin_status_complete_and_chat(servers: ServerFactory, tiny_mo
     assert unloaded == ["tiny"]
 
 
+async def test_embed_tokenize_and_detokenize_on_the_default_models(
+    servers: ServerFactory, smollm2_model: Path
+) -> None:
+    server = servers.start()
+    async with connect(server.address) as client:
+        ids = await client.tokenize("smollm2", "Hello world")
+        text = await client.detokenize("smollm2", ids)
+        unit, raw = (
+            await client.embed("smollm2-embed", ["Paris", "Paris"]),
+            await client.embed("smollm2-embed", ["Paris"], normalize=False),
+        )
+    assert (ids, text) == ([19556, 905], "Hello world")
+    assert len(unit) == 2
+    assert abs(sum(x * x for x in unit[0]) - 1) < 1e-3
+    assert abs(sum(x * x for x in raw[0]) - 1) > 1e-2
+    assert unit[0] == unit[1]
+
+
 async def test_error_details_give_the_reason_and_the_fields_at_fault(
     servers: ServerFactory, tiny_model: Path
 ) -> None:
