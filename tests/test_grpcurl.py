@@ -133,6 +133,13 @@ def says_paris(found: list[dict[str, Any]], out: str) -> bool:
     return "Paris" in "".join(m.get("text", "") for m in found)
 
 
+def weather_json(found: list[dict[str, Any]], out: str) -> bool:
+    """The answer is JSON with the schema's fields (the grammar made from the schema allows nothing else)."""
+    ended(found, out)
+    answer = json.loads("".join(m.get("text", "") for m in found))
+    return sorted(answer) == ["city", "temperature_c"] and isinstance(answer["temperature_c"], int)
+
+
 def two_vectors_of_576(found: list[dict[str, Any]], out: str) -> bool:
     return found[0]["dimension"] == 576 and [len(e["values"]) for e in found[0]["embeddings"]] == [576, 576]
 
@@ -155,6 +162,7 @@ CHECKS: dict[str, tuple[int | None, Check]] = {
     "Load ctx_size": (None, ready(2048)),
     "Complete": (None, ended),
     "Chat": (None, says_paris),
+    "Chat response_format": (None, weather_json),
     "Embed": (None, two_vectors_of_576),
     "Tokenize": (None, lambda f, out: f == [{"ids": [19556, 905]}]),
     "Status": (None, lambda f, out: [m["name"] for m in f[0]["pool"]["models"]] == ["tiny"]),
@@ -173,6 +181,8 @@ def check_key(command: str) -> str:
     method = command.split()[-1].rsplit("/", 1)[-1]
     if "Health" in command:
         return "grpc.health.v1.Health/Check"
+    if method == "Chat" and "response_format" in command:
+        return "Chat response_format"
     if method in ("Load", "Watch") and ("ctx_size" in command or "since_sequence" in command):
         return f"{method} {'ctx_size' if method == 'Load' else 'since_sequence'}"
     return method

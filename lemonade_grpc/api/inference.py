@@ -19,7 +19,7 @@ import grpc
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
-from lemonade_grpc.api import errors, vectors
+from lemonade_grpc.api import errors, formats, vectors
 from lemonade_grpc.backends.chunks import Chunk
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
@@ -229,7 +229,7 @@ class Inference(pb_grpc.InferenceServicer):
         outcome = "cancelled"  # unless it ends otherwise: the client left (or its deadline passed)
         final = reply()
         try:
-            payload = sampling_payload(request) | content(request)
+            payload = sampling_payload(request) | content(request) | formats.format_payload(request)
             async with self._pool.lease(model) as lease:
                 with self._telemetry.backend_call(model, path, lease.backend) as headers:
                     batches = lease.backend.client.stream(

@@ -16,6 +16,7 @@ package lemonadev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	structpb "google.golang.org/protobuf/types/known/structpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -163,8 +164,11 @@ type CompleteRequest struct {
 	PresencePenalty *float32 `protobuf:"fixed32,12,opt,name=presence_penalty,json=presencePenalty,proto3,oneof" json:"presence_penalty,omitempty"`
 	// Frequency penalty, -2..2.
 	FrequencyPenalty *float32 `protobuf:"fixed32,13,opt,name=frequency_penalty,json=frequencyPenalty,proto3,oneof" json:"frequency_penalty,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Constrain the output: any JSON object, JSON valid against a schema, or
+	// a GBNF grammar. Per request: other users of the model are not affected.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,14,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CompleteRequest) Reset() {
@@ -288,6 +292,13 @@ func (x *CompleteRequest) GetFrequencyPenalty() float32 {
 	return 0
 }
 
+func (x *CompleteRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
 // ChatMessage is one turn of a conversation.
 type ChatMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -372,8 +383,11 @@ type ChatRequest struct {
 	PresencePenalty *float32 `protobuf:"fixed32,12,opt,name=presence_penalty,json=presencePenalty,proto3,oneof" json:"presence_penalty,omitempty"`
 	// Frequency penalty, -2..2.
 	FrequencyPenalty *float32 `protobuf:"fixed32,13,opt,name=frequency_penalty,json=frequencyPenalty,proto3,oneof" json:"frequency_penalty,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Constrain the output: any JSON object, JSON valid against a schema, or
+	// a GBNF grammar. Per request: other users of the model are not affected.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,14,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ChatRequest) Reset() {
@@ -497,6 +511,211 @@ func (x *ChatRequest) GetFrequencyPenalty() float32 {
 	return 0
 }
 
+func (x *ChatRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
+// ResponseFormat constrains what a model may generate (the backend's
+// sampler follows a grammar made from it). A schema or grammar the backend
+// cannot use is INVALID_ARGUMENT BACKEND_REJECTED with its message.
+type ResponseFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Format:
+	//
+	//	*ResponseFormat_JsonObject
+	//	*ResponseFormat_JsonSchema
+	//	*ResponseFormat_Grammar
+	Format        isResponseFormat_Format `protobuf_oneof:"format"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseFormat) Reset() {
+	*x = ResponseFormat{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseFormat) ProtoMessage() {}
+
+func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
+func (*ResponseFormat) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ResponseFormat) GetFormat() isResponseFormat_Format {
+	if x != nil {
+		return x.Format
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetJsonObject() *JsonObjectFormat {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_JsonObject); ok {
+			return x.JsonObject
+		}
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetJsonSchema() *JsonSchemaFormat {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_JsonSchema); ok {
+			return x.JsonSchema
+		}
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetGrammar() string {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_Grammar); ok {
+			return x.Grammar
+		}
+	}
+	return ""
+}
+
+type isResponseFormat_Format interface {
+	isResponseFormat_Format()
+}
+
+type ResponseFormat_JsonObject struct {
+	// Any JSON object.
+	JsonObject *JsonObjectFormat `protobuf:"bytes,1,opt,name=json_object,json=jsonObject,proto3,oneof"`
+}
+
+type ResponseFormat_JsonSchema struct {
+	// JSON valid against a JSON Schema.
+	JsonSchema *JsonSchemaFormat `protobuf:"bytes,2,opt,name=json_schema,json=jsonSchema,proto3,oneof"`
+}
+
+type ResponseFormat_Grammar struct {
+	// A grammar in llama.cpp's GBNF (e.g. `root ::= "yes" | "no"`), at most
+	// 64 KiB.
+	Grammar string `protobuf:"bytes,3,opt,name=grammar,proto3,oneof"`
+}
+
+func (*ResponseFormat_JsonObject) isResponseFormat_Format() {}
+
+func (*ResponseFormat_JsonSchema) isResponseFormat_Format() {}
+
+func (*ResponseFormat_Grammar) isResponseFormat_Format() {}
+
+// JsonObjectFormat asks for any JSON object.
+type JsonObjectFormat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JsonObjectFormat) Reset() {
+	*x = JsonObjectFormat{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JsonObjectFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JsonObjectFormat) ProtoMessage() {}
+
+func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JsonObjectFormat.ProtoReflect.Descriptor instead.
+func (*JsonObjectFormat) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
+}
+
+// JsonSchemaFormat asks for JSON valid against `schema`.
+type JsonSchemaFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The JSON Schema, an object (numbers with no fraction are sent as
+	// integers: `"maxItems": 3`). Required.
+	Schema *structpb.Struct `protobuf:"bytes,1,opt,name=schema,proto3" json:"schema,omitempty"`
+	// A name for it (OpenAI's `json_schema.name`); optional.
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JsonSchemaFormat) Reset() {
+	*x = JsonSchemaFormat{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JsonSchemaFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JsonSchemaFormat) ProtoMessage() {}
+
+func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JsonSchemaFormat.ProtoReflect.Descriptor instead.
+func (*JsonSchemaFormat) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *JsonSchemaFormat) GetSchema() *structpb.Struct {
+	if x != nil {
+		return x.Schema
+	}
+	return nil
+}
+
+func (x *JsonSchemaFormat) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // Usage counts tokens.
 type Usage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -510,7 +729,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +741,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +754,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -568,7 +787,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +799,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +812,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Timings) GetTimeToFirstTokenMs() float64 {
@@ -638,7 +857,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -650,7 +869,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -663,7 +882,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CompleteResponse) GetText() string {
@@ -721,7 +940,7 @@ type ChatResponse struct {
 
 func (x *ChatResponse) Reset() {
 	*x = ChatResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -733,7 +952,7 @@ func (x *ChatResponse) String() string {
 func (*ChatResponse) ProtoMessage() {}
 
 func (x *ChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -746,7 +965,7 @@ func (x *ChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatResponse.ProtoReflect.Descriptor instead.
 func (*ChatResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ChatResponse) GetText() string {
@@ -799,7 +1018,7 @@ type EmbedRequest struct {
 
 func (x *EmbedRequest) Reset() {
 	*x = EmbedRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -811,7 +1030,7 @@ func (x *EmbedRequest) String() string {
 func (*EmbedRequest) ProtoMessage() {}
 
 func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -824,7 +1043,7 @@ func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
 func (*EmbedRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *EmbedRequest) GetModel() string {
@@ -859,7 +1078,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1090,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1103,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Embedding) GetValues() []float32 {
@@ -909,7 +1128,7 @@ type EmbedResponse struct {
 
 func (x *EmbedResponse) Reset() {
 	*x = EmbedResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -921,7 +1140,7 @@ func (x *EmbedResponse) String() string {
 func (*EmbedResponse) ProtoMessage() {}
 
 func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -934,7 +1153,7 @@ func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
 func (*EmbedResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EmbedResponse) GetEmbeddings() []*Embedding {
@@ -976,7 +1195,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -988,7 +1207,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1001,7 +1220,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TokenizeRequest) GetModel() string {
@@ -1045,7 +1264,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1057,7 +1276,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1070,7 +1289,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TokenizeResponse) GetIds() []uint32 {
@@ -1100,7 +1319,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1331,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1344,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DetokenizeRequest) GetModel() string {
@@ -1152,7 +1371,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1383,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1396,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1191,7 +1410,7 @@ var File_lemonade_v1_inference_proto protoreflect.FileDescriptor
 
 const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\n" +
-	"\x1blemonade/v1/inference.proto\x12\vlemonade.v1\"\xb6\x04\n" +
+	"\x1blemonade/v1/inference.proto\x12\vlemonade.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xfc\x04\n" +
 	"\x0fCompleteRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\"\n" +
@@ -1208,7 +1427,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	" \x01(\x02H\x05R\rrepeatPenalty\x88\x01\x01\x12\x18\n" +
 	"\x05min_p\x18\v \x01(\x02H\x06R\x04minP\x88\x01\x01\x12.\n" +
 	"\x10presence_penalty\x18\f \x01(\x02H\aR\x0fpresencePenalty\x88\x01\x01\x120\n" +
-	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01B\r\n" +
+	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01\x12D\n" +
+	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormatB\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -1220,7 +1440,7 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x12_frequency_penalty\";\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xd0\x04\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\x96\x05\n" +
 	"\vChatRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x124\n" +
 	"\bmessages\x18\x02 \x03(\v2\x18.lemonade.v1.ChatMessageR\bmessages\x12\"\n" +
@@ -1237,7 +1457,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	" \x01(\x02H\x05R\rrepeatPenalty\x88\x01\x01\x12\x18\n" +
 	"\x05min_p\x18\v \x01(\x02H\x06R\x04minP\x88\x01\x01\x12.\n" +
 	"\x10presence_penalty\x18\f \x01(\x02H\aR\x0fpresencePenalty\x88\x01\x01\x120\n" +
-	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01B\r\n" +
+	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01\x12D\n" +
+	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormatB\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -1246,7 +1467,18 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x0f_repeat_penaltyB\b\n" +
 	"\x06_min_pB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"Y\n" +
+	"\x12_frequency_penalty\"\xba\x01\n" +
+	"\x0eResponseFormat\x12@\n" +
+	"\vjson_object\x18\x01 \x01(\v2\x1d.lemonade.v1.JsonObjectFormatH\x00R\n" +
+	"jsonObject\x12@\n" +
+	"\vjson_schema\x18\x02 \x01(\v2\x1d.lemonade.v1.JsonSchemaFormatH\x00R\n" +
+	"jsonSchema\x12\x1a\n" +
+	"\agrammar\x18\x03 \x01(\tH\x00R\agrammarB\b\n" +
+	"\x06format\"\x12\n" +
+	"\x10JsonObjectFormat\"W\n" +
+	"\x10JsonSchemaFormat\x12/\n" +
+	"\x06schema\x18\x01 \x01(\v2\x17.google.protobuf.StructR\x06schema\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"Y\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\rR\x10completionTokens\"\x86\x01\n" +
@@ -1325,51 +1557,60 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_lemonade_v1_inference_proto_goTypes = []any{
 	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
 	(EmbeddingNormalization)(0), // 1: lemonade.v1.EmbeddingNormalization
 	(*CompleteRequest)(nil),     // 2: lemonade.v1.CompleteRequest
 	(*ChatMessage)(nil),         // 3: lemonade.v1.ChatMessage
 	(*ChatRequest)(nil),         // 4: lemonade.v1.ChatRequest
-	(*Usage)(nil),               // 5: lemonade.v1.Usage
-	(*Timings)(nil),             // 6: lemonade.v1.Timings
-	(*CompleteResponse)(nil),    // 7: lemonade.v1.CompleteResponse
-	(*ChatResponse)(nil),        // 8: lemonade.v1.ChatResponse
-	(*EmbedRequest)(nil),        // 9: lemonade.v1.EmbedRequest
-	(*Embedding)(nil),           // 10: lemonade.v1.Embedding
-	(*EmbedResponse)(nil),       // 11: lemonade.v1.EmbedResponse
-	(*TokenizeRequest)(nil),     // 12: lemonade.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),    // 13: lemonade.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),   // 14: lemonade.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),  // 15: lemonade.v1.DetokenizeResponse
+	(*ResponseFormat)(nil),      // 5: lemonade.v1.ResponseFormat
+	(*JsonObjectFormat)(nil),    // 6: lemonade.v1.JsonObjectFormat
+	(*JsonSchemaFormat)(nil),    // 7: lemonade.v1.JsonSchemaFormat
+	(*Usage)(nil),               // 8: lemonade.v1.Usage
+	(*Timings)(nil),             // 9: lemonade.v1.Timings
+	(*CompleteResponse)(nil),    // 10: lemonade.v1.CompleteResponse
+	(*ChatResponse)(nil),        // 11: lemonade.v1.ChatResponse
+	(*EmbedRequest)(nil),        // 12: lemonade.v1.EmbedRequest
+	(*Embedding)(nil),           // 13: lemonade.v1.Embedding
+	(*EmbedResponse)(nil),       // 14: lemonade.v1.EmbedResponse
+	(*TokenizeRequest)(nil),     // 15: lemonade.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),    // 16: lemonade.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),   // 17: lemonade.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),  // 18: lemonade.v1.DetokenizeResponse
+	(*structpb.Struct)(nil),     // 19: google.protobuf.Struct
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
-	3,  // 0: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
-	0,  // 1: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	5,  // 2: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
-	6,  // 3: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
-	0,  // 4: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	5,  // 5: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
-	6,  // 6: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
-	1,  // 7: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
-	10, // 8: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
-	5,  // 9: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
-	2,  // 10: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	4,  // 11: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	9,  // 12: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
-	12, // 13: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
-	14, // 14: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
-	7,  // 15: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	8,  // 16: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	11, // 17: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
-	13, // 18: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
-	15, // 19: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
-	15, // [15:20] is the sub-list for method output_type
-	10, // [10:15] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	5,  // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	3,  // 1: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
+	5,  // 2: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	6,  // 3: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
+	7,  // 4: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
+	19, // 5: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
+	0,  // 6: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	8,  // 7: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
+	9,  // 8: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
+	0,  // 9: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	8,  // 10: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
+	9,  // 11: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
+	1,  // 12: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
+	13, // 13: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
+	8,  // 14: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
+	2,  // 15: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	4,  // 16: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	12, // 17: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	15, // 18: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	17, // 19: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	10, // 20: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	11, // 21: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	14, // 22: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	16, // 23: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	18, // 24: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	20, // [20:25] is the sub-list for method output_type
+	15, // [15:20] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -1379,13 +1620,18 @@ func file_lemonade_v1_inference_proto_init() {
 	}
 	file_lemonade_v1_inference_proto_msgTypes[0].OneofWrappers = []any{}
 	file_lemonade_v1_inference_proto_msgTypes[2].OneofWrappers = []any{}
+	file_lemonade_v1_inference_proto_msgTypes[3].OneofWrappers = []any{
+		(*ResponseFormat_JsonObject)(nil),
+		(*ResponseFormat_JsonSchema)(nil),
+		(*ResponseFormat_Grammar)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   14,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -11,13 +11,14 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Message } from "@bufbuild/protobuf";
+import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
+import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file lemonade/v1/inference.proto.
  */
 export const file_lemonade_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIrQDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSIsCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkizAMKC0NoYXRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEioKCG1lc3NhZ2VzGAIgAygLMhgubGVtb25hZGUudjEuQ2hhdE1lc3NhZ2USFwoKbWF4X3Rva2VucxgDIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgCSAGIAQESEgoFdG9wX3AYBSABKAJIAogBARISCgV0b3BfaxgGIAEoBUgDiAEBEhEKBHNlZWQYByABKA1IBIgBARIMCgRzdG9wGAggAygJEhIKCmlnbm9yZV9lb3MYCSABKAgSGwoOcmVwZWF0X3BlbmFsdHkYCiABKAJIBYgBARISCgVtaW5fcBgLIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYDCABKAJIB4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgNIAEoAkgIiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iVwoHVGltaW5ncxIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAEgASgBEhEKCXByb21wdF9tcxgCIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoASKxAQoQQ29tcGxldGVSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncyKtAQoMQ2hhdFJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzImkKDEVtYmVkUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIOCgZpbnB1dHMYAiADKAkSOgoNbm9ybWFsaXphdGlvbhgDIAEoDjIjLmxlbW9uYWRlLnYxLkVtYmVkZGluZ05vcm1hbGl6YXRpb24iGwoJRW1iZWRkaW5nEg4KBnZhbHVlcxgBIAMoAiJxCg1FbWJlZFJlc3BvbnNlEioKCmVtYmVkZGluZ3MYASADKAsyFi5sZW1vbmFkZS52MS5FbWJlZGRpbmcSEQoJZGltZW5zaW9uGAIgASgNEiEKBXVzYWdlGAMgASgLMhIubGVtb25hZGUudjEuVXNhZ2UiWAoPVG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgwKBHRleHQYAiABKAkSEwoLYWRkX3NwZWNpYWwYAyABKAgSEwoLd2l0aF9waWVjZXMYBCABKAgiLwoQVG9rZW5pemVSZXNwb25zZRILCgNpZHMYASADKA0SDgoGcGllY2VzGAIgAygMIi8KEURldG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgsKA2lkcxgCIAMoDSIiChJEZXRva2VuaXplUmVzcG9uc2USDAoEdGV4dBgBIAEoCSpfCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAIqigEKFkVtYmVkZGluZ05vcm1hbGl6YXRpb24SJwojRU1CRURESU5HX05PUk1BTElaQVRJT05fVU5TUEVDSUZJRUQQABIlCiFFTUJFRERJTkdfTk9STUFMSVpBVElPTl9FVUNMSURFQU4QARIgChxFTUJFRERJTkdfTk9STUFMSVpBVElPTl9OT05FEAIy7QIKCUluZmVyZW5jZRJJCghDb21wbGV0ZRIcLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVxdWVzdBodLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVzcG9uc2UwARI9CgRDaGF0EhgubGVtb25hZGUudjEuQ2hhdFJlcXVlc3QaGS5sZW1vbmFkZS52MS5DaGF0UmVzcG9uc2UwARI+CgVFbWJlZBIZLmxlbW9uYWRlLnYxLkVtYmVkUmVxdWVzdBoaLmxlbW9uYWRlLnYxLkVtYmVkUmVzcG9uc2USRwoIVG9rZW5pemUSHC5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlc3BvbnNlEk0KCkRldG9rZW5pemUSHi5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVxdWVzdBofLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXNwb25zZUK8AQoPY29tLmxlbW9uYWRlLnYxQg5JbmZlcmVuY2VQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM");
+  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIuoDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdEINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSIsCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiggQKC0NoYXRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEioKCG1lc3NhZ2VzGAIgAygLMhgubGVtb25hZGUudjEuQ2hhdE1lc3NhZ2USFwoKbWF4X3Rva2VucxgDIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgCSAGIAQESEgoFdG9wX3AYBSABKAJIAogBARISCgV0b3BfaxgGIAEoBUgDiAEBEhEKBHNlZWQYByABKA1IBIgBARIMCgRzdG9wGAggAygJEhIKCmlnbm9yZV9lb3MYCSABKAgSGwoOcmVwZWF0X3BlbmFsdHkYCiABKAJIBYgBARISCgVtaW5fcBgLIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYDCABKAJIB4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgNIAEoAkgIiAEBEjQKD3Jlc3BvbnNlX2Zvcm1hdBgOIAEoCzIbLmxlbW9uYWRlLnYxLlJlc3BvbnNlRm9ybWF0Qg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSJXCgdUaW1pbmdzEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYASABKAESEQoJcHJvbXB0X21zGAIgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAMgASgBIrEBChBDb21wbGV0ZVJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzIq0BCgxDaGF0UmVzcG9uc2USDAoEdGV4dBgBIAEoCRITCgt0b2tlbl9jb3VudBgCIAEoDRIwCg1maW5pc2hfcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuRmluaXNoUmVhc29uEiEKBXVzYWdlGAQgASgLMhIubGVtb25hZGUudjEuVXNhZ2USJQoHdGltaW5ncxgFIAEoCzIULmxlbW9uYWRlLnYxLlRpbWluZ3MiaQoMRW1iZWRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEg4KBmlucHV0cxgCIAMoCRI6Cg1ub3JtYWxpemF0aW9uGAMgASgOMiMubGVtb25hZGUudjEuRW1iZWRkaW5nTm9ybWFsaXphdGlvbiIbCglFbWJlZGRpbmcSDgoGdmFsdWVzGAEgAygCInEKDUVtYmVkUmVzcG9uc2USKgoKZW1iZWRkaW5ncxgBIAMoCzIWLmxlbW9uYWRlLnYxLkVtYmVkZGluZxIRCglkaW1lbnNpb24YAiABKA0SIQoFdXNhZ2UYAyABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZSJYCg9Ub2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDAoEdGV4dBgCIAEoCRITCgthZGRfc3BlY2lhbBgDIAEoCBITCgt3aXRoX3BpZWNlcxgEIAEoCCIvChBUb2tlbml6ZVJlc3BvbnNlEgsKA2lkcxgBIAMoDRIOCgZwaWVjZXMYAiADKAwiLwoRRGV0b2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSCwoDaWRzGAIgAygNIiIKEkRldG9rZW5pemVSZXNwb25zZRIMCgR0ZXh0GAEgASgJKl8KDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAiqKAQoWRW1iZWRkaW5nTm9ybWFsaXphdGlvbhInCiNFTUJFRERJTkdfTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEiUKIUVNQkVERElOR19OT1JNQUxJWkFUSU9OX0VVQ0xJREVBThABEiAKHEVNQkVERElOR19OT1JNQUxJWkFUSU9OX05PTkUQAjLtAgoJSW5mZXJlbmNlEkkKCENvbXBsZXRlEhwubGVtb25hZGUudjEuQ29tcGxldGVSZXF1ZXN0Gh0ubGVtb25hZGUudjEuQ29tcGxldGVSZXNwb25zZTABEj0KBENoYXQSGC5sZW1vbmFkZS52MS5DaGF0UmVxdWVzdBoZLmxlbW9uYWRlLnYxLkNoYXRSZXNwb25zZTABEj4KBUVtYmVkEhkubGVtb25hZGUudjEuRW1iZWRSZXF1ZXN0GhoubGVtb25hZGUudjEuRW1iZWRSZXNwb25zZRJHCghUb2tlbml6ZRIcLmxlbW9uYWRlLnYxLlRva2VuaXplUmVxdWVzdBodLmxlbW9uYWRlLnYxLlRva2VuaXplUmVzcG9uc2USTQoKRGV0b2tlbml6ZRIeLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXF1ZXN0Gh8ubGVtb25hZGUudjEuRGV0b2tlbml6ZVJlc3BvbnNlQrwBCg9jb20ubGVtb25hZGUudjFCDkluZmVyZW5jZVByb3RvUAFaTGdpdGh1Yi5jb20vbGVtb25hZGUtZ3JwYy9sZW1vbmFkZS1ncnBjL2NsaWVudHMvZ28vZ2VuL2xlbW9uYWRlL3YxO2xlbW9uYWRldjGiAgNMWFiqAgtMZW1vbmFkZS5WMcoCC0xlbW9uYWRlXFYx4gIXTGVtb25hZGVcVjFcR1BCTWV0YWRhdGHqAgxMZW1vbmFkZTo6VjFiBnByb3RvMw", [file_google_protobuf_struct]);
 
 /**
  * CompleteRequest asks for a text completion.
@@ -115,6 +116,14 @@ export type CompleteRequest = Message<"lemonade.v1.CompleteRequest"> & {
    * @generated from field: optional float frequency_penalty = 13;
    */
   frequencyPenalty?: number | undefined;
+
+  /**
+   * Constrain the output: any JSON object, JSON valid against a schema, or
+   * a GBNF grammar. Per request: other users of the model are not affected.
+   *
+   * @generated from field: lemonade.v1.ResponseFormat response_format = 14;
+   */
+  responseFormat?: ResponseFormat | undefined;
 };
 
 /**
@@ -248,6 +257,14 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
    * @generated from field: optional float frequency_penalty = 13;
    */
   frequencyPenalty?: number | undefined;
+
+  /**
+   * Constrain the output: any JSON object, JSON valid against a schema, or
+   * a GBNF grammar. Per request: other users of the model are not affected.
+   *
+   * @generated from field: lemonade.v1.ResponseFormat response_format = 14;
+   */
+  responseFormat?: ResponseFormat | undefined;
 };
 
 /**
@@ -256,6 +273,96 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_inference, 2);
+
+/**
+ * ResponseFormat constrains what a model may generate (the backend's
+ * sampler follows a grammar made from it). A schema or grammar the backend
+ * cannot use is INVALID_ARGUMENT BACKEND_REJECTED with its message.
+ *
+ * @generated from message lemonade.v1.ResponseFormat
+ */
+export type ResponseFormat = Message<"lemonade.v1.ResponseFormat"> & {
+  /**
+   * @generated from oneof lemonade.v1.ResponseFormat.format
+   */
+  format: {
+    /**
+     * Any JSON object.
+     *
+     * @generated from field: lemonade.v1.JsonObjectFormat json_object = 1;
+     */
+    value: JsonObjectFormat;
+    case: "jsonObject";
+  } | {
+    /**
+     * JSON valid against a JSON Schema.
+     *
+     * @generated from field: lemonade.v1.JsonSchemaFormat json_schema = 2;
+     */
+    value: JsonSchemaFormat;
+    case: "jsonSchema";
+  } | {
+    /**
+     * A grammar in llama.cpp's GBNF (e.g. `root ::= "yes" | "no"`), at most
+     * 64 KiB.
+     *
+     * @generated from field: string grammar = 3;
+     */
+    value: string;
+    case: "grammar";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message lemonade.v1.ResponseFormat.
+ * Use `create(ResponseFormatSchema)` to create a new message.
+ */
+export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 3);
+
+/**
+ * JsonObjectFormat asks for any JSON object.
+ *
+ * @generated from message lemonade.v1.JsonObjectFormat
+ */
+export type JsonObjectFormat = Message<"lemonade.v1.JsonObjectFormat"> & {
+};
+
+/**
+ * Describes the message lemonade.v1.JsonObjectFormat.
+ * Use `create(JsonObjectFormatSchema)` to create a new message.
+ */
+export const JsonObjectFormatSchema: GenMessage<JsonObjectFormat> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 4);
+
+/**
+ * JsonSchemaFormat asks for JSON valid against `schema`.
+ *
+ * @generated from message lemonade.v1.JsonSchemaFormat
+ */
+export type JsonSchemaFormat = Message<"lemonade.v1.JsonSchemaFormat"> & {
+  /**
+   * The JSON Schema, an object (numbers with no fraction are sent as
+   * integers: `"maxItems": 3`). Required.
+   *
+   * @generated from field: google.protobuf.Struct schema = 1;
+   */
+  schema?: JsonObject | undefined;
+
+  /**
+   * A name for it (OpenAI's `json_schema.name`); optional.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message lemonade.v1.JsonSchemaFormat.
+ * Use `create(JsonSchemaFormatSchema)` to create a new message.
+ */
+export const JsonSchemaFormatSchema: GenMessage<JsonSchemaFormat> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 5);
 
 /**
  * Usage counts tokens.
@@ -283,7 +390,7 @@ export type Usage = Message<"lemonade.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 3);
+  messageDesc(file_lemonade_v1_inference, 6);
 
 /**
  * Timings are measured on the last message of a stream.
@@ -319,7 +426,7 @@ export type Timings = Message<"lemonade.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 4);
+  messageDesc(file_lemonade_v1_inference, 7);
 
 /**
  * CompleteResponse is one delta of a completion.
@@ -370,7 +477,7 @@ export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 5);
+  messageDesc(file_lemonade_v1_inference, 8);
 
 /**
  * ChatResponse is one delta of a chat completion; same shape as
@@ -420,7 +527,7 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 6);
+  messageDesc(file_lemonade_v1_inference, 9);
 
 /**
  * EmbedRequest asks for the embeddings of a batch of texts.
@@ -455,7 +562,7 @@ export type EmbedRequest = Message<"lemonade.v1.EmbedRequest"> & {
  * Use `create(EmbedRequestSchema)` to create a new message.
  */
 export const EmbedRequestSchema: GenMessage<EmbedRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 7);
+  messageDesc(file_lemonade_v1_inference, 10);
 
 /**
  * Embedding is one text's vector.
@@ -476,7 +583,7 @@ export type Embedding = Message<"lemonade.v1.Embedding"> & {
  * Use `create(EmbeddingSchema)` to create a new message.
  */
 export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 8);
+  messageDesc(file_lemonade_v1_inference, 11);
 
 /**
  * EmbedResponse holds one embedding per input, in the order of the inputs.
@@ -511,7 +618,7 @@ export type EmbedResponse = Message<"lemonade.v1.EmbedResponse"> & {
  * Use `create(EmbedResponseSchema)` to create a new message.
  */
 export const EmbedResponseSchema: GenMessage<EmbedResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 9);
+  messageDesc(file_lemonade_v1_inference, 12);
 
 /**
  * TokenizeRequest asks for the tokens of a text.
@@ -554,7 +661,7 @@ export type TokenizeRequest = Message<"lemonade.v1.TokenizeRequest"> & {
  * Use `create(TokenizeRequestSchema)` to create a new message.
  */
 export const TokenizeRequestSchema: GenMessage<TokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 10);
+  messageDesc(file_lemonade_v1_inference, 13);
 
 /**
  * TokenizeResponse holds the token ids of the text, in order.
@@ -581,7 +688,7 @@ export type TokenizeResponse = Message<"lemonade.v1.TokenizeResponse"> & {
  * Use `create(TokenizeResponseSchema)` to create a new message.
  */
 export const TokenizeResponseSchema: GenMessage<TokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 11);
+  messageDesc(file_lemonade_v1_inference, 14);
 
 /**
  * DetokenizeRequest asks for the text of token ids.
@@ -609,7 +716,7 @@ export type DetokenizeRequest = Message<"lemonade.v1.DetokenizeRequest"> & {
  * Use `create(DetokenizeRequestSchema)` to create a new message.
  */
 export const DetokenizeRequestSchema: GenMessage<DetokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 12);
+  messageDesc(file_lemonade_v1_inference, 15);
 
 /**
  * DetokenizeResponse holds the text of the ids.
@@ -628,7 +735,7 @@ export type DetokenizeResponse = Message<"lemonade.v1.DetokenizeResponse"> & {
  * Use `create(DetokenizeResponseSchema)` to create a new message.
  */
 export const DetokenizeResponseSchema: GenMessage<DetokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 13);
+  messageDesc(file_lemonade_v1_inference, 16);
 
 /**
  * FinishReason says why generation ended.
