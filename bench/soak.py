@@ -295,8 +295,9 @@ def model_of(process: psutil.Process) -> str:
         return "exiting"  # its memory is already released: a dying process
     if "--" in command and command[0].endswith("setpriv"):
         command = command[command.index("--") + 1 :]
-    if "lemonade_grpc" in command and "serve" in command:
-        return "forking"
+    server = "lemonade_grpc" in command or any(part.endswith("traced_server.py") for part in command)
+    if server and "serve" in command:
+        return "forking"  # a copy of the server, between fork and exec
     if "--model" in command:
         stem = Path(command[command.index("--model") + 1]).stem
         return stem if stem in FAKES else "tiny"
@@ -385,12 +386,15 @@ def write_config(workdir: Path, tiny: Path, memory_headroom_mb: int | None) -> P
     return path
 
 
-def start_server(workdir: Path, config: Path) -> Server:
+def start_server(workdir: Path, config: Path, traced: Path | None = None) -> Server:
+    """The server under test; with `traced`, under `traced_server.py` (tracemalloc snapshots there)."""
     state_dir = workdir / "state"
     log_path = workdir / "server.log"
     tag = uuid.uuid4().hex
     process, address = launch(
-        [sys.executable, "-m", "lemonade_grpc"],
+        [sys.executable, "-m", "lemonade_grpc"]
+        if traced is None
+        else [sys.executable, str(Path(__file__).with_name("traced_server.py")), str(traced)],
         state_dir,
         config,
         log_path,
@@ -1411,6 +1415,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--trend-every", type=float, default=30.0, help="seconds between RSS samples under load (default 30)"
     )
     parser.add_argument(
+        "--tracemalloc",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the server under bench/traced_server.py: tracemalloc snapshots every 30 s into DIR"
+        " (compare them with bench/snapshot_diff.py; RSS then includes tracemalloc's own)",
+    )
+    parser.add_argument(
         "--unbounded",
         action="store_true",
         help="allow a --duration beyond the 10-minute bound (an investigative run; not `make soak`)",
@@ -1439,7 +1451,7 @@ def main(argv: list[str]) -> int:
     record = Record(memory_reasons=args.memory_headroom_mb is not None)
     workdir = Path(tempfile.mkdtemp(prefix="lemonade-soak-"))
     config = write_config(workdir, ensure_tiny_model(), args.memory_headroom_mb)
-    server = start_server(workdir, config)
+    server = start_server(workdir, config, args.tracemalloc)
     record.note(f"server pid {server.process.pid} on {server.address}; work dir {workdir}")
     table: list[str] = []
     started = time.monotonic()

@@ -139,6 +139,19 @@ async def test_finding_2_an_inference_token_never_drops_a_crashed_models_pin(
         assert before.pinned
         broken.touch()
         os.kill(before.pid, signal.SIGKILL)
+
+        async def status() -> pb.ModelStatus:
+            pool = (await client.control.Status(pb.StatusRequest(), metadata=as_reader)).pool
+            [model] = [m for m in pool.models if m.name == "m"]
+            return model
+
+        async def crash_seen() -> pb.ModelStatus | None:
+            model = await status()
+            return model if model.state != pb.MODEL_STATE_READY else None
+
+        # Once the server has seen the crash (before, a request could still reach the dead
+        # backend and end BACKEND_CRASHED: a race of the test's, not the finding).
+        await poll(crash_seen, 30, "the server to see the crash")
         request = inference_pb2.CompleteRequest(model="m", prompt="x", max_tokens=2)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             [r async for r in client.inference.Complete(request, metadata=as_reader)]
@@ -146,11 +159,6 @@ async def test_finding_2_an_inference_token_never_drops_a_crashed_models_pin(
             grpc.StatusCode.UNAVAILABLE,
             "BACKEND_START_FAILED",
         )
-
-        async def status() -> pb.ModelStatus:
-            pool = (await client.control.Status(pb.StatusRequest(), metadata=as_reader)).pool
-            [model] = [m for m in pool.models if m.name == "m"]
-            return model
 
         failed = await status()
         assert (failed.state, failed.pinned) == (pb.MODEL_STATE_FAILED, True)

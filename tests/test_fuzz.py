@@ -398,6 +398,15 @@ def _set(message: Message, field: FieldDescriptor, value: Any) -> None:
 
 def _extend(message: Message, field: FieldDescriptor, values: list[Any]) -> None:
     container = getattr(message, field.name)
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        # A map (a Struct's fields): each value drawn is an entry message.
+        value_field = field.message_type.fields_by_name["value"]
+        for entry in values:
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                container[entry.key].CopyFrom(entry.value)
+            else:
+                container[entry.key] = entry.value
+        return
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         for value in values:
             container.add().CopyFrom(value)

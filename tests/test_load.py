@@ -78,7 +78,11 @@ async def test_status_and_list_models_follow_the_pool(control: ModelControlAsync
         (pb.MODEL_TYPE_LLM, 1, 0),
     ]
     catalog = await control.ListModels(pb.ListModelsRequest())
-    assert [(m.name, m.loaded) for m in catalog.models] == [("tiny", False)]
+    assert [(m.name, m.loaded) for m in catalog.models] == [
+        ("smollm2", False),
+        ("smollm2-embed", False),
+        ("tiny", False),
+    ]
 
     ready = (await load(control, pb.LoadRequest(model="tiny")))[-1]
     status = await control.Status(pb.StatusRequest())
@@ -89,7 +93,11 @@ async def test_status_and_list_models_follow_the_pool(control: ModelControlAsync
     assert status.pool.memory.total_bytes >= status.pool.memory.available_bytes > 0
     assert status.pool.sequence > empty.pool.sequence
     catalog = await control.ListModels(pb.ListModelsRequest())
-    assert [(m.name, m.loaded, m.state) for m in catalog.models] == [("tiny", True, pb.MODEL_STATE_READY)]
+    assert [(m.name, m.loaded, m.state) for m in catalog.models] == [
+        ("smollm2", False, pb.MODEL_STATE_UNSPECIFIED),
+        ("smollm2-embed", False, pb.MODEL_STATE_UNSPECIFIED),
+        ("tiny", True, pb.MODEL_STATE_READY),
+    ]
 
 
 async def test_unload_stops_the_process(control: ModelControlAsyncStub) -> None:
