@@ -178,32 +178,26 @@ def builtin_catalog(tiny_model: Path, smollm2: Path | None) -> dict[str, ModelSp
     (issue 19: a newcomer's first chat reads as English, and Embed has a
     model); and the generated tiny model (random weights: fast, and noise).
     """
-    catalog = {
-        TINY_MODEL: ModelSpec(
-            name=TINY_MODEL,
-            recipe=Recipe.LLAMACPP,
-            path=tiny_model,
-            type=ModelType.LLM,
-            defaults=EffectiveOptions(ctx_size=DEFAULT_CTX_SIZE, idle_unload_seconds=None, backend_args=()),
-        )
-    }
+    catalog = {TINY_MODEL: _builtin(TINY_MODEL, tiny_model, ModelType.LLM, DEFAULT_CTX_SIZE)}
     if smollm2 is not None:
-        catalog[CHAT_MODEL] = ModelSpec(
-            name=CHAT_MODEL,
-            recipe=Recipe.LLAMACPP,
-            path=smollm2,
-            type=ModelType.LLM,
-            defaults=EffectiveOptions(ctx_size=DEFAULT_CTX_SIZE, idle_unload_seconds=None, backend_args=()),
-        )
-        catalog[EMBEDDING_MODEL] = ModelSpec(
-            name=EMBEDDING_MODEL,
-            recipe=Recipe.LLAMACPP,
-            path=smollm2,
-            type=ModelType.EMBEDDING,
-            defaults=EffectiveOptions(ctx_size=EMBEDDING_CTX_SIZE, idle_unload_seconds=None, backend_args=()),
-            pooling=DEFAULT_POOLING,
+        catalog[CHAT_MODEL] = _builtin(CHAT_MODEL, smollm2, ModelType.LLM, DEFAULT_CTX_SIZE)
+        catalog[EMBEDDING_MODEL] = _builtin(
+            EMBEDDING_MODEL, smollm2, ModelType.EMBEDDING, EMBEDDING_CTX_SIZE, DEFAULT_POOLING
         )
     return catalog
+
+
+def _builtin(
+    name: str, path: Path, model_type: ModelType, ctx_size: int, pooling: str | None = None
+) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        recipe=Recipe.LLAMACPP,
+        path=path,
+        type=model_type,
+        defaults=EffectiveOptions(ctx_size=ctx_size, idle_unload_seconds=None, backend_args=()),
+        pooling=pooling,
+    )
 
 
 # Each numeric field of [pool] and [limits]: its range and whether it must be

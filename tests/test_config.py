@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from lemonade_grpc.backends.recipes import backend_argv, embedding_args
 from lemonade_grpc.catalog import ModelType, Recipe
 from lemonade_grpc.config import ConfigError, Overrides, load
+from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -153,3 +155,48 @@ def test_bad_telemetry_settings_name_the_field(tmp_path: Path, line: str, field:
     with pytest.raises(ConfigError) as error:
         load(Overrides(config=path, state_dir=tmp_path), env={})
     assert error.value.field == field
+
+
+def test_an_embedding_models_pooling_comes_from_the_catalog_else_its_gguf_else_last(tmp_path: Path) -> None:
+    """issue 19: a model of type embedding is started to embed, with a pooling decided with the config."""
+    tiny = ensure_tiny_model()  # a GGUF that names no pooling
+    path = write(
+        tmp_path,
+        f"""
+[models.named]
+path = "{tiny}"
+type = "embedding"
+pooling = "mean"
+[models.gguf]
+path = "{tiny}"
+type = "embedding"
+ctx_size = 1024
+[models.chat]
+path = "{tiny}"
+""",
+    )
+    models = load(Overrides(config=path), env={}).models
+    assert (models["named"].pooling, models["gguf"].pooling, models["chat"].pooling) == ("mean", "last", None)
+    gguf = models["gguf"]
+    assert embedding_args(gguf, gguf.defaults) == [
+        *("--embeddings", "--pooling", "last"),
+        *("--batch-size", "1024", "--ubatch-size", "1024"),
+    ]
+    chat = models["chat"]
+    assert "--embeddings" not in backend_argv(chat, chat.defaults, 8080)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        'path = "m.gguf"\ntype = "embedding"\npooling = "none"',  # Embed needs a pooled vector
+        'path = "m.gguf"\ntype = "embedding"\npooling = 3',
+        'path = "m.gguf"\npooling = "mean"',  # a chat model
+        'recipe = "command"\npath = "m.gguf"\ntype = "embedding"\ncommand = ["{port}"]\npooling = "mean"',
+    ],
+)
+def test_a_pooling_that_cannot_apply_names_the_field(tmp_path: Path, entry: str) -> None:
+    path = write(tmp_path, f"[models.e]\n{entry}\n")
+    with pytest.raises(ConfigError) as refused:
+        load(Overrides(config=path), env={})
+    assert refused.value.field == "models.e.pooling"
