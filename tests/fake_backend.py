@@ -24,6 +24,13 @@ finding 7); `--spew-stderr-bytes N` writes N bytes to stderr at start, before
 the port is bound, so a load's end means they were written (issue 18 finding 6:
 logs that would fill a disk).
 
+Scripted (issue 19: what llama-server sends for tool calls or reasoning,
+which the real small model cannot be made to send): `--script FILE`
+answers every generation with FILE's bytes (SSE events as llama-server
+writes them), `--split-bytes N` in writes of N bytes (split anywhere, even
+inside a UTF-8 character); `--request-log FILE` appends each generation
+request's body, so a test sees what was sent.
+
 Stepped by the test (issue 18 finding 12: time and pacing driven by the test,
 not guessed): `--stepped` makes each token wait for a permit that
 `POST /release` (body `{"tokens": N}`) gives; the release answers once those
@@ -67,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pid-log", type=Path)
     parser.add_argument("--stepped", action="store_true")
     parser.add_argument("--ready-file", type=Path)
+    parser.add_argument("--script", type=Path)  # answer every generation with these SSE bytes
+    parser.add_argument("--split-bytes", type=int, default=0)  # ... written this many bytes at a time
+    parser.add_argument("--request-log", type=Path)  # append each generation request's body (a JSON line)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
 
@@ -126,6 +136,12 @@ class FakeBackend:
             await self.release(int(json.loads(body)["tokens"]))
             await respond(writer, 200, json.dumps({"tokens_sent": self.tokens_sent}))
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            if self.args.request_log is not None:
+                with self.args.request_log.open("ab") as log:
+                    log.write(body + b"\n")
+            if self.args.script is not None:
+                await scripted(writer, self.args.script.read_bytes(), self.args.split_bytes)
+                return
             if self.not_http_left > 0:
                 self.not_http_left -= 1
                 writer.write(b"SSH-2.0-not-http\r\n\r\n")
@@ -224,6 +240,16 @@ def write_stderr(count: int, label: str) -> None:
         while view:
             view = view[os.write(2, view) :]
         count -= size
+
+
+async def scripted(writer: asyncio.StreamWriter, body: bytes, split: int) -> None:
+    """An SSE answer of exactly `body`, written `split` bytes at a time (all at once for 0)."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+    step = split or len(body) or 1
+    for start in range(0, len(body), step):
+        writer.write(body[start : start + step])
+        await writer.drain()
+        await asyncio.sleep(0)  # a write each: the reader sees the pieces apart
 
 
 def sse(event: Mapping[str, object]) -> bytes:

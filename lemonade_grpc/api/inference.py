@@ -19,7 +19,7 @@ import grpc
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
-from lemonade_grpc.api import errors, formats, vectors
+from lemonade_grpc.api import errors, formats, tools, vectors
 from lemonade_grpc.backends.chunks import Chunk
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
@@ -28,7 +28,11 @@ from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.telemetry.streams import StreamTelemetry
 
 Context = grpc.aio.ServicerContext
-FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+}
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
@@ -89,9 +93,10 @@ def prompt_payload(request: pb.CompleteRequest) -> dict[str, Any]:
 
 
 def chat_payload(request: pb.ChatRequest) -> dict[str, Any]:
-    """The OpenAI-style messages of a Chat request; raises `InvalidRequest` naming a bad one."""
+    """The OpenAI-style messages (and tools) of a Chat request; raises `InvalidRequest` naming a bad one."""
     if not request.messages:
         raise InvalidRequest("messages must hold at least one message", field="messages")
+    messages = []
     for index, message in enumerate(request.messages):
         if message.role not in CHAT_ROLES:
             roles = ", ".join(sorted(CHAT_ROLES))
@@ -99,7 +104,8 @@ def chat_payload(request: pb.ChatRequest) -> dict[str, Any]:
                 f"messages[{index}].role must be one of {roles}, got {message.role!r}",
                 field=f"messages[{index}].role",
             )
-    return {"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
+        messages.append(tools.message_payload(message, index))
+    return {"messages": messages} | tools.tools_payload(request)
 
 
 Request = TypeVar("Request", pb.CompleteRequest, pb.ChatRequest)
@@ -237,17 +243,15 @@ class Inference(pb_grpc.InferenceServicer):
                     )
                     try:
                         async for batch in batches:
-                            texts = []
+                            deltas = [chunk for chunk in batch if chunk.has_delta]
                             for chunk in batch:
-                                if chunk.text:
-                                    texts.append(chunk.text)
                                 if chunk.is_last:
                                     _fill_final(final, chunk)
-                            if texts:
+                            if deltas:
                                 if not first_token_ms:
                                     first_token_ms = (time.perf_counter() - started) * 1000
-                                tokens += len(texts)
-                                yield reply(text="".join(texts), token_count=len(texts))
+                                tokens += len(deltas)
+                                yield _delta(reply, deltas)
                     except BackendHTTPError as error:
                         raise _http_error(error) from error
                     except BackendConnectionError as error:
@@ -270,6 +274,17 @@ class Inference(pb_grpc.InferenceServicer):
             self._telemetry.stream_ended(label, tokens, first_token_ms / 1000, outcome)
         final.timings.time_to_first_token_ms = first_token_ms
         yield final
+
+
+def _delta(reply: type[Reply], deltas: list[Chunk]) -> Reply:
+    """One message of the deltas of a batch: their text joined (and, for Chat, reasoning and tool calls)."""
+    message = reply(text="".join(chunk.text for chunk in deltas), token_count=len(deltas))
+    if isinstance(message, pb.ChatResponse):
+        message.reasoning = "".join(chunk.reasoning for chunk in deltas)
+        pieces = [piece for chunk in deltas for piece in chunk.tool_calls or ()]
+        if pieces:
+            message.tool_calls.extend(tools.join_pieces(pieces))
+    return message
 
 
 def _http_error(error: BackendHTTPError) -> PoolError:

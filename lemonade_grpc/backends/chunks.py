@@ -15,20 +15,39 @@ from lemonade_grpc.backends.http import BackendHTTPError
 
 
 @dataclass(slots=True)
+class ToolCallPiece:
+    """A piece of a streamed tool call: `id` and `name` on its first piece, more `arguments` on each."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(slots=True)
 class Chunk:
     """One parsed SSE event of a completion stream.
 
-    `text` is the delta (possibly empty); the other fields are set on the
-    event that carries them (llama-server sends `finish_reason` and `timings`
-    on the last content event and `usage` on a separate, final one).
+    `text` is the delta (possibly empty), `reasoning` the delta of a
+    thinking model's reasoning (`reasoning_content`), `tool_calls` the
+    pieces of tool calls it carries (None: none); the other fields are set
+    on the event that carries them (llama-server sends `finish_reason` and
+    `timings` on the last content event and `usage` on a separate, final one).
     """
 
     text: str
+    reasoning: str = ""
+    tool_calls: list[ToolCallPiece] | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     prompt_ms: float | None = None
     tokens_per_second: float | None = None
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether it carries generated output (text, reasoning or a tool call's piece)."""
+        return bool(self.text or self.reasoning or self.tool_calls)
 
     @property
     def is_last(self) -> bool:
@@ -78,6 +97,8 @@ def parse_chunk(event: object) -> Chunk:
         if not isinstance(text, str | None) or not isinstance(finish_reason, str | None):
             raise MalformedEvent("text and finish_reason must be strings")
         chunk.text = text or ""
+        if isinstance(delta, dict) and (len(delta) > 1 or "content" not in delta):  # reasoning, tool calls
+            _chat_delta(delta, chunk)
         chunk.finish_reason = finish_reason
     usage = event.get("usage")
     if isinstance(usage, dict):
@@ -88,6 +109,35 @@ def parse_chunk(event: object) -> Chunk:
         chunk.prompt_ms = _field(timings, "prompt_ms", float, 1e12)
         chunk.tokens_per_second = _field(timings, "predicted_per_second", float, 1e12)
     return chunk
+
+
+# The most tool calls one answer may make (their `index`): far above what any model makes.
+MAX_TOOL_CALLS = 1024
+
+
+def _chat_delta(delta: dict[str, Any], chunk: Chunk) -> None:
+    """What a chat delta carries besides its content: reasoning text and pieces of tool calls."""
+    reasoning = delta.get("reasoning_content")
+    if not isinstance(reasoning, str | None):
+        raise MalformedEvent("reasoning_content must be a string")
+    chunk.reasoning = reasoning or ""
+    calls = delta.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise MalformedEvent("tool_calls must be a list")
+    pieces = []
+    for call in calls:
+        function = call.get("function", {}) if isinstance(call, dict) else None
+        index = call.get("index") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or type(index) is not int or not 0 <= index < MAX_TOOL_CALLS:
+            raise MalformedEvent("a tool call must be an object with an index in 0..1023 and a function")
+        fields = (call.get("id"), function.get("name"), function.get("arguments"))
+        if not all(isinstance(value, str | None) for value in fields):
+            raise MalformedEvent("a tool call's id, name and arguments must be strings")
+        call_id, name, arguments = (value or "" for value in fields)
+        pieces.append(ToolCallPiece(index, call_id, name, arguments))
+    chunk.tool_calls = pieces or None
 
 
 def _field(table: dict[str, Any], name: str, kind: type[int] | type[float], high: float) -> Any:

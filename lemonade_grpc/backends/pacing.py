@@ -25,7 +25,7 @@ class Pacer:
 
     def hold_until(self, batch: list[Chunk], now: float) -> float:
         """The time (`now`'s clock) before which the read after `batch` should wait; 0.0: read at once."""
-        texts = sum(1 for chunk in batch if chunk.text)
+        texts = sum(1 for chunk in batch if chunk.has_delta)
         if not texts:
             return 0.0
         previous, self._last = self._last, now

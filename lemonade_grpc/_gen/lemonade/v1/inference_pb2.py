@@ -25,51 +25,61 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blemonade/v1/inference.proto\x12\x0blemonade.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xea\x03\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1b.lemonade.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x82\x04\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.lemonade.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1b.lemonade.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x99\x01\n\x0eResponseFormat\x12\x34\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x1d.lemonade.v1.JsonObjectFormatH\x00\x12\x34\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1d.lemonade.v1.JsonSchemaFormatH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x12\n\x10JsonObjectFormat\"I\n\x10JsonSchemaFormat\x12\'\n\x06schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04name\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"W\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\"\xb1\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.lemonade.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.lemonade.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lemonade.v1.Timings\"\xad\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.lemonade.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.lemonade.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lemonade.v1.Timings\"i\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12:\n\rnormalization\x18\x03 \x01(\x0e\x32#.lemonade.v1.EmbeddingNormalization\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"q\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.lemonade.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\r\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.lemonade.v1.Usage\"X\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\x0c\"/\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\x8a\x01\n\x16\x45mbeddingNormalization\x12\'\n#EMBEDDING_NORMALIZATION_UNSPECIFIED\x10\x00\x12%\n!EMBEDDING_NORMALIZATION_EUCLIDEAN\x10\x01\x12 \n\x1c\x45MBEDDING_NORMALIZATION_NONE\x10\x02\x32\xed\x02\n\tInference\x12I\n\x08\x43omplete\x12\x1c.lemonade.v1.CompleteRequest\x1a\x1d.lemonade.v1.CompleteResponse0\x01\x12=\n\x04\x43hat\x12\x18.lemonade.v1.ChatRequest\x1a\x19.lemonade.v1.ChatResponse0\x01\x12>\n\x05\x45mbed\x12\x19.lemonade.v1.EmbedRequest\x1a\x1a.lemonade.v1.EmbedResponse\x12G\n\x08Tokenize\x12\x1c.lemonade.v1.TokenizeRequest\x1a\x1d.lemonade.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.lemonade.v1.DetokenizeRequest\x1a\x1f.lemonade.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blemonade/v1/inference.proto\x12\x0blemonade.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xea\x03\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1b.lemonade.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"m\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.lemonade.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"V\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\nToolChoice\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.lemonade.v1.ToolChoiceModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xd2\x04\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.lemonade.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1b\n\x0erepeat_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x08\x88\x01\x01\x12\x34\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1b.lemonade.v1.ResponseFormat\x12 \n\x05tools\x18\x0f \x03(\x0b\x32\x11.lemonade.v1.Tool\x12,\n\x0btool_choice\x18\x10 \x01(\x0b\x32\x17.lemonade.v1.ToolChoiceB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x99\x01\n\x0eResponseFormat\x12\x34\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x1d.lemonade.v1.JsonObjectFormatH\x00\x12\x34\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1d.lemonade.v1.JsonSchemaFormatH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x12\n\x10JsonObjectFormat\"I\n\x10JsonSchemaFormat\x12\'\n\x06schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04name\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"W\n\x07Timings\x12\x1e\n\x16time_to_first_token_ms\x18\x01 \x01(\x01\x12\x11\n\tprompt_ms\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\"\xb1\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.lemonade.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.lemonade.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lemonade.v1.Timings\"\xf0\x01\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.lemonade.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.lemonade.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.lemonade.v1.Timings\x12.\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1a.lemonade.v1.ToolCallDelta\x12\x11\n\treasoning\x18\x07 \x01(\t\"i\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12:\n\rnormalization\x18\x03 \x01(\x0e\x32#.lemonade.v1.EmbeddingNormalization\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"q\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.lemonade.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\r\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.lemonade.v1.Usage\"X\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06pieces\x18\x02 \x03(\x0c\"/\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\x8a\x01\n\x16\x45mbeddingNormalization\x12\'\n#EMBEDDING_NORMALIZATION_UNSPECIFIED\x10\x00\x12%\n!EMBEDDING_NORMALIZATION_EUCLIDEAN\x10\x01\x12 \n\x1c\x45MBEDDING_NORMALIZATION_NONE\x10\x02\x32\xed\x02\n\tInference\x12I\n\x08\x43omplete\x12\x1c.lemonade.v1.CompleteRequest\x1a\x1d.lemonade.v1.CompleteResponse0\x01\x12=\n\x04\x43hat\x12\x18.lemonade.v1.ChatRequest\x1a\x19.lemonade.v1.ChatResponse0\x01\x12>\n\x05\x45mbed\x12\x19.lemonade.v1.EmbedRequest\x1a\x1a.lemonade.v1.EmbedResponse\x12G\n\x08Tokenize\x12\x1c.lemonade.v1.TokenizeRequest\x1a\x1d.lemonade.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.lemonade.v1.DetokenizeRequest\x1a\x1f.lemonade.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lemonade.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2360
-  _globals['_FINISHREASON']._serialized_end=2455
-  _globals['_EMBEDDINGNORMALIZATION']._serialized_start=2458
-  _globals['_EMBEDDINGNORMALIZATION']._serialized_end=2596
+  _globals['_FINISHREASON']._serialized_start=2883
+  _globals['_FINISHREASON']._serialized_end=3008
+  _globals['_TOOLCHOICEMODE']._serialized_start=3011
+  _globals['_TOOLCHOICEMODE']._serialized_end=3146
+  _globals['_EMBEDDINGNORMALIZATION']._serialized_start=3149
+  _globals['_EMBEDDINGNORMALIZATION']._serialized_end=3287
   _globals['_COMPLETEREQUEST']._serialized_start=75
   _globals['_COMPLETEREQUEST']._serialized_end=565
   _globals['_CHATMESSAGE']._serialized_start=567
-  _globals['_CHATMESSAGE']._serialized_end=611
-  _globals['_CHATREQUEST']._serialized_start=614
-  _globals['_CHATREQUEST']._serialized_end=1128
-  _globals['_RESPONSEFORMAT']._serialized_start=1131
-  _globals['_RESPONSEFORMAT']._serialized_end=1284
-  _globals['_JSONOBJECTFORMAT']._serialized_start=1286
-  _globals['_JSONOBJECTFORMAT']._serialized_end=1304
-  _globals['_JSONSCHEMAFORMAT']._serialized_start=1306
-  _globals['_JSONSCHEMAFORMAT']._serialized_end=1379
-  _globals['_USAGE']._serialized_start=1381
-  _globals['_USAGE']._serialized_end=1438
-  _globals['_TIMINGS']._serialized_start=1440
-  _globals['_TIMINGS']._serialized_end=1527
-  _globals['_COMPLETERESPONSE']._serialized_start=1530
-  _globals['_COMPLETERESPONSE']._serialized_end=1707
-  _globals['_CHATRESPONSE']._serialized_start=1710
-  _globals['_CHATRESPONSE']._serialized_end=1883
-  _globals['_EMBEDREQUEST']._serialized_start=1885
-  _globals['_EMBEDREQUEST']._serialized_end=1990
-  _globals['_EMBEDDING']._serialized_start=1992
-  _globals['_EMBEDDING']._serialized_end=2019
-  _globals['_EMBEDRESPONSE']._serialized_start=2021
-  _globals['_EMBEDRESPONSE']._serialized_end=2134
-  _globals['_TOKENIZEREQUEST']._serialized_start=2136
-  _globals['_TOKENIZEREQUEST']._serialized_end=2224
-  _globals['_TOKENIZERESPONSE']._serialized_start=2226
-  _globals['_TOKENIZERESPONSE']._serialized_end=2273
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2275
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2322
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2324
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2358
-  _globals['_INFERENCE']._serialized_start=2599
-  _globals['_INFERENCE']._serialized_end=2964
+  _globals['_CHATMESSAGE']._serialized_end=676
+  _globals['_TOOL']._serialized_start=678
+  _globals['_TOOL']._serialized_end=764
+  _globals['_TOOLCHOICE']._serialized_start=766
+  _globals['_TOOLCHOICE']._serialized_end=853
+  _globals['_TOOLCALL']._serialized_start=855
+  _globals['_TOOLCALL']._serialized_end=910
+  _globals['_TOOLCALLDELTA']._serialized_start=912
+  _globals['_TOOLCALLDELTA']._serialized_end=987
+  _globals['_CHATREQUEST']._serialized_start=990
+  _globals['_CHATREQUEST']._serialized_end=1584
+  _globals['_RESPONSEFORMAT']._serialized_start=1587
+  _globals['_RESPONSEFORMAT']._serialized_end=1740
+  _globals['_JSONOBJECTFORMAT']._serialized_start=1742
+  _globals['_JSONOBJECTFORMAT']._serialized_end=1760
+  _globals['_JSONSCHEMAFORMAT']._serialized_start=1762
+  _globals['_JSONSCHEMAFORMAT']._serialized_end=1835
+  _globals['_USAGE']._serialized_start=1837
+  _globals['_USAGE']._serialized_end=1894
+  _globals['_TIMINGS']._serialized_start=1896
+  _globals['_TIMINGS']._serialized_end=1983
+  _globals['_COMPLETERESPONSE']._serialized_start=1986
+  _globals['_COMPLETERESPONSE']._serialized_end=2163
+  _globals['_CHATRESPONSE']._serialized_start=2166
+  _globals['_CHATRESPONSE']._serialized_end=2406
+  _globals['_EMBEDREQUEST']._serialized_start=2408
+  _globals['_EMBEDREQUEST']._serialized_end=2513
+  _globals['_EMBEDDING']._serialized_start=2515
+  _globals['_EMBEDDING']._serialized_end=2542
+  _globals['_EMBEDRESPONSE']._serialized_start=2544
+  _globals['_EMBEDRESPONSE']._serialized_end=2657
+  _globals['_TOKENIZEREQUEST']._serialized_start=2659
+  _globals['_TOKENIZEREQUEST']._serialized_end=2747
+  _globals['_TOKENIZERESPONSE']._serialized_start=2749
+  _globals['_TOKENIZERESPONSE']._serialized_end=2796
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2798
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2845
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2847
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2881
+  _globals['_INFERENCE']._serialized_start=3290
+  _globals['_INFERENCE']._serialized_end=3655
 # @@protoc_insertion_point(module_scope)

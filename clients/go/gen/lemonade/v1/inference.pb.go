@@ -38,6 +38,9 @@ const (
 	FinishReason_FINISH_REASON_STOP FinishReason = 1
 	// `max_tokens` reached, or the context is full.
 	FinishReason_FINISH_REASON_LENGTH FinishReason = 2
+	// The model called tools (Chat): the calls are in the stream's
+	// `tool_calls` deltas; answer them with `tool` messages.
+	FinishReason_FINISH_REASON_TOOL_CALLS FinishReason = 3
 )
 
 // Enum value maps for FinishReason.
@@ -46,11 +49,13 @@ var (
 		0: "FINISH_REASON_UNSPECIFIED",
 		1: "FINISH_REASON_STOP",
 		2: "FINISH_REASON_LENGTH",
+		3: "FINISH_REASON_TOOL_CALLS",
 	}
 	FinishReason_value = map[string]int32{
 		"FINISH_REASON_UNSPECIFIED": 0,
 		"FINISH_REASON_STOP":        1,
 		"FINISH_REASON_LENGTH":      2,
+		"FINISH_REASON_TOOL_CALLS":  3,
 	}
 )
 
@@ -79,6 +84,63 @@ func (x FinishReason) Number() protoreflect.EnumNumber {
 // Deprecated: Use FinishReason.Descriptor instead.
 func (FinishReason) EnumDescriptor() ([]byte, []int) {
 	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{0}
+}
+
+// ToolChoiceMode says whether the model may, must or must not call tools.
+type ToolChoiceMode int32
+
+const (
+	// AUTO when tools are given.
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// No tool call.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 2
+	// At least one tool call.
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 3
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_NONE",
+		3: "TOOL_CHOICE_MODE_REQUIRED",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_NONE":        2,
+		"TOOL_CHOICE_MODE_REQUIRED":    3,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_lemonade_v1_inference_proto_enumTypes[1].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_lemonade_v1_inference_proto_enumTypes[1]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{1}
 }
 
 // EmbeddingNormalization is how each vector is scaled.
@@ -119,11 +181,11 @@ func (x EmbeddingNormalization) String() string {
 }
 
 func (EmbeddingNormalization) Descriptor() protoreflect.EnumDescriptor {
-	return file_lemonade_v1_inference_proto_enumTypes[1].Descriptor()
+	return file_lemonade_v1_inference_proto_enumTypes[2].Descriptor()
 }
 
 func (EmbeddingNormalization) Type() protoreflect.EnumType {
-	return &file_lemonade_v1_inference_proto_enumTypes[1]
+	return &file_lemonade_v1_inference_proto_enumTypes[2]
 }
 
 func (x EmbeddingNormalization) Number() protoreflect.EnumNumber {
@@ -132,7 +194,7 @@ func (x EmbeddingNormalization) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use EmbeddingNormalization.Descriptor instead.
 func (EmbeddingNormalization) EnumDescriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{1}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{2}
 }
 
 // CompleteRequest asks for a text completion.
@@ -305,7 +367,13 @@ type ChatMessage struct {
 	// "system", "user", "assistant" or "tool".
 	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
 	// The message text.
-	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// An assistant message's calls of tools (as its answer streamed them,
+	// assembled).
+	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// A tool message's answer is to this call (`ToolCall.id`). Required for
+	// role "tool".
+	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -354,6 +422,304 @@ func (x *ChatMessage) GetContent() string {
 	return ""
 }
 
+func (x *ChatMessage) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *ChatMessage) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+// Tool is a function the model may call.
+type Tool struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1..64 letters, digits, `_` or `-`; unique among a request's tools.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What it does, for the model.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// A JSON Schema of its arguments (an object schema); absent: none.
+	Parameters    *structpb.Struct `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tool) Reset() {
+	*x = Tool{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tool) ProtoMessage() {}
+
+func (x *Tool) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tool.ProtoReflect.Descriptor instead.
+func (*Tool) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Tool) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tool) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Tool) GetParameters() *structpb.Struct {
+	if x != nil {
+		return x.Parameters
+	}
+	return nil
+}
+
+// ToolChoice constrains the model's use of the tools.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Choice:
+	//
+	//	*ToolChoice_Mode
+	//	*ToolChoice_Function
+	Choice        isToolChoice_Choice `protobuf_oneof:"choice"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ToolChoice) GetChoice() isToolChoice_Choice {
+	if x != nil {
+		return x.Choice
+	}
+	return nil
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Mode); ok {
+			return x.Mode
+		}
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetFunction() string {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Function); ok {
+			return x.Function
+		}
+	}
+	return ""
+}
+
+type isToolChoice_Choice interface {
+	isToolChoice_Choice()
+}
+
+type ToolChoice_Mode struct {
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=lemonade.v1.ToolChoiceMode,oneof"`
+}
+
+type ToolChoice_Function struct {
+	// Call this tool (one of the request's `tools`).
+	Function string `protobuf:"bytes,2,opt,name=function,proto3,oneof"`
+}
+
+func (*ToolChoice_Mode) isToolChoice_Choice() {}
+
+func (*ToolChoice_Function) isToolChoice_Choice() {}
+
+// ToolCall is a whole call of a tool.
+type ToolCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call's id (a tool message answers it by this id).
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The tool's name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The arguments, JSON text (an object), as the model wrote them.
+	Arguments     string `protobuf:"bytes,3,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
+// ToolCallDelta is a piece of a tool call as it streams: the first piece of
+// a call carries its `id` and `name`, every piece the next part of its
+// `arguments`; join the pieces of one `index` (the clients have helpers).
+type ToolCallDelta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Which call of this answer (0, 1, ... in the order they start).
+	Index         uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Arguments     string `protobuf:"bytes,4,opt,name=arguments,proto3" json:"arguments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCallDelta) Reset() {
+	*x = ToolCallDelta{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCallDelta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCallDelta) ProtoMessage() {}
+
+func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
+func (*ToolCallDelta) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ToolCallDelta) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ToolCallDelta) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
 // ChatRequest asks for a chat completion.
 type ChatRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -386,13 +752,19 @@ type ChatRequest struct {
 	// Constrain the output: any JSON object, JSON valid against a schema, or
 	// a GBNF grammar. Per request: other users of the model are not affected.
 	ResponseFormat *ResponseFormat `protobuf:"bytes,14,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Functions the model may call (at most 128). A model whose chat template
+	// cannot take tools answers FAILED_PRECONDITION CAPABILITY_MISSING.
+	Tools []*Tool `protobuf:"bytes,15,rep,name=tools,proto3" json:"tools,omitempty"`
+	// Whether it may, must or must not call them, or which one it must call;
+	// only with `tools`.
+	ToolChoice    *ToolChoice `protobuf:"bytes,16,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -404,7 +776,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -417,7 +789,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{2}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ChatRequest) GetModel() string {
@@ -518,6 +890,20 @@ func (x *ChatRequest) GetResponseFormat() *ResponseFormat {
 	return nil
 }
 
+func (x *ChatRequest) GetTools() []*Tool {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
+func (x *ChatRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
 // ResponseFormat constrains what a model may generate (the backend's
 // sampler follows a grammar made from it). A schema or grammar the backend
 // cannot use is INVALID_ARGUMENT BACKEND_REJECTED with its message.
@@ -535,7 +921,7 @@ type ResponseFormat struct {
 
 func (x *ResponseFormat) Reset() {
 	*x = ResponseFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -547,7 +933,7 @@ func (x *ResponseFormat) String() string {
 func (*ResponseFormat) ProtoMessage() {}
 
 func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -560,7 +946,7 @@ func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
 func (*ResponseFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ResponseFormat) GetFormat() isResponseFormat_Format {
@@ -632,7 +1018,7 @@ type JsonObjectFormat struct {
 
 func (x *JsonObjectFormat) Reset() {
 	*x = JsonObjectFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +1030,7 @@ func (x *JsonObjectFormat) String() string {
 func (*JsonObjectFormat) ProtoMessage() {}
 
 func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +1043,7 @@ func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonObjectFormat.ProtoReflect.Descriptor instead.
 func (*JsonObjectFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
 }
 
 // JsonSchemaFormat asks for JSON valid against `schema`.
@@ -674,7 +1060,7 @@ type JsonSchemaFormat struct {
 
 func (x *JsonSchemaFormat) Reset() {
 	*x = JsonSchemaFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +1072,7 @@ func (x *JsonSchemaFormat) String() string {
 func (*JsonSchemaFormat) ProtoMessage() {}
 
 func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +1085,7 @@ func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonSchemaFormat.ProtoReflect.Descriptor instead.
 func (*JsonSchemaFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JsonSchemaFormat) GetSchema() *structpb.Struct {
@@ -729,7 +1115,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +1127,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +1140,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -787,7 +1173,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +1185,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +1198,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Timings) GetTimeToFirstTokenMs() float64 {
@@ -857,7 +1243,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -869,7 +1255,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -882,7 +1268,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CompleteResponse) GetText() string {
@@ -933,14 +1319,19 @@ type ChatResponse struct {
 	// Set on the last message only.
 	Usage *Usage `protobuf:"bytes,4,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Set on the last message only.
-	Timings       *Timings `protobuf:"bytes,5,opt,name=timings,proto3" json:"timings,omitempty"`
+	Timings *Timings `protobuf:"bytes,5,opt,name=timings,proto3" json:"timings,omitempty"`
+	// Pieces of tool calls (see ToolCallDelta), as they stream.
+	ToolCalls []*ToolCallDelta `protobuf:"bytes,6,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
+	// The model's reasoning text, apart from the answer in `text` (models
+	// that think before answering).
+	Reasoning     string `protobuf:"bytes,7,opt,name=reasoning,proto3" json:"reasoning,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChatResponse) Reset() {
 	*x = ChatResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1343,7 @@ func (x *ChatResponse) String() string {
 func (*ChatResponse) ProtoMessage() {}
 
 func (x *ChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1356,7 @@ func (x *ChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatResponse.ProtoReflect.Descriptor instead.
 func (*ChatResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ChatResponse) GetText() string {
@@ -1003,6 +1394,20 @@ func (x *ChatResponse) GetTimings() *Timings {
 	return nil
 }
 
+func (x *ChatResponse) GetToolCalls() []*ToolCallDelta {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *ChatResponse) GetReasoning() string {
+	if x != nil {
+		return x.Reasoning
+	}
+	return ""
+}
+
 // EmbedRequest asks for the embeddings of a batch of texts.
 type EmbedRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1018,7 +1423,7 @@ type EmbedRequest struct {
 
 func (x *EmbedRequest) Reset() {
 	*x = EmbedRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1435,7 @@ func (x *EmbedRequest) String() string {
 func (*EmbedRequest) ProtoMessage() {}
 
 func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1448,7 @@ func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
 func (*EmbedRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *EmbedRequest) GetModel() string {
@@ -1078,7 +1483,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1495,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1508,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Embedding) GetValues() []float32 {
@@ -1128,7 +1533,7 @@ type EmbedResponse struct {
 
 func (x *EmbedResponse) Reset() {
 	*x = EmbedResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1545,7 @@ func (x *EmbedResponse) String() string {
 func (*EmbedResponse) ProtoMessage() {}
 
 func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1558,7 @@ func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
 func (*EmbedResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *EmbedResponse) GetEmbeddings() []*Embedding {
@@ -1195,7 +1600,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1207,7 +1612,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1220,7 +1625,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TokenizeRequest) GetModel() string {
@@ -1264,7 +1669,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1681,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1694,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *TokenizeResponse) GetIds() []uint32 {
@@ -1319,7 +1724,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1331,7 +1736,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1344,7 +1749,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DetokenizeRequest) GetModel() string {
@@ -1371,7 +1776,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1788,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1801,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1437,10 +1842,34 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x0f_repeat_penaltyB\b\n" +
 	"\x06_min_pB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\";\n" +
+	"\x12_frequency_penalty\"\x93\x01\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\x96\x05\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
+	"\n" +
+	"tool_calls\x18\x03 \x03(\v2\x15.lemonade.v1.ToolCallR\ttoolCalls\x12 \n" +
+	"\ftool_call_id\x18\x04 \x01(\tR\n" +
+	"toolCallId\"u\n" +
+	"\x04Tool\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
+	"\n" +
+	"parameters\x18\x03 \x01(\v2\x17.google.protobuf.StructR\n" +
+	"parameters\"g\n" +
+	"\n" +
+	"ToolChoice\x121\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1b.lemonade.v1.ToolChoiceModeH\x00R\x04mode\x12\x1c\n" +
+	"\bfunction\x18\x02 \x01(\tH\x00R\bfunctionB\b\n" +
+	"\x06choice\"L\n" +
+	"\bToolCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x03 \x01(\tR\targuments\"g\n" +
+	"\rToolCallDelta\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x04 \x01(\tR\targuments\"\xf9\x05\n" +
 	"\vChatRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x124\n" +
 	"\bmessages\x18\x02 \x03(\v2\x18.lemonade.v1.ChatMessageR\bmessages\x12\"\n" +
@@ -1458,7 +1887,10 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x05min_p\x18\v \x01(\x02H\x06R\x04minP\x88\x01\x01\x12.\n" +
 	"\x10presence_penalty\x18\f \x01(\x02H\aR\x0fpresencePenalty\x88\x01\x01\x120\n" +
 	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01\x12D\n" +
-	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormatB\r\n" +
+	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormat\x12'\n" +
+	"\x05tools\x18\x0f \x03(\v2\x11.lemonade.v1.ToolR\x05tools\x128\n" +
+	"\vtool_choice\x18\x10 \x01(\v2\x17.lemonade.v1.ToolChoiceR\n" +
+	"toolChoiceB\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -1492,14 +1924,17 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"tokenCount\x12>\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x19.lemonade.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x04 \x01(\v2\x12.lemonade.v1.UsageR\x05usage\x12.\n" +
-	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\"\xdd\x01\n" +
+	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\"\xb6\x02\n" +
 	"\fChatResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1f\n" +
 	"\vtoken_count\x18\x02 \x01(\rR\n" +
 	"tokenCount\x12>\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x19.lemonade.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x04 \x01(\v2\x12.lemonade.v1.UsageR\x05usage\x12.\n" +
-	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\"\x87\x01\n" +
+	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\x129\n" +
+	"\n" +
+	"tool_calls\x18\x06 \x03(\v2\x1a.lemonade.v1.ToolCallDeltaR\ttoolCalls\x12\x1c\n" +
+	"\treasoning\x18\a \x01(\tR\treasoning\"\x87\x01\n" +
 	"\fEmbedRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06inputs\x18\x02 \x03(\tR\x06inputs\x12I\n" +
@@ -1526,11 +1961,17 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\rR\x03ids\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
-	"\x04text\x18\x01 \x01(\tR\x04text*_\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text*}\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
-	"\x14FINISH_REASON_LENGTH\x10\x02*\x8a\x01\n" +
+	"\x14FINISH_REASON_LENGTH\x10\x02\x12\x1c\n" +
+	"\x18FINISH_REASON_TOOL_CALLS\x10\x03*\x87\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\x8a\x01\n" +
 	"\x16EmbeddingNormalization\x12'\n" +
 	"#EMBEDDING_NORMALIZATION_UNSPECIFIED\x10\x00\x12%\n" +
 	"!EMBEDDING_NORMALIZATION_EUCLIDEAN\x10\x01\x12 \n" +
@@ -1556,61 +1997,72 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 	return file_lemonade_v1_inference_proto_rawDescData
 }
 
-var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_lemonade_v1_inference_proto_goTypes = []any{
 	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
-	(EmbeddingNormalization)(0), // 1: lemonade.v1.EmbeddingNormalization
-	(*CompleteRequest)(nil),     // 2: lemonade.v1.CompleteRequest
-	(*ChatMessage)(nil),         // 3: lemonade.v1.ChatMessage
-	(*ChatRequest)(nil),         // 4: lemonade.v1.ChatRequest
-	(*ResponseFormat)(nil),      // 5: lemonade.v1.ResponseFormat
-	(*JsonObjectFormat)(nil),    // 6: lemonade.v1.JsonObjectFormat
-	(*JsonSchemaFormat)(nil),    // 7: lemonade.v1.JsonSchemaFormat
-	(*Usage)(nil),               // 8: lemonade.v1.Usage
-	(*Timings)(nil),             // 9: lemonade.v1.Timings
-	(*CompleteResponse)(nil),    // 10: lemonade.v1.CompleteResponse
-	(*ChatResponse)(nil),        // 11: lemonade.v1.ChatResponse
-	(*EmbedRequest)(nil),        // 12: lemonade.v1.EmbedRequest
-	(*Embedding)(nil),           // 13: lemonade.v1.Embedding
-	(*EmbedResponse)(nil),       // 14: lemonade.v1.EmbedResponse
-	(*TokenizeRequest)(nil),     // 15: lemonade.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),    // 16: lemonade.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),   // 17: lemonade.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),  // 18: lemonade.v1.DetokenizeResponse
-	(*structpb.Struct)(nil),     // 19: google.protobuf.Struct
+	(ToolChoiceMode)(0),         // 1: lemonade.v1.ToolChoiceMode
+	(EmbeddingNormalization)(0), // 2: lemonade.v1.EmbeddingNormalization
+	(*CompleteRequest)(nil),     // 3: lemonade.v1.CompleteRequest
+	(*ChatMessage)(nil),         // 4: lemonade.v1.ChatMessage
+	(*Tool)(nil),                // 5: lemonade.v1.Tool
+	(*ToolChoice)(nil),          // 6: lemonade.v1.ToolChoice
+	(*ToolCall)(nil),            // 7: lemonade.v1.ToolCall
+	(*ToolCallDelta)(nil),       // 8: lemonade.v1.ToolCallDelta
+	(*ChatRequest)(nil),         // 9: lemonade.v1.ChatRequest
+	(*ResponseFormat)(nil),      // 10: lemonade.v1.ResponseFormat
+	(*JsonObjectFormat)(nil),    // 11: lemonade.v1.JsonObjectFormat
+	(*JsonSchemaFormat)(nil),    // 12: lemonade.v1.JsonSchemaFormat
+	(*Usage)(nil),               // 13: lemonade.v1.Usage
+	(*Timings)(nil),             // 14: lemonade.v1.Timings
+	(*CompleteResponse)(nil),    // 15: lemonade.v1.CompleteResponse
+	(*ChatResponse)(nil),        // 16: lemonade.v1.ChatResponse
+	(*EmbedRequest)(nil),        // 17: lemonade.v1.EmbedRequest
+	(*Embedding)(nil),           // 18: lemonade.v1.Embedding
+	(*EmbedResponse)(nil),       // 19: lemonade.v1.EmbedResponse
+	(*TokenizeRequest)(nil),     // 20: lemonade.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),    // 21: lemonade.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),   // 22: lemonade.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),  // 23: lemonade.v1.DetokenizeResponse
+	(*structpb.Struct)(nil),     // 24: google.protobuf.Struct
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
-	5,  // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
-	3,  // 1: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
-	5,  // 2: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
-	6,  // 3: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
-	7,  // 4: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
-	19, // 5: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
-	0,  // 6: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	8,  // 7: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
-	9,  // 8: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
-	0,  // 9: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	8,  // 10: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
-	9,  // 11: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
-	1,  // 12: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
-	13, // 13: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
-	8,  // 14: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
-	2,  // 15: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	4,  // 16: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	12, // 17: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
-	15, // 18: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
-	17, // 19: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
-	10, // 20: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	11, // 21: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	14, // 22: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
-	16, // 23: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
-	18, // 24: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
-	20, // [20:25] is the sub-list for method output_type
-	15, // [15:20] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	10, // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	7,  // 1: lemonade.v1.ChatMessage.tool_calls:type_name -> lemonade.v1.ToolCall
+	24, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
+	1,  // 3: lemonade.v1.ToolChoice.mode:type_name -> lemonade.v1.ToolChoiceMode
+	4,  // 4: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
+	10, // 5: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	5,  // 6: lemonade.v1.ChatRequest.tools:type_name -> lemonade.v1.Tool
+	6,  // 7: lemonade.v1.ChatRequest.tool_choice:type_name -> lemonade.v1.ToolChoice
+	11, // 8: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
+	12, // 9: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
+	24, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
+	0,  // 11: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	13, // 12: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
+	14, // 13: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
+	0,  // 14: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	13, // 15: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
+	14, // 16: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
+	8,  // 17: lemonade.v1.ChatResponse.tool_calls:type_name -> lemonade.v1.ToolCallDelta
+	2,  // 18: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
+	18, // 19: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
+	13, // 20: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
+	3,  // 21: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	9,  // 22: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	17, // 23: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	20, // 24: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	22, // 25: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	15, // 26: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	16, // 27: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	19, // 28: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	21, // 29: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	23, // 30: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	26, // [26:31] is the sub-list for method output_type
+	21, // [21:26] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -1619,8 +2071,12 @@ func file_lemonade_v1_inference_proto_init() {
 		return
 	}
 	file_lemonade_v1_inference_proto_msgTypes[0].OneofWrappers = []any{}
-	file_lemonade_v1_inference_proto_msgTypes[2].OneofWrappers = []any{}
 	file_lemonade_v1_inference_proto_msgTypes[3].OneofWrappers = []any{
+		(*ToolChoice_Mode)(nil),
+		(*ToolChoice_Function)(nil),
+	}
+	file_lemonade_v1_inference_proto_msgTypes[6].OneofWrappers = []any{}
+	file_lemonade_v1_inference_proto_msgTypes[7].OneofWrappers = []any{
 		(*ResponseFormat_JsonObject)(nil),
 		(*ResponseFormat_JsonSchema)(nil),
 		(*ResponseFormat_Grammar)(nil),
@@ -1630,8 +2086,8 @@ func file_lemonade_v1_inference_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   17,
+			NumEnums:      3,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

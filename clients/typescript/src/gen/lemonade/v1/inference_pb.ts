@@ -18,7 +18,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/inference.proto.
  */
 export const file_lemonade_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIuoDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdEINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSIsCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkiggQKC0NoYXRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEioKCG1lc3NhZ2VzGAIgAygLMhgubGVtb25hZGUudjEuQ2hhdE1lc3NhZ2USFwoKbWF4X3Rva2VucxgDIAEoDUgAiAEBEhgKC3RlbXBlcmF0dXJlGAQgASgCSAGIAQESEgoFdG9wX3AYBSABKAJIAogBARISCgV0b3BfaxgGIAEoBUgDiAEBEhEKBHNlZWQYByABKA1IBIgBARIMCgRzdG9wGAggAygJEhIKCmlnbm9yZV9lb3MYCSABKAgSGwoOcmVwZWF0X3BlbmFsdHkYCiABKAJIBYgBARISCgVtaW5fcBgLIAEoAkgGiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYDCABKAJIB4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgNIAEoAkgIiAEBEjQKD3Jlc3BvbnNlX2Zvcm1hdBgOIAEoCzIbLmxlbW9uYWRlLnYxLlJlc3BvbnNlRm9ybWF0Qg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSJXCgdUaW1pbmdzEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYASABKAESEQoJcHJvbXB0X21zGAIgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAMgASgBIrEBChBDb21wbGV0ZVJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzIq0BCgxDaGF0UmVzcG9uc2USDAoEdGV4dBgBIAEoCRITCgt0b2tlbl9jb3VudBgCIAEoDRIwCg1maW5pc2hfcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuRmluaXNoUmVhc29uEiEKBXVzYWdlGAQgASgLMhIubGVtb25hZGUudjEuVXNhZ2USJQoHdGltaW5ncxgFIAEoCzIULmxlbW9uYWRlLnYxLlRpbWluZ3MiaQoMRW1iZWRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEg4KBmlucHV0cxgCIAMoCRI6Cg1ub3JtYWxpemF0aW9uGAMgASgOMiMubGVtb25hZGUudjEuRW1iZWRkaW5nTm9ybWFsaXphdGlvbiIbCglFbWJlZGRpbmcSDgoGdmFsdWVzGAEgAygCInEKDUVtYmVkUmVzcG9uc2USKgoKZW1iZWRkaW5ncxgBIAMoCzIWLmxlbW9uYWRlLnYxLkVtYmVkZGluZxIRCglkaW1lbnNpb24YAiABKA0SIQoFdXNhZ2UYAyABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZSJYCg9Ub2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDAoEdGV4dBgCIAEoCRITCgthZGRfc3BlY2lhbBgDIAEoCBITCgt3aXRoX3BpZWNlcxgEIAEoCCIvChBUb2tlbml6ZVJlc3BvbnNlEgsKA2lkcxgBIAMoDRIOCgZwaWVjZXMYAiADKAwiLwoRRGV0b2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSCwoDaWRzGAIgAygNIiIKEkRldG9rZW5pemVSZXNwb25zZRIMCgR0ZXh0GAEgASgJKl8KDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAiqKAQoWRW1iZWRkaW5nTm9ybWFsaXphdGlvbhInCiNFTUJFRERJTkdfTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEiUKIUVNQkVERElOR19OT1JNQUxJWkFUSU9OX0VVQ0xJREVBThABEiAKHEVNQkVERElOR19OT1JNQUxJWkFUSU9OX05PTkUQAjLtAgoJSW5mZXJlbmNlEkkKCENvbXBsZXRlEhwubGVtb25hZGUudjEuQ29tcGxldGVSZXF1ZXN0Gh0ubGVtb25hZGUudjEuQ29tcGxldGVSZXNwb25zZTABEj0KBENoYXQSGC5sZW1vbmFkZS52MS5DaGF0UmVxdWVzdBoZLmxlbW9uYWRlLnYxLkNoYXRSZXNwb25zZTABEj4KBUVtYmVkEhkubGVtb25hZGUudjEuRW1iZWRSZXF1ZXN0GhoubGVtb25hZGUudjEuRW1iZWRSZXNwb25zZRJHCghUb2tlbml6ZRIcLmxlbW9uYWRlLnYxLlRva2VuaXplUmVxdWVzdBodLmxlbW9uYWRlLnYxLlRva2VuaXplUmVzcG9uc2USTQoKRGV0b2tlbml6ZRIeLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXF1ZXN0Gh8ubGVtb25hZGUudjEuRGV0b2tlbml6ZVJlc3BvbnNlQrwBCg9jb20ubGVtb25hZGUudjFCDkluZmVyZW5jZVByb3RvUAFaTGdpdGh1Yi5jb20vbGVtb25hZGUtZ3JwYy9sZW1vbmFkZS1ncnBjL2NsaWVudHMvZ28vZ2VuL2xlbW9uYWRlL3YxO2xlbW9uYWRldjGiAgNMWFiqAgtMZW1vbmFkZS5WMcoCC0xlbW9uYWRlXFYx4gIXTGVtb25hZGVcVjFcR1BCTWV0YWRhdGHqAgxMZW1vbmFkZTo6VjFiBnByb3RvMw", [file_google_protobuf_struct]);
+  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIuoDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdEINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSJtCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLmxlbW9uYWRlLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCSJWCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiVwoKVG9vbENob2ljZRIrCgRtb2RlGAEgASgOMhsubGVtb25hZGUudjEuVG9vbENob2ljZU1vZGVIABISCghmdW5jdGlvbhgCIAEoCUgAQggKBmNob2ljZSI3CghUb29sQ2FsbBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEhEKCWFyZ3VtZW50cxgDIAEoCSJLCg1Ub29sQ2FsbERlbHRhEg0KBWluZGV4GAEgASgNEgoKAmlkGAIgASgJEgwKBG5hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJItIECgtDaGF0UmVxdWVzdBINCgVtb2RlbBgBIAEoCRIqCghtZXNzYWdlcxgCIAMoCzIYLmxlbW9uYWRlLnYxLkNoYXRNZXNzYWdlEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIgCgV0b29scxgPIAMoCzIRLmxlbW9uYWRlLnYxLlRvb2wSLAoLdG9vbF9jaG9pY2UYECABKAsyFy5sZW1vbmFkZS52MS5Ub29sQ2hvaWNlQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSJXCgdUaW1pbmdzEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYASABKAESEQoJcHJvbXB0X21zGAIgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAMgASgBIrEBChBDb21wbGV0ZVJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzIvABCgxDaGF0UmVzcG9uc2USDAoEdGV4dBgBIAEoCRITCgt0b2tlbl9jb3VudBgCIAEoDRIwCg1maW5pc2hfcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuRmluaXNoUmVhc29uEiEKBXVzYWdlGAQgASgLMhIubGVtb25hZGUudjEuVXNhZ2USJQoHdGltaW5ncxgFIAEoCzIULmxlbW9uYWRlLnYxLlRpbWluZ3MSLgoKdG9vbF9jYWxscxgGIAMoCzIaLmxlbW9uYWRlLnYxLlRvb2xDYWxsRGVsdGESEQoJcmVhc29uaW5nGAcgASgJImkKDEVtYmVkUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIOCgZpbnB1dHMYAiADKAkSOgoNbm9ybWFsaXphdGlvbhgDIAEoDjIjLmxlbW9uYWRlLnYxLkVtYmVkZGluZ05vcm1hbGl6YXRpb24iGwoJRW1iZWRkaW5nEg4KBnZhbHVlcxgBIAMoAiJxCg1FbWJlZFJlc3BvbnNlEioKCmVtYmVkZGluZ3MYASADKAsyFi5sZW1vbmFkZS52MS5FbWJlZGRpbmcSEQoJZGltZW5zaW9uGAIgASgNEiEKBXVzYWdlGAMgASgLMhIubGVtb25hZGUudjEuVXNhZ2UiWAoPVG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgwKBHRleHQYAiABKAkSEwoLYWRkX3NwZWNpYWwYAyABKAgSEwoLd2l0aF9waWVjZXMYBCABKAgiLwoQVG9rZW5pemVSZXNwb25zZRILCgNpZHMYASADKA0SDgoGcGllY2VzGAIgAygMIi8KEURldG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgsKA2lkcxgCIAMoDSIiChJEZXRva2VuaXplUmVzcG9uc2USDAoEdGV4dBgBIAEoCSp9CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMqhwEKDlRvb2xDaG9pY2VNb2RlEiAKHFRPT0xfQ0hPSUNFX01PREVfVU5TUEVDSUZJRUQQABIZChVUT09MX0NIT0lDRV9NT0RFX0FVVE8QARIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAhIdChlUT09MX0NIT0lDRV9NT0RFX1JFUVVJUkVEEAMqigEKFkVtYmVkZGluZ05vcm1hbGl6YXRpb24SJwojRU1CRURESU5HX05PUk1BTElaQVRJT05fVU5TUEVDSUZJRUQQABIlCiFFTUJFRERJTkdfTk9STUFMSVpBVElPTl9FVUNMSURFQU4QARIgChxFTUJFRERJTkdfTk9STUFMSVpBVElPTl9OT05FEAIy7QIKCUluZmVyZW5jZRJJCghDb21wbGV0ZRIcLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVxdWVzdBodLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVzcG9uc2UwARI9CgRDaGF0EhgubGVtb25hZGUudjEuQ2hhdFJlcXVlc3QaGS5sZW1vbmFkZS52MS5DaGF0UmVzcG9uc2UwARI+CgVFbWJlZBIZLmxlbW9uYWRlLnYxLkVtYmVkUmVxdWVzdBoaLmxlbW9uYWRlLnYxLkVtYmVkUmVzcG9uc2USRwoIVG9rZW5pemUSHC5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlc3BvbnNlEk0KCkRldG9rZW5pemUSHi5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVxdWVzdBofLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXNwb25zZUK8AQoPY29tLmxlbW9uYWRlLnYxQg5JbmZlcmVuY2VQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM", [file_google_protobuf_struct]);
 
 /**
  * CompleteRequest asks for a text completion.
@@ -152,6 +152,22 @@ export type ChatMessage = Message<"lemonade.v1.ChatMessage"> & {
    * @generated from field: string content = 2;
    */
   content: string;
+
+  /**
+   * An assistant message's calls of tools (as its answer streamed them,
+   * assembled).
+   *
+   * @generated from field: repeated lemonade.v1.ToolCall tool_calls = 3;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * A tool message's answer is to this call (`ToolCall.id`). Required for
+   * role "tool".
+   *
+   * @generated from field: string tool_call_id = 4;
+   */
+  toolCallId: string;
 };
 
 /**
@@ -160,6 +176,147 @@ export type ChatMessage = Message<"lemonade.v1.ChatMessage"> & {
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_inference, 1);
+
+/**
+ * Tool is a function the model may call.
+ *
+ * @generated from message lemonade.v1.Tool
+ */
+export type Tool = Message<"lemonade.v1.Tool"> & {
+  /**
+   * 1..64 letters, digits, `_` or `-`; unique among a request's tools.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What it does, for the model.
+   *
+   * @generated from field: string description = 2;
+   */
+  description: string;
+
+  /**
+   * A JSON Schema of its arguments (an object schema); absent: none.
+   *
+   * @generated from field: google.protobuf.Struct parameters = 3;
+   */
+  parameters?: JsonObject | undefined;
+};
+
+/**
+ * Describes the message lemonade.v1.Tool.
+ * Use `create(ToolSchema)` to create a new message.
+ */
+export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 2);
+
+/**
+ * ToolChoice constrains the model's use of the tools.
+ *
+ * @generated from message lemonade.v1.ToolChoice
+ */
+export type ToolChoice = Message<"lemonade.v1.ToolChoice"> & {
+  /**
+   * @generated from oneof lemonade.v1.ToolChoice.choice
+   */
+  choice: {
+    /**
+     * @generated from field: lemonade.v1.ToolChoiceMode mode = 1;
+     */
+    value: ToolChoiceMode;
+    case: "mode";
+  } | {
+    /**
+     * Call this tool (one of the request's `tools`).
+     *
+     * @generated from field: string function = 2;
+     */
+    value: string;
+    case: "function";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message lemonade.v1.ToolChoice.
+ * Use `create(ToolChoiceSchema)` to create a new message.
+ */
+export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 3);
+
+/**
+ * ToolCall is a whole call of a tool.
+ *
+ * @generated from message lemonade.v1.ToolCall
+ */
+export type ToolCall = Message<"lemonade.v1.ToolCall"> & {
+  /**
+   * The call's id (a tool message answers it by this id).
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The tool's name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * The arguments, JSON text (an object), as the model wrote them.
+   *
+   * @generated from field: string arguments = 3;
+   */
+  arguments: string;
+};
+
+/**
+ * Describes the message lemonade.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 4);
+
+/**
+ * ToolCallDelta is a piece of a tool call as it streams: the first piece of
+ * a call carries its `id` and `name`, every piece the next part of its
+ * `arguments`; join the pieces of one `index` (the clients have helpers).
+ *
+ * @generated from message lemonade.v1.ToolCallDelta
+ */
+export type ToolCallDelta = Message<"lemonade.v1.ToolCallDelta"> & {
+  /**
+   * Which call of this answer (0, 1, ... in the order they start).
+   *
+   * @generated from field: uint32 index = 1;
+   */
+  index: number;
+
+  /**
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string arguments = 4;
+   */
+  arguments: string;
+};
+
+/**
+ * Describes the message lemonade.v1.ToolCallDelta.
+ * Use `create(ToolCallDeltaSchema)` to create a new message.
+ */
+export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 5);
 
 /**
  * ChatRequest asks for a chat completion.
@@ -265,6 +422,22 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
    * @generated from field: lemonade.v1.ResponseFormat response_format = 14;
    */
   responseFormat?: ResponseFormat | undefined;
+
+  /**
+   * Functions the model may call (at most 128). A model whose chat template
+   * cannot take tools answers FAILED_PRECONDITION CAPABILITY_MISSING.
+   *
+   * @generated from field: repeated lemonade.v1.Tool tools = 15;
+   */
+  tools: Tool[];
+
+  /**
+   * Whether it may, must or must not call them, or which one it must call;
+   * only with `tools`.
+   *
+   * @generated from field: lemonade.v1.ToolChoice tool_choice = 16;
+   */
+  toolChoice?: ToolChoice | undefined;
 };
 
 /**
@@ -272,7 +445,7 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 2);
+  messageDesc(file_lemonade_v1_inference, 6);
 
 /**
  * ResponseFormat constrains what a model may generate (the backend's
@@ -318,7 +491,7 @@ export type ResponseFormat = Message<"lemonade.v1.ResponseFormat"> & {
  * Use `create(ResponseFormatSchema)` to create a new message.
  */
 export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 3);
+  messageDesc(file_lemonade_v1_inference, 7);
 
 /**
  * JsonObjectFormat asks for any JSON object.
@@ -333,7 +506,7 @@ export type JsonObjectFormat = Message<"lemonade.v1.JsonObjectFormat"> & {
  * Use `create(JsonObjectFormatSchema)` to create a new message.
  */
 export const JsonObjectFormatSchema: GenMessage<JsonObjectFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 4);
+  messageDesc(file_lemonade_v1_inference, 8);
 
 /**
  * JsonSchemaFormat asks for JSON valid against `schema`.
@@ -362,7 +535,7 @@ export type JsonSchemaFormat = Message<"lemonade.v1.JsonSchemaFormat"> & {
  * Use `create(JsonSchemaFormatSchema)` to create a new message.
  */
 export const JsonSchemaFormatSchema: GenMessage<JsonSchemaFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 5);
+  messageDesc(file_lemonade_v1_inference, 9);
 
 /**
  * Usage counts tokens.
@@ -390,7 +563,7 @@ export type Usage = Message<"lemonade.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 6);
+  messageDesc(file_lemonade_v1_inference, 10);
 
 /**
  * Timings are measured on the last message of a stream.
@@ -426,7 +599,7 @@ export type Timings = Message<"lemonade.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 7);
+  messageDesc(file_lemonade_v1_inference, 11);
 
 /**
  * CompleteResponse is one delta of a completion.
@@ -477,7 +650,7 @@ export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 8);
+  messageDesc(file_lemonade_v1_inference, 12);
 
 /**
  * ChatResponse is one delta of a chat completion; same shape as
@@ -520,6 +693,21 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
    * @generated from field: lemonade.v1.Timings timings = 5;
    */
   timings?: Timings | undefined;
+
+  /**
+   * Pieces of tool calls (see ToolCallDelta), as they stream.
+   *
+   * @generated from field: repeated lemonade.v1.ToolCallDelta tool_calls = 6;
+   */
+  toolCalls: ToolCallDelta[];
+
+  /**
+   * The model's reasoning text, apart from the answer in `text` (models
+   * that think before answering).
+   *
+   * @generated from field: string reasoning = 7;
+   */
+  reasoning: string;
 };
 
 /**
@@ -527,7 +715,7 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 9);
+  messageDesc(file_lemonade_v1_inference, 13);
 
 /**
  * EmbedRequest asks for the embeddings of a batch of texts.
@@ -562,7 +750,7 @@ export type EmbedRequest = Message<"lemonade.v1.EmbedRequest"> & {
  * Use `create(EmbedRequestSchema)` to create a new message.
  */
 export const EmbedRequestSchema: GenMessage<EmbedRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 10);
+  messageDesc(file_lemonade_v1_inference, 14);
 
 /**
  * Embedding is one text's vector.
@@ -583,7 +771,7 @@ export type Embedding = Message<"lemonade.v1.Embedding"> & {
  * Use `create(EmbeddingSchema)` to create a new message.
  */
 export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 11);
+  messageDesc(file_lemonade_v1_inference, 15);
 
 /**
  * EmbedResponse holds one embedding per input, in the order of the inputs.
@@ -618,7 +806,7 @@ export type EmbedResponse = Message<"lemonade.v1.EmbedResponse"> & {
  * Use `create(EmbedResponseSchema)` to create a new message.
  */
 export const EmbedResponseSchema: GenMessage<EmbedResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 12);
+  messageDesc(file_lemonade_v1_inference, 16);
 
 /**
  * TokenizeRequest asks for the tokens of a text.
@@ -661,7 +849,7 @@ export type TokenizeRequest = Message<"lemonade.v1.TokenizeRequest"> & {
  * Use `create(TokenizeRequestSchema)` to create a new message.
  */
 export const TokenizeRequestSchema: GenMessage<TokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 13);
+  messageDesc(file_lemonade_v1_inference, 17);
 
 /**
  * TokenizeResponse holds the token ids of the text, in order.
@@ -688,7 +876,7 @@ export type TokenizeResponse = Message<"lemonade.v1.TokenizeResponse"> & {
  * Use `create(TokenizeResponseSchema)` to create a new message.
  */
 export const TokenizeResponseSchema: GenMessage<TokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 14);
+  messageDesc(file_lemonade_v1_inference, 18);
 
 /**
  * DetokenizeRequest asks for the text of token ids.
@@ -716,7 +904,7 @@ export type DetokenizeRequest = Message<"lemonade.v1.DetokenizeRequest"> & {
  * Use `create(DetokenizeRequestSchema)` to create a new message.
  */
 export const DetokenizeRequestSchema: GenMessage<DetokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 15);
+  messageDesc(file_lemonade_v1_inference, 19);
 
 /**
  * DetokenizeResponse holds the text of the ids.
@@ -735,7 +923,7 @@ export type DetokenizeResponse = Message<"lemonade.v1.DetokenizeResponse"> & {
  * Use `create(DetokenizeResponseSchema)` to create a new message.
  */
 export const DetokenizeResponseSchema: GenMessage<DetokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 16);
+  messageDesc(file_lemonade_v1_inference, 20);
 
 /**
  * FinishReason says why generation ended.
@@ -761,6 +949,14 @@ export enum FinishReason {
    * @generated from enum value: FINISH_REASON_LENGTH = 2;
    */
   LENGTH = 2,
+
+  /**
+   * The model called tools (Chat): the calls are in the stream's
+   * `tool_calls` deltas; answer them with `tool` messages.
+   *
+   * @generated from enum value: FINISH_REASON_TOOL_CALLS = 3;
+   */
+  TOOL_CALLS = 3,
 }
 
 /**
@@ -768,6 +964,47 @@ export enum FinishReason {
  */
 export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
   enumDesc(file_lemonade_v1_inference, 0);
+
+/**
+ * ToolChoiceMode says whether the model may, must or must not call tools.
+ *
+ * @generated from enum lemonade.v1.ToolChoiceMode
+ */
+export enum ToolChoiceMode {
+  /**
+   * AUTO when tools are given.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The model decides.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_AUTO = 1;
+   */
+  AUTO = 1,
+
+  /**
+   * No tool call.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_NONE = 2;
+   */
+  NONE = 2,
+
+  /**
+   * At least one tool call.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_REQUIRED = 3;
+   */
+  REQUIRED = 3,
+}
+
+/**
+ * Describes the enum lemonade.v1.ToolChoiceMode.
+ */
+export const ToolChoiceModeSchema: GenEnum<ToolChoiceMode> = /*@__PURE__*/
+  enumDesc(file_lemonade_v1_inference, 1);
 
 /**
  * EmbeddingNormalization is how each vector is scaled.
@@ -802,7 +1039,7 @@ export enum EmbeddingNormalization {
  * Describes the enum lemonade.v1.EmbeddingNormalization.
  */
 export const EmbeddingNormalizationSchema: GenEnum<EmbeddingNormalization> = /*@__PURE__*/
-  enumDesc(file_lemonade_v1_inference, 1);
+  enumDesc(file_lemonade_v1_inference, 2);
 
 /**
  * Inference generates text. No `Service` suffix: it is what ops type into
