@@ -139,13 +139,13 @@ async def test_a_constraint_holds_for_its_own_request_only(
     server = servers.start()
     async with connect(server.address) as client:
         question = "What is the capital of France?"
-        before, _ = await chat(client, question, seed=7, temperature=0)
+        before, _ = await chat(client, question, seed=7, temperature=0, max_tokens=16)
         pid = (await client.pids())["smollm2"]
         constrained, _ = await chat(
             client, question, seed=7, temperature=0, response_format=schema_format(SCHEMAS["weather"])
         )
         jsonschema.validate(json.loads(constrained), SCHEMAS["weather"])
-        after, _ = await chat(client, question, seed=7, temperature=0)
+        after, _ = await chat(client, question, seed=7, temperature=0, max_tokens=16)
         assert after == before != constrained
         assert (await client.pids())["smollm2"] == pid  # the same process: nothing was reloaded
 
