@@ -19,6 +19,7 @@ import { ModelControl, type WatchResponse } from "./gen/lemonade/v1/model_contro
 export * from "./gen/lemonade/v1/inference_pb.js";
 export * from "./gen/lemonade/v1/model_control_pb.js";
 export { Code, ConnectError };
+export { ToolCalls } from "./tools.js";
 
 /** The ErrorInfo domain of every error the server reports. */
 export const DOMAIN = "lemonade.v1";
