@@ -28,6 +28,18 @@ POOLINGS = ("last", "mean", "cls", "rank")
 
 
 @dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What requests a model can serve (`capabilities.read` fills it from the GGUF and the entry)."""
+
+    chat_template: bool = False
+    tools: bool = False
+    embedding: bool = False
+    embedding_dimension: int = 0
+    rerank: bool = False
+    context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A catalog entry.
 
@@ -36,7 +48,8 @@ class ModelSpec:
     client may add with `options.backend_args` (none unless the operator
     says so). `pooling` is how an `embedding` model's llama-server pools
     token vectors into one (`POOLINGS`); None: the model's own (its GGUF
-    says).
+    says). `capabilities`: what it can serve, read from its file at
+    start-up (`capabilities.read`); all false until then.
     """
 
     name: str
@@ -48,3 +61,4 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     allowed_args: frozenset[str] = frozenset()
     pooling: str | None = None
+    capabilities: Capabilities = Capabilities()

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from lemonade_grpc import capabilities
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
@@ -229,6 +230,10 @@ async def serve(config: Config) -> int:
     )
     if config.builtin_catalog:
         config = dataclasses.replace(config, models=builtin_catalog(ensure_tiny_model(), _default_model()))
+    # What each model can serve, from its file's header: read once, here.
+    config = dataclasses.replace(
+        config, models={name: capabilities.read(spec) for name, spec in config.models.items()}
+    )
     registry = BackendRegistry(config.state_dir / "backends.json")
     stale = await registry.reap_stale()
     try:

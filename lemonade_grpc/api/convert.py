@@ -7,7 +7,7 @@ import time
 from google.protobuf import timestamp_pb2
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType
 from lemonade_grpc.pool import events, forecast
 from lemonade_grpc.pool.jobs import LoadResult
 from lemonade_grpc.pool.model import ModelState, ModelView
@@ -94,6 +94,7 @@ def model_status(view: ModelView, server_idle_default: int) -> pb.ModelStatus:
         rss_bytes=view.rss_bytes,
         recipe=view.recipe,
         port=view.port,
+        capabilities=capabilities_message(view.capabilities),
     )
 
 
@@ -241,6 +242,18 @@ def catalog_model(spec: ModelSpec, view: ModelView | None, server_idle_default: 
         loaded=view is not None,
         pinned=view.pinned if view else False,
         state=MODEL_STATES[view.state] if view else pb.MODEL_STATE_UNSPECIFIED,
+        capabilities=capabilities_message(spec.capabilities),
+    )
+
+
+def capabilities_message(capabilities: Capabilities) -> pb.Capabilities:
+    return pb.Capabilities(
+        chat_template=capabilities.chat_template,
+        tools=capabilities.tools,
+        embedding=capabilities.embedding,
+        embedding_dimension=capabilities.embedding_dimension,
+        rerank=capabilities.rerank,
+        context_length=capabilities.context_length,
     )
 
 

@@ -22,6 +22,7 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors, formats, tools, vectors
 from lemonade_grpc.backends.chunks import Chunk
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
+from lemonade_grpc.catalog import ModelSpec
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
 from lemonade_grpc.pool.model import Lease
 from lemonade_grpc.pool.pool import Pool
@@ -133,7 +134,9 @@ class Inference(pb_grpc.InferenceServicer):
     async def Chat(
         self, request: pb.ChatRequest, context: Context[pb.ChatRequest, pb.ChatResponse]
     ) -> AsyncGenerator[pb.ChatResponse, None]:
-        relay = self._relay(request, chat_payload, "/v1/chat/completions", pb.ChatResponse)
+        relay = self._relay(
+            request, chat_payload, "/v1/chat/completions", pb.ChatResponse, tools.check_capability
+        )
         async with contextlib.aclosing(relay) as replies:
             async for reply in replies:
                 yield reply
@@ -220,6 +223,7 @@ class Inference(pb_grpc.InferenceServicer):
         content: Callable[[Request], dict[str, Any]],
         path: str,
         reply: type[Reply],
+        check: Callable[[Request, ModelSpec], None] | None = None,
     ) -> AsyncGenerator[Reply, None]:
         """Stream `request` to its model's backend under a lease; one message per batch of deltas.
 
@@ -236,6 +240,8 @@ class Inference(pb_grpc.InferenceServicer):
         final = reply()
         try:
             payload = sampling_payload(request) | content(request) | formats.format_payload(request)
+            if check is not None:  # what the model can serve, once the request itself is valid
+                check(request, self._pool.spec(model))
             async with self._pool.lease(model) as lease:
                 with self._telemetry.backend_call(model, path, lease.backend) as headers:
                     batches = lease.backend.client.stream(

@@ -18,7 +18,8 @@ from google.protobuf import json_format
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc.api.formats import integral
 from lemonade_grpc.backends.chunks import ToolCallPiece
-from lemonade_grpc.pool.errors import InvalidRequest
+from lemonade_grpc.catalog import ModelSpec, Recipe
+from lemonade_grpc.pool.errors import CapabilityMissing, InvalidRequest
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
@@ -72,6 +73,21 @@ def tools_payload(request: pb.ChatRequest) -> dict[str, Any]:
             raise InvalidRequest(f"unknown tool_choice.mode {choice.mode}", field="tool_choice.mode")
         payload["tool_choice"] = MODES[choice.mode]
     return payload
+
+
+def check_capability(request: pb.ChatRequest, spec: ModelSpec) -> None:
+    """Raise `CapabilityMissing` for tools sent to a llama-server model whose chat template takes none.
+
+    Measured: llama-server then answers in prose, as if the tools were not
+    there. A `command` backend's support is unknown: its requests pass.
+    """
+    if request.tools and spec.recipe is Recipe.LLAMACPP and not spec.capabilities.tools:
+        raise CapabilityMissing(
+            spec.name,
+            "tools",
+            f"the chat template of {spec.name} takes no tools (its GGUF's tokenizer.chat_template never"
+            " reads them): use a model made for tool calls, or a JSON-schema answer (response_format)",
+        )
 
 
 def message_payload(message: pb.ChatMessage, index: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType
 from lemonade_grpc.pool.errors import PoolError
 from lemonade_grpc.pool.options import EffectiveOptions
 
@@ -141,3 +141,4 @@ class ModelView:
     in_flight: int
     idle_unload_at: float | None
     rss_bytes: int
+    capabilities: Capabilities

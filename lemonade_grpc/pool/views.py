@@ -112,6 +112,7 @@ def model_view(model: Model) -> ModelView:
         in_flight=len(model.leases),
         idle_unload_at=model.idle_unload_at,
         rss_bytes=RSS.rss_bytes(backend.process) if backend else 0,
+        capabilities=model.spec.capabilities,
     )
 
 

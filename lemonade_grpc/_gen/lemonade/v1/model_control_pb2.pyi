@@ -407,6 +407,7 @@ class ModelStatus(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     RECIPE_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Catalog name."""
     type: Global___ModelType.ValueType
@@ -441,6 +442,10 @@ class ModelStatus(_message.Message):
     def idle_unload_at(self) -> _timestamp_pb2.Timestamp:
         """When the model will be unloaded for idleness; unset when it will not be."""
 
+    @_builtins.property
+    def capabilities(self) -> Global___Capabilities:
+        """What the model can serve (as in ListModels)."""
+
     def __init__(
         self,
         *,
@@ -457,14 +462,65 @@ class ModelStatus(_message.Message):
         rss_bytes: _builtins.int = ...,
         recipe: _builtins.str = ...,
         port: _builtins.int = ...,
+        capabilities: Global___Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_unload_at", b"idle_unload_at", "last_used_at", b"last_used_at", "loaded_at", b"loaded_at", "options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "idle_unload_at", b"idle_unload_at", "last_used_at", b"last_used_at", "loaded_at", b"loaded_at", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_unload_at", b"idle_unload_at", "in_flight", b"in_flight", "last_used_at", b"last_used_at", "loaded_at", b"loaded_at", "name", b"name", "options", b"options", "pid", b"pid", "pinned", b"pinned", "port", b"port", "recipe", b"recipe", "rss_bytes", b"rss_bytes", "state", b"state", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "idle_unload_at", b"idle_unload_at", "in_flight", b"in_flight", "last_used_at", b"last_used_at", "loaded_at", b"loaded_at", "name", b"name", "options", b"options", "pid", b"pid", "pinned", b"pinned", "port", b"port", "recipe", b"recipe", "rss_bytes", b"rss_bytes", "state", b"state", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class Capabilities(_message.Message):
+    """Capabilities say what requests a model can serve, from its GGUF metadata
+    and its catalog entry (read once at start-up). For a `command` backend
+    only what the catalog says is known: `embedding`; the rest is false and
+    nothing is refused for it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIMENSION_FIELD_NUMBER: _builtins.int
+    RERANK_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    chat_template: _builtins.bool
+    """The GGUF holds a chat template (Chat applies it)."""
+    tools: _builtins.bool
+    """Its chat template takes tools: Chat with `tools` is served (else
+    FAILED_PRECONDITION CAPABILITY_MISSING, capability "tools").
+    """
+    embedding: _builtins.bool
+    """Started to embed (type embedding): Embed is served."""
+    embedding_dimension: _builtins.int
+    """Length of its vectors (the GGUF's embedding length); 0 when unknown."""
+    rerank: _builtins.bool
+    """Its pooling is `rank`: a reranker."""
+    context_length: _builtins.int
+    """The context it was trained for, in tokens (the GGUF's context
+    length); 0 when unknown. The context a load gets is `options.ctx_size`.
+    """
+    def __init__(
+        self,
+        *,
+        chat_template: _builtins.bool = ...,
+        tools: _builtins.bool = ...,
+        embedding: _builtins.bool = ...,
+        embedding_dimension: _builtins.int = ...,
+        rerank: _builtins.bool = ...,
+        context_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding", b"embedding", "embedding_dimension", b"embedding_dimension", "rerank", b"rerank", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015
 
 @_typing.final
 class UnloadRequest(_message.Message):
@@ -1206,6 +1262,7 @@ class CatalogModel(_message.Message):
     LOADED_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name used in every RPC."""
     type: Global___ModelType.ValueType
@@ -1224,6 +1281,10 @@ class CatalogModel(_message.Message):
     def default_options(self) -> Global___LoadOptions:
         """Options used when a Load leaves them absent."""
 
+    @_builtins.property
+    def capabilities(self) -> Global___Capabilities:
+        """What it can serve."""
+
     def __init__(
         self,
         *,
@@ -1235,10 +1296,11 @@ class CatalogModel(_message.Message):
         loaded: _builtins.bool = ...,
         pinned: _builtins.bool = ...,
         state: Global___ModelState.ValueType = ...,
+        capabilities: Global___Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_options", b"default_options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default_options", b"default_options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_options", b"default_options", "loaded", b"loaded", "name", b"name", "path", b"path", "pinned", b"pinned", "recipe", b"recipe", "state", b"state", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default_options", b"default_options", "loaded", b"loaded", "name", b"name", "path", b"path", "pinned", b"pinned", "recipe", b"recipe", "state", b"state", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -677,7 +677,9 @@ type ModelStatus struct {
 	// Recipe that runs it: "llamacpp" or "command".
 	Recipe string `protobuf:"bytes,12,opt,name=recipe,proto3" json:"recipe,omitempty"`
 	// Loopback port the backend listens on; 0 when no process runs.
-	Port          uint32 `protobuf:"varint,13,opt,name=port,proto3" json:"port,omitempty"`
+	Port uint32 `protobuf:"varint,13,opt,name=port,proto3" json:"port,omitempty"`
+	// What the model can serve (as in ListModels).
+	Capabilities  *Capabilities `protobuf:"bytes,14,opt,name=capabilities,proto3" json:"capabilities,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -803,6 +805,109 @@ func (x *ModelStatus) GetPort() uint32 {
 	return 0
 }
 
+func (x *ModelStatus) GetCapabilities() *Capabilities {
+	if x != nil {
+		return x.Capabilities
+	}
+	return nil
+}
+
+// Capabilities say what requests a model can serve, from its GGUF metadata
+// and its catalog entry (read once at start-up). For a `command` backend
+// only what the catalog says is known: `embedding`; the rest is false and
+// nothing is refused for it.
+type Capabilities struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The GGUF holds a chat template (Chat applies it).
+	ChatTemplate bool `protobuf:"varint,1,opt,name=chat_template,json=chatTemplate,proto3" json:"chat_template,omitempty"`
+	// Its chat template takes tools: Chat with `tools` is served (else
+	// FAILED_PRECONDITION CAPABILITY_MISSING, capability "tools").
+	Tools bool `protobuf:"varint,2,opt,name=tools,proto3" json:"tools,omitempty"`
+	// Started to embed (type embedding): Embed is served.
+	Embedding bool `protobuf:"varint,3,opt,name=embedding,proto3" json:"embedding,omitempty"`
+	// Length of its vectors (the GGUF's embedding length); 0 when unknown.
+	EmbeddingDimension uint32 `protobuf:"varint,4,opt,name=embedding_dimension,json=embeddingDimension,proto3" json:"embedding_dimension,omitempty"`
+	// Its pooling is `rank`: a reranker.
+	Rerank bool `protobuf:"varint,5,opt,name=rerank,proto3" json:"rerank,omitempty"`
+	// The context it was trained for, in tokens (the GGUF's context
+	// length); 0 when unknown. The context a load gets is `options.ctx_size`.
+	ContextLength uint32 `protobuf:"varint,6,opt,name=context_length,json=contextLength,proto3" json:"context_length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Capabilities) Reset() {
+	*x = Capabilities{}
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Capabilities) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Capabilities) ProtoMessage() {}
+
+func (x *Capabilities) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Capabilities.ProtoReflect.Descriptor instead.
+func (*Capabilities) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Capabilities) GetChatTemplate() bool {
+	if x != nil {
+		return x.ChatTemplate
+	}
+	return false
+}
+
+func (x *Capabilities) GetTools() bool {
+	if x != nil {
+		return x.Tools
+	}
+	return false
+}
+
+func (x *Capabilities) GetEmbedding() bool {
+	if x != nil {
+		return x.Embedding
+	}
+	return false
+}
+
+func (x *Capabilities) GetEmbeddingDimension() uint32 {
+	if x != nil {
+		return x.EmbeddingDimension
+	}
+	return 0
+}
+
+func (x *Capabilities) GetRerank() bool {
+	if x != nil {
+		return x.Rerank
+	}
+	return false
+}
+
+func (x *Capabilities) GetContextLength() uint32 {
+	if x != nil {
+		return x.ContextLength
+	}
+	return 0
+}
+
 // UnloadRequest names the model to unload.
 type UnloadRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -814,7 +919,7 @@ type UnloadRequest struct {
 
 func (x *UnloadRequest) Reset() {
 	*x = UnloadRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[5]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +931,7 @@ func (x *UnloadRequest) String() string {
 func (*UnloadRequest) ProtoMessage() {}
 
 func (x *UnloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[5]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +944,7 @@ func (x *UnloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadRequest.ProtoReflect.Descriptor instead.
 func (*UnloadRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{5}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *UnloadRequest) GetModel() string {
@@ -860,7 +965,7 @@ type UnloadResponse struct {
 
 func (x *UnloadResponse) Reset() {
 	*x = UnloadResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[6]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +977,7 @@ func (x *UnloadResponse) String() string {
 func (*UnloadResponse) ProtoMessage() {}
 
 func (x *UnloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[6]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +990,7 @@ func (x *UnloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnloadResponse.ProtoReflect.Descriptor instead.
 func (*UnloadResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{6}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *UnloadResponse) GetUnloaded() []string {
@@ -908,7 +1013,7 @@ type PinRequest struct {
 
 func (x *PinRequest) Reset() {
 	*x = PinRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[7]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1025,7 @@ func (x *PinRequest) String() string {
 func (*PinRequest) ProtoMessage() {}
 
 func (x *PinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[7]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1038,7 @@ func (x *PinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinRequest.ProtoReflect.Descriptor instead.
 func (*PinRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{7}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PinRequest) GetModel() string {
@@ -961,7 +1066,7 @@ type PinResponse struct {
 
 func (x *PinResponse) Reset() {
 	*x = PinResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[8]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -973,7 +1078,7 @@ func (x *PinResponse) String() string {
 func (*PinResponse) ProtoMessage() {}
 
 func (x *PinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[8]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -986,7 +1091,7 @@ func (x *PinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinResponse.ProtoReflect.Descriptor instead.
 func (*PinResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{8}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PinResponse) GetStatus() *ModelStatus {
@@ -1005,7 +1110,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[9]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1122,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[9]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1135,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{9}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{10}
 }
 
 // StatusResponse is a snapshot of the pool.
@@ -1044,7 +1149,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[10]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1161,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[10]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1174,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{10}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StatusResponse) GetPool() *PoolStatus {
@@ -1096,7 +1201,7 @@ type SlotUsage struct {
 
 func (x *SlotUsage) Reset() {
 	*x = SlotUsage{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[11]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1108,7 +1213,7 @@ func (x *SlotUsage) String() string {
 func (*SlotUsage) ProtoMessage() {}
 
 func (x *SlotUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[11]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1121,7 +1226,7 @@ func (x *SlotUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SlotUsage.ProtoReflect.Descriptor instead.
 func (*SlotUsage) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{11}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SlotUsage) GetType() ModelType {
@@ -1167,7 +1272,7 @@ type MemoryStatus struct {
 
 func (x *MemoryStatus) Reset() {
 	*x = MemoryStatus{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[12]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1179,7 +1284,7 @@ func (x *MemoryStatus) String() string {
 func (*MemoryStatus) ProtoMessage() {}
 
 func (x *MemoryStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[12]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1192,7 +1297,7 @@ func (x *MemoryStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryStatus.ProtoReflect.Descriptor instead.
 func (*MemoryStatus) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{12}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MemoryStatus) GetTotalBytes() uint64 {
@@ -1235,7 +1340,7 @@ type LoadInFlight struct {
 
 func (x *LoadInFlight) Reset() {
 	*x = LoadInFlight{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[13]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1352,7 @@ func (x *LoadInFlight) String() string {
 func (*LoadInFlight) ProtoMessage() {}
 
 func (x *LoadInFlight) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[13]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1365,7 @@ func (x *LoadInFlight) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadInFlight.ProtoReflect.Descriptor instead.
 func (*LoadInFlight) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{13}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LoadInFlight) GetModel() string {
@@ -1327,7 +1432,7 @@ type PoolStatus struct {
 
 func (x *PoolStatus) Reset() {
 	*x = PoolStatus{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[14]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1339,7 +1444,7 @@ func (x *PoolStatus) String() string {
 func (*PoolStatus) ProtoMessage() {}
 
 func (x *PoolStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[14]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1352,7 +1457,7 @@ func (x *PoolStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolStatus.ProtoReflect.Descriptor instead.
 func (*PoolStatus) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{14}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PoolStatus) GetModels() []*ModelStatus {
@@ -1434,7 +1539,7 @@ type WatchRequest struct {
 
 func (x *WatchRequest) Reset() {
 	*x = WatchRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[15]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1446,7 +1551,7 @@ func (x *WatchRequest) String() string {
 func (*WatchRequest) ProtoMessage() {}
 
 func (x *WatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[15]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1459,7 +1564,7 @@ func (x *WatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
 func (*WatchRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{15}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WatchRequest) GetSinceSequence() uint64 {
@@ -1500,7 +1605,7 @@ type WatchResponse struct {
 
 func (x *WatchResponse) Reset() {
 	*x = WatchResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[16]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1512,7 +1617,7 @@ func (x *WatchResponse) String() string {
 func (*WatchResponse) ProtoMessage() {}
 
 func (x *WatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[16]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1525,7 +1630,7 @@ func (x *WatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
 func (*WatchResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{16}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WatchResponse) GetSequence() uint64 {
@@ -1722,7 +1827,7 @@ type LoadProgress struct {
 
 func (x *LoadProgress) Reset() {
 	*x = LoadProgress{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[17]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1734,7 +1839,7 @@ func (x *LoadProgress) String() string {
 func (*LoadProgress) ProtoMessage() {}
 
 func (x *LoadProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[17]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1747,7 +1852,7 @@ func (x *LoadProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadProgress.ProtoReflect.Descriptor instead.
 func (*LoadProgress) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{17}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LoadProgress) GetModel() string {
@@ -1789,7 +1894,7 @@ type ModelLoaded struct {
 
 func (x *ModelLoaded) Reset() {
 	*x = ModelLoaded{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[18]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1801,7 +1906,7 @@ func (x *ModelLoaded) String() string {
 func (*ModelLoaded) ProtoMessage() {}
 
 func (x *ModelLoaded) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[18]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1814,7 +1919,7 @@ func (x *ModelLoaded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelLoaded.ProtoReflect.Descriptor instead.
 func (*ModelLoaded) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{18}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ModelLoaded) GetStatus() *ModelStatus {
@@ -1839,7 +1944,7 @@ type ModelUpdated struct {
 
 func (x *ModelUpdated) Reset() {
 	*x = ModelUpdated{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1851,7 +1956,7 @@ func (x *ModelUpdated) String() string {
 func (*ModelUpdated) ProtoMessage() {}
 
 func (x *ModelUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[19]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1864,7 +1969,7 @@ func (x *ModelUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelUpdated.ProtoReflect.Descriptor instead.
 func (*ModelUpdated) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{19}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ModelUpdated) GetStatus() *ModelStatus {
@@ -1891,7 +1996,7 @@ type ModelUnloaded struct {
 
 func (x *ModelUnloaded) Reset() {
 	*x = ModelUnloaded{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1903,7 +2008,7 @@ func (x *ModelUnloaded) String() string {
 func (*ModelUnloaded) ProtoMessage() {}
 
 func (x *ModelUnloaded) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[20]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1916,7 +2021,7 @@ func (x *ModelUnloaded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelUnloaded.ProtoReflect.Descriptor instead.
 func (*ModelUnloaded) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{20}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ModelUnloaded) GetModel() string {
@@ -1968,7 +2073,7 @@ type ModelStateChanged struct {
 
 func (x *ModelStateChanged) Reset() {
 	*x = ModelStateChanged{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1980,7 +2085,7 @@ func (x *ModelStateChanged) String() string {
 func (*ModelStateChanged) ProtoMessage() {}
 
 func (x *ModelStateChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[21]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1993,7 +2098,7 @@ func (x *ModelStateChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelStateChanged.ProtoReflect.Descriptor instead.
 func (*ModelStateChanged) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{21}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ModelStateChanged) GetModel() string {
@@ -2037,7 +2142,7 @@ type PinChanged struct {
 
 func (x *PinChanged) Reset() {
 	*x = PinChanged{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2049,7 +2154,7 @@ func (x *PinChanged) String() string {
 func (*PinChanged) ProtoMessage() {}
 
 func (x *PinChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[22]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2062,7 +2167,7 @@ func (x *PinChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinChanged.ProtoReflect.Descriptor instead.
 func (*PinChanged) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{22}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PinChanged) GetModel() string {
@@ -2095,7 +2200,7 @@ type LoadFailed struct {
 
 func (x *LoadFailed) Reset() {
 	*x = LoadFailed{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2107,7 +2212,7 @@ func (x *LoadFailed) String() string {
 func (*LoadFailed) ProtoMessage() {}
 
 func (x *LoadFailed) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[23]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2120,7 +2225,7 @@ func (x *LoadFailed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadFailed.ProtoReflect.Descriptor instead.
 func (*LoadFailed) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{23}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *LoadFailed) GetModel() string {
@@ -2159,7 +2264,7 @@ type Warning struct {
 
 func (x *Warning) Reset() {
 	*x = Warning{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2171,7 +2276,7 @@ func (x *Warning) String() string {
 func (*Warning) ProtoMessage() {}
 
 func (x *Warning) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[24]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2184,7 +2289,7 @@ func (x *Warning) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Warning.ProtoReflect.Descriptor instead.
 func (*Warning) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{24}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Warning) GetCode() string {
@@ -2217,7 +2322,7 @@ type ListModelsRequest struct {
 
 func (x *ListModelsRequest) Reset() {
 	*x = ListModelsRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2229,7 +2334,7 @@ func (x *ListModelsRequest) String() string {
 func (*ListModelsRequest) ProtoMessage() {}
 
 func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[25]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2242,7 +2347,7 @@ func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
 func (*ListModelsRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{25}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{26}
 }
 
 // ListModelsResponse is the catalog.
@@ -2256,7 +2361,7 @@ type ListModelsResponse struct {
 
 func (x *ListModelsResponse) Reset() {
 	*x = ListModelsResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2268,7 +2373,7 @@ func (x *ListModelsResponse) String() string {
 func (*ListModelsResponse) ProtoMessage() {}
 
 func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[26]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2281,7 +2386,7 @@ func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
 func (*ListModelsResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{26}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListModelsResponse) GetModels() []*CatalogModel {
@@ -2309,14 +2414,16 @@ type CatalogModel struct {
 	// Whether it is pinned.
 	Pinned bool `protobuf:"varint,7,opt,name=pinned,proto3" json:"pinned,omitempty"`
 	// Its state when loaded; MODEL_STATE_UNSPECIFIED otherwise.
-	State         ModelState `protobuf:"varint,8,opt,name=state,proto3,enum=lemonade.v1.ModelState" json:"state,omitempty"`
+	State ModelState `protobuf:"varint,8,opt,name=state,proto3,enum=lemonade.v1.ModelState" json:"state,omitempty"`
+	// What it can serve.
+	Capabilities  *Capabilities `protobuf:"bytes,9,opt,name=capabilities,proto3" json:"capabilities,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CatalogModel) Reset() {
 	*x = CatalogModel{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2435,7 @@ func (x *CatalogModel) String() string {
 func (*CatalogModel) ProtoMessage() {}
 
 func (x *CatalogModel) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[27]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2448,7 @@ func (x *CatalogModel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CatalogModel.ProtoReflect.Descriptor instead.
 func (*CatalogModel) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{27}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CatalogModel) GetName() string {
@@ -2400,6 +2507,13 @@ func (x *CatalogModel) GetState() ModelState {
 	return ModelState_MODEL_STATE_UNSPECIFIED
 }
 
+func (x *CatalogModel) GetCapabilities() *Capabilities {
+	if x != nil {
+		return x.Capabilities
+	}
+	return nil
+}
+
 // PlanRequest has the fields of a LoadRequest: the Load it asks about.
 type PlanRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2415,7 +2529,7 @@ type PlanRequest struct {
 
 func (x *PlanRequest) Reset() {
 	*x = PlanRequest{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2427,7 +2541,7 @@ func (x *PlanRequest) String() string {
 func (*PlanRequest) ProtoMessage() {}
 
 func (x *PlanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[28]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2440,7 +2554,7 @@ func (x *PlanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlanRequest.ProtoReflect.Descriptor instead.
 func (*PlanRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{28}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *PlanRequest) GetModel() string {
@@ -2477,7 +2591,7 @@ type Eviction struct {
 
 func (x *Eviction) Reset() {
 	*x = Eviction{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2489,7 +2603,7 @@ func (x *Eviction) String() string {
 func (*Eviction) ProtoMessage() {}
 
 func (x *Eviction) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[29]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2502,7 +2616,7 @@ func (x *Eviction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Eviction.ProtoReflect.Descriptor instead.
 func (*Eviction) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{29}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Eviction) GetModel() string {
@@ -2553,7 +2667,7 @@ type PlanResponse struct {
 
 func (x *PlanResponse) Reset() {
 	*x = PlanResponse{}
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2565,7 +2679,7 @@ func (x *PlanResponse) String() string {
 func (*PlanResponse) ProtoMessage() {}
 
 func (x *PlanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_model_control_proto_msgTypes[30]
+	mi := &file_lemonade_v1_model_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2578,7 +2692,7 @@ func (x *PlanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlanResponse.ProtoReflect.Descriptor instead.
 func (*PlanResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{30}
+	return file_lemonade_v1_model_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PlanResponse) GetModel() string {
@@ -2677,7 +2791,7 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x0equeue_position\x18\x05 \x01(\rR\rqueuePosition\x12%\n" +
 	"\x0ealready_loaded\x18\x06 \x01(\bR\ralreadyLoaded\x12\x18\n" +
 	"\aevicted\x18\a \x03(\tR\aevicted\x120\n" +
-	"\x06status\x18\b \x01(\v2\x18.lemonade.v1.ModelStatusR\x06status\"\xf9\x03\n" +
+	"\x06status\x18\b \x01(\v2\x18.lemonade.v1.ModelStatusR\x06status\"\xb8\x04\n" +
 	"\vModelStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12*\n" +
 	"\x04type\x18\x02 \x01(\x0e2\x16.lemonade.v1.ModelTypeR\x04type\x12-\n" +
@@ -2693,7 +2807,15 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\fidleUnloadAt\x12\x1b\n" +
 	"\trss_bytes\x18\v \x01(\x04R\brssBytes\x12\x16\n" +
 	"\x06recipe\x18\f \x01(\tR\x06recipe\x12\x12\n" +
-	"\x04port\x18\r \x01(\rR\x04port\"%\n" +
+	"\x04port\x18\r \x01(\rR\x04port\x12=\n" +
+	"\fcapabilities\x18\x0e \x01(\v2\x19.lemonade.v1.CapabilitiesR\fcapabilities\"\xd7\x01\n" +
+	"\fCapabilities\x12#\n" +
+	"\rchat_template\x18\x01 \x01(\bR\fchatTemplate\x12\x14\n" +
+	"\x05tools\x18\x02 \x01(\bR\x05tools\x12\x1c\n" +
+	"\tembedding\x18\x03 \x01(\bR\tembedding\x12/\n" +
+	"\x13embedding_dimension\x18\x04 \x01(\rR\x12embeddingDimension\x12\x16\n" +
+	"\x06rerank\x18\x05 \x01(\bR\x06rerank\x12%\n" +
+	"\x0econtext_length\x18\x06 \x01(\rR\rcontextLength\"%\n" +
 	"\rUnloadRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\",\n" +
 	"\x0eUnloadResponse\x12\x1a\n" +
@@ -2791,7 +2913,7 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x06models\x18\x03 \x03(\tR\x06models\"\x13\n" +
 	"\x11ListModelsRequest\"G\n" +
 	"\x12ListModelsResponse\x121\n" +
-	"\x06models\x18\x01 \x03(\v2\x19.lemonade.v1.CatalogModelR\x06models\"\x9c\x02\n" +
+	"\x06models\x18\x01 \x03(\v2\x19.lemonade.v1.CatalogModelR\x06models\"\xdb\x02\n" +
 	"\fCatalogModel\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12*\n" +
 	"\x04type\x18\x02 \x01(\x0e2\x16.lemonade.v1.ModelTypeR\x04type\x12\x16\n" +
@@ -2800,7 +2922,8 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\x0fdefault_options\x18\x05 \x01(\v2\x18.lemonade.v1.LoadOptionsR\x0edefaultOptions\x12\x16\n" +
 	"\x06loaded\x18\x06 \x01(\bR\x06loaded\x12\x16\n" +
 	"\x06pinned\x18\a \x01(\bR\x06pinned\x12-\n" +
-	"\x05state\x18\b \x01(\x0e2\x17.lemonade.v1.ModelStateR\x05state\"\x7f\n" +
+	"\x05state\x18\b \x01(\x0e2\x17.lemonade.v1.ModelStateR\x05state\x12=\n" +
+	"\fcapabilities\x18\t \x01(\v2\x19.lemonade.v1.CapabilitiesR\fcapabilities\"\x7f\n" +
 	"\vPlanRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x122\n" +
 	"\aoptions\x18\x02 \x01(\v2\x18.lemonade.v1.LoadOptionsR\aoptions\x12\x1b\n" +
@@ -2881,7 +3004,7 @@ func file_lemonade_v1_model_control_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_model_control_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_lemonade_v1_model_control_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_lemonade_v1_model_control_proto_goTypes = []any{
 	(ModelType)(0),                // 0: lemonade.v1.ModelType
 	(ModelState)(0),               // 1: lemonade.v1.ModelState
@@ -2893,33 +3016,34 @@ var file_lemonade_v1_model_control_proto_goTypes = []any{
 	(*LoadRequest)(nil),           // 7: lemonade.v1.LoadRequest
 	(*LoadResponse)(nil),          // 8: lemonade.v1.LoadResponse
 	(*ModelStatus)(nil),           // 9: lemonade.v1.ModelStatus
-	(*UnloadRequest)(nil),         // 10: lemonade.v1.UnloadRequest
-	(*UnloadResponse)(nil),        // 11: lemonade.v1.UnloadResponse
-	(*PinRequest)(nil),            // 12: lemonade.v1.PinRequest
-	(*PinResponse)(nil),           // 13: lemonade.v1.PinResponse
-	(*StatusRequest)(nil),         // 14: lemonade.v1.StatusRequest
-	(*StatusResponse)(nil),        // 15: lemonade.v1.StatusResponse
-	(*SlotUsage)(nil),             // 16: lemonade.v1.SlotUsage
-	(*MemoryStatus)(nil),          // 17: lemonade.v1.MemoryStatus
-	(*LoadInFlight)(nil),          // 18: lemonade.v1.LoadInFlight
-	(*PoolStatus)(nil),            // 19: lemonade.v1.PoolStatus
-	(*WatchRequest)(nil),          // 20: lemonade.v1.WatchRequest
-	(*WatchResponse)(nil),         // 21: lemonade.v1.WatchResponse
-	(*LoadProgress)(nil),          // 22: lemonade.v1.LoadProgress
-	(*ModelLoaded)(nil),           // 23: lemonade.v1.ModelLoaded
-	(*ModelUpdated)(nil),          // 24: lemonade.v1.ModelUpdated
-	(*ModelUnloaded)(nil),         // 25: lemonade.v1.ModelUnloaded
-	(*ModelStateChanged)(nil),     // 26: lemonade.v1.ModelStateChanged
-	(*PinChanged)(nil),            // 27: lemonade.v1.PinChanged
-	(*LoadFailed)(nil),            // 28: lemonade.v1.LoadFailed
-	(*Warning)(nil),               // 29: lemonade.v1.Warning
-	(*ListModelsRequest)(nil),     // 30: lemonade.v1.ListModelsRequest
-	(*ListModelsResponse)(nil),    // 31: lemonade.v1.ListModelsResponse
-	(*CatalogModel)(nil),          // 32: lemonade.v1.CatalogModel
-	(*PlanRequest)(nil),           // 33: lemonade.v1.PlanRequest
-	(*Eviction)(nil),              // 34: lemonade.v1.Eviction
-	(*PlanResponse)(nil),          // 35: lemonade.v1.PlanResponse
-	(*timestamppb.Timestamp)(nil), // 36: google.protobuf.Timestamp
+	(*Capabilities)(nil),          // 10: lemonade.v1.Capabilities
+	(*UnloadRequest)(nil),         // 11: lemonade.v1.UnloadRequest
+	(*UnloadResponse)(nil),        // 12: lemonade.v1.UnloadResponse
+	(*PinRequest)(nil),            // 13: lemonade.v1.PinRequest
+	(*PinResponse)(nil),           // 14: lemonade.v1.PinResponse
+	(*StatusRequest)(nil),         // 15: lemonade.v1.StatusRequest
+	(*StatusResponse)(nil),        // 16: lemonade.v1.StatusResponse
+	(*SlotUsage)(nil),             // 17: lemonade.v1.SlotUsage
+	(*MemoryStatus)(nil),          // 18: lemonade.v1.MemoryStatus
+	(*LoadInFlight)(nil),          // 19: lemonade.v1.LoadInFlight
+	(*PoolStatus)(nil),            // 20: lemonade.v1.PoolStatus
+	(*WatchRequest)(nil),          // 21: lemonade.v1.WatchRequest
+	(*WatchResponse)(nil),         // 22: lemonade.v1.WatchResponse
+	(*LoadProgress)(nil),          // 23: lemonade.v1.LoadProgress
+	(*ModelLoaded)(nil),           // 24: lemonade.v1.ModelLoaded
+	(*ModelUpdated)(nil),          // 25: lemonade.v1.ModelUpdated
+	(*ModelUnloaded)(nil),         // 26: lemonade.v1.ModelUnloaded
+	(*ModelStateChanged)(nil),     // 27: lemonade.v1.ModelStateChanged
+	(*PinChanged)(nil),            // 28: lemonade.v1.PinChanged
+	(*LoadFailed)(nil),            // 29: lemonade.v1.LoadFailed
+	(*Warning)(nil),               // 30: lemonade.v1.Warning
+	(*ListModelsRequest)(nil),     // 31: lemonade.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),    // 32: lemonade.v1.ListModelsResponse
+	(*CatalogModel)(nil),          // 33: lemonade.v1.CatalogModel
+	(*PlanRequest)(nil),           // 34: lemonade.v1.PlanRequest
+	(*Eviction)(nil),              // 35: lemonade.v1.Eviction
+	(*PlanResponse)(nil),          // 36: lemonade.v1.PlanResponse
+	(*timestamppb.Timestamp)(nil), // 37: google.protobuf.Timestamp
 }
 var file_lemonade_v1_model_control_proto_depIdxs = []int32{
 	5,  // 0: lemonade.v1.LoadOptions.backend_args:type_name -> lemonade.v1.BackendArgs
@@ -2929,63 +3053,65 @@ var file_lemonade_v1_model_control_proto_depIdxs = []int32{
 	0,  // 4: lemonade.v1.ModelStatus.type:type_name -> lemonade.v1.ModelType
 	1,  // 5: lemonade.v1.ModelStatus.state:type_name -> lemonade.v1.ModelState
 	6,  // 6: lemonade.v1.ModelStatus.options:type_name -> lemonade.v1.LoadOptions
-	36, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
-	36, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
-	36, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
-	9,  // 10: lemonade.v1.PinResponse.status:type_name -> lemonade.v1.ModelStatus
-	19, // 11: lemonade.v1.StatusResponse.pool:type_name -> lemonade.v1.PoolStatus
-	0,  // 12: lemonade.v1.SlotUsage.type:type_name -> lemonade.v1.ModelType
-	2,  // 13: lemonade.v1.LoadInFlight.phase:type_name -> lemonade.v1.LoadPhase
-	36, // 14: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
-	9,  // 15: lemonade.v1.PoolStatus.models:type_name -> lemonade.v1.ModelStatus
-	16, // 16: lemonade.v1.PoolStatus.slots:type_name -> lemonade.v1.SlotUsage
-	17, // 17: lemonade.v1.PoolStatus.memory:type_name -> lemonade.v1.MemoryStatus
-	18, // 18: lemonade.v1.PoolStatus.load_in_flight:type_name -> lemonade.v1.LoadInFlight
-	18, // 19: lemonade.v1.PoolStatus.queue:type_name -> lemonade.v1.LoadInFlight
-	36, // 20: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
-	19, // 21: lemonade.v1.WatchResponse.snapshot:type_name -> lemonade.v1.PoolStatus
-	22, // 22: lemonade.v1.WatchResponse.load_progress:type_name -> lemonade.v1.LoadProgress
-	23, // 23: lemonade.v1.WatchResponse.model_loaded:type_name -> lemonade.v1.ModelLoaded
-	25, // 24: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
-	27, // 25: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
-	28, // 26: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
-	29, // 27: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
-	26, // 28: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
-	24, // 29: lemonade.v1.WatchResponse.model_updated:type_name -> lemonade.v1.ModelUpdated
-	2,  // 30: lemonade.v1.LoadProgress.phase:type_name -> lemonade.v1.LoadPhase
-	9,  // 31: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
-	9,  // 32: lemonade.v1.ModelUpdated.status:type_name -> lemonade.v1.ModelStatus
-	3,  // 33: lemonade.v1.ModelUnloaded.reason:type_name -> lemonade.v1.UnloadReason
-	1,  // 34: lemonade.v1.ModelStateChanged.state:type_name -> lemonade.v1.ModelState
-	3,  // 35: lemonade.v1.ModelStateChanged.reason:type_name -> lemonade.v1.UnloadReason
-	32, // 36: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
-	0,  // 37: lemonade.v1.CatalogModel.type:type_name -> lemonade.v1.ModelType
-	6,  // 38: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
-	1,  // 39: lemonade.v1.CatalogModel.state:type_name -> lemonade.v1.ModelState
-	6,  // 40: lemonade.v1.PlanRequest.options:type_name -> lemonade.v1.LoadOptions
-	3,  // 41: lemonade.v1.Eviction.reason:type_name -> lemonade.v1.UnloadReason
-	4,  // 42: lemonade.v1.PlanResponse.outcome:type_name -> lemonade.v1.PlanOutcome
-	6,  // 43: lemonade.v1.PlanResponse.options:type_name -> lemonade.v1.LoadOptions
-	34, // 44: lemonade.v1.PlanResponse.evictions:type_name -> lemonade.v1.Eviction
-	7,  // 45: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
-	10, // 46: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
-	12, // 47: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
-	14, // 48: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
-	20, // 49: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
-	30, // 50: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
-	33, // 51: lemonade.v1.ModelControl.Plan:input_type -> lemonade.v1.PlanRequest
-	8,  // 52: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
-	11, // 53: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
-	13, // 54: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
-	15, // 55: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
-	21, // 56: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
-	31, // 57: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
-	35, // 58: lemonade.v1.ModelControl.Plan:output_type -> lemonade.v1.PlanResponse
-	52, // [52:59] is the sub-list for method output_type
-	45, // [45:52] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	37, // 7: lemonade.v1.ModelStatus.loaded_at:type_name -> google.protobuf.Timestamp
+	37, // 8: lemonade.v1.ModelStatus.last_used_at:type_name -> google.protobuf.Timestamp
+	37, // 9: lemonade.v1.ModelStatus.idle_unload_at:type_name -> google.protobuf.Timestamp
+	10, // 10: lemonade.v1.ModelStatus.capabilities:type_name -> lemonade.v1.Capabilities
+	9,  // 11: lemonade.v1.PinResponse.status:type_name -> lemonade.v1.ModelStatus
+	20, // 12: lemonade.v1.StatusResponse.pool:type_name -> lemonade.v1.PoolStatus
+	0,  // 13: lemonade.v1.SlotUsage.type:type_name -> lemonade.v1.ModelType
+	2,  // 14: lemonade.v1.LoadInFlight.phase:type_name -> lemonade.v1.LoadPhase
+	37, // 15: lemonade.v1.LoadInFlight.started_at:type_name -> google.protobuf.Timestamp
+	9,  // 16: lemonade.v1.PoolStatus.models:type_name -> lemonade.v1.ModelStatus
+	17, // 17: lemonade.v1.PoolStatus.slots:type_name -> lemonade.v1.SlotUsage
+	18, // 18: lemonade.v1.PoolStatus.memory:type_name -> lemonade.v1.MemoryStatus
+	19, // 19: lemonade.v1.PoolStatus.load_in_flight:type_name -> lemonade.v1.LoadInFlight
+	19, // 20: lemonade.v1.PoolStatus.queue:type_name -> lemonade.v1.LoadInFlight
+	37, // 21: lemonade.v1.WatchResponse.time:type_name -> google.protobuf.Timestamp
+	20, // 22: lemonade.v1.WatchResponse.snapshot:type_name -> lemonade.v1.PoolStatus
+	23, // 23: lemonade.v1.WatchResponse.load_progress:type_name -> lemonade.v1.LoadProgress
+	24, // 24: lemonade.v1.WatchResponse.model_loaded:type_name -> lemonade.v1.ModelLoaded
+	26, // 25: lemonade.v1.WatchResponse.model_unloaded:type_name -> lemonade.v1.ModelUnloaded
+	28, // 26: lemonade.v1.WatchResponse.pin_changed:type_name -> lemonade.v1.PinChanged
+	29, // 27: lemonade.v1.WatchResponse.load_failed:type_name -> lemonade.v1.LoadFailed
+	30, // 28: lemonade.v1.WatchResponse.warning:type_name -> lemonade.v1.Warning
+	27, // 29: lemonade.v1.WatchResponse.model_state_changed:type_name -> lemonade.v1.ModelStateChanged
+	25, // 30: lemonade.v1.WatchResponse.model_updated:type_name -> lemonade.v1.ModelUpdated
+	2,  // 31: lemonade.v1.LoadProgress.phase:type_name -> lemonade.v1.LoadPhase
+	9,  // 32: lemonade.v1.ModelLoaded.status:type_name -> lemonade.v1.ModelStatus
+	9,  // 33: lemonade.v1.ModelUpdated.status:type_name -> lemonade.v1.ModelStatus
+	3,  // 34: lemonade.v1.ModelUnloaded.reason:type_name -> lemonade.v1.UnloadReason
+	1,  // 35: lemonade.v1.ModelStateChanged.state:type_name -> lemonade.v1.ModelState
+	3,  // 36: lemonade.v1.ModelStateChanged.reason:type_name -> lemonade.v1.UnloadReason
+	33, // 37: lemonade.v1.ListModelsResponse.models:type_name -> lemonade.v1.CatalogModel
+	0,  // 38: lemonade.v1.CatalogModel.type:type_name -> lemonade.v1.ModelType
+	6,  // 39: lemonade.v1.CatalogModel.default_options:type_name -> lemonade.v1.LoadOptions
+	1,  // 40: lemonade.v1.CatalogModel.state:type_name -> lemonade.v1.ModelState
+	10, // 41: lemonade.v1.CatalogModel.capabilities:type_name -> lemonade.v1.Capabilities
+	6,  // 42: lemonade.v1.PlanRequest.options:type_name -> lemonade.v1.LoadOptions
+	3,  // 43: lemonade.v1.Eviction.reason:type_name -> lemonade.v1.UnloadReason
+	4,  // 44: lemonade.v1.PlanResponse.outcome:type_name -> lemonade.v1.PlanOutcome
+	6,  // 45: lemonade.v1.PlanResponse.options:type_name -> lemonade.v1.LoadOptions
+	35, // 46: lemonade.v1.PlanResponse.evictions:type_name -> lemonade.v1.Eviction
+	7,  // 47: lemonade.v1.ModelControl.Load:input_type -> lemonade.v1.LoadRequest
+	11, // 48: lemonade.v1.ModelControl.Unload:input_type -> lemonade.v1.UnloadRequest
+	13, // 49: lemonade.v1.ModelControl.Pin:input_type -> lemonade.v1.PinRequest
+	15, // 50: lemonade.v1.ModelControl.Status:input_type -> lemonade.v1.StatusRequest
+	21, // 51: lemonade.v1.ModelControl.Watch:input_type -> lemonade.v1.WatchRequest
+	31, // 52: lemonade.v1.ModelControl.ListModels:input_type -> lemonade.v1.ListModelsRequest
+	34, // 53: lemonade.v1.ModelControl.Plan:input_type -> lemonade.v1.PlanRequest
+	8,  // 54: lemonade.v1.ModelControl.Load:output_type -> lemonade.v1.LoadResponse
+	12, // 55: lemonade.v1.ModelControl.Unload:output_type -> lemonade.v1.UnloadResponse
+	14, // 56: lemonade.v1.ModelControl.Pin:output_type -> lemonade.v1.PinResponse
+	16, // 57: lemonade.v1.ModelControl.Status:output_type -> lemonade.v1.StatusResponse
+	22, // 58: lemonade.v1.ModelControl.Watch:output_type -> lemonade.v1.WatchResponse
+	32, // 59: lemonade.v1.ModelControl.ListModels:output_type -> lemonade.v1.ListModelsResponse
+	36, // 60: lemonade.v1.ModelControl.Plan:output_type -> lemonade.v1.PlanResponse
+	54, // [54:61] is the sub-list for method output_type
+	47, // [47:54] is the sub-list for method input_type
+	47, // [47:47] is the sub-list for extension type_name
+	47, // [47:47] is the sub-list for extension extendee
+	0,  // [0:47] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_model_control_proto_init() }
@@ -2995,9 +3121,9 @@ func file_lemonade_v1_model_control_proto_init() {
 	}
 	file_lemonade_v1_model_control_proto_msgTypes[1].OneofWrappers = []any{}
 	file_lemonade_v1_model_control_proto_msgTypes[2].OneofWrappers = []any{}
-	file_lemonade_v1_model_control_proto_msgTypes[7].OneofWrappers = []any{}
-	file_lemonade_v1_model_control_proto_msgTypes[15].OneofWrappers = []any{}
-	file_lemonade_v1_model_control_proto_msgTypes[16].OneofWrappers = []any{
+	file_lemonade_v1_model_control_proto_msgTypes[8].OneofWrappers = []any{}
+	file_lemonade_v1_model_control_proto_msgTypes[16].OneofWrappers = []any{}
+	file_lemonade_v1_model_control_proto_msgTypes[17].OneofWrappers = []any{
 		(*WatchResponse_Snapshot)(nil),
 		(*WatchResponse_LoadProgress)(nil),
 		(*WatchResponse_ModelLoaded)(nil),
@@ -3008,14 +3134,14 @@ func file_lemonade_v1_model_control_proto_init() {
 		(*WatchResponse_ModelStateChanged)(nil),
 		(*WatchResponse_ModelUpdated)(nil),
 	}
-	file_lemonade_v1_model_control_proto_msgTypes[28].OneofWrappers = []any{}
+	file_lemonade_v1_model_control_proto_msgTypes[29].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_model_control_proto_rawDesc), len(file_lemonade_v1_model_control_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/model_control.proto.
  */
 export const file_lemonade_v1_model_control: GenFile = /*@__PURE__*/
-  fileDesc("Ch9sZW1vbmFkZS92MS9tb2RlbF9jb250cm9sLnByb3RvEgtsZW1vbmFkZS52MSIbCgtCYWNrZW5kQXJncxIMCgRhcmdzGAEgAygJIpsBCgtMb2FkT3B0aW9ucxIVCghjdHhfc2l6ZRgBIAEoDUgAiAEBEiAKE2lkbGVfdW5sb2FkX3NlY29uZHMYAiABKANIAYgBARIuCgxiYWNrZW5kX2FyZ3MYAyABKAsyGC5sZW1vbmFkZS52MS5CYWNrZW5kQXJnc0ILCglfY3R4X3NpemVCFgoUX2lkbGVfdW5sb2FkX3NlY29uZHMiZwoLTG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQi0gEKDExvYWRSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIlCgVwaGFzZRgCIAEoDjIWLmxlbW9uYWRlLnYxLkxvYWRQaGFzZRIQCghmcmFjdGlvbhgDIAEoARIPCgdtZXNzYWdlGAQgASgJEhYKDnF1ZXVlX3Bvc2l0aW9uGAUgASgNEhYKDmFscmVhZHlfbG9hZGVkGAYgASgIEg8KB2V2aWN0ZWQYByADKAkSKAoGc3RhdHVzGAggASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiigMKC01vZGVsU3RhdHVzEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRImCgVzdGF0ZRgDIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSDgoGcGlubmVkGAQgASgIEikKB29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxILCgNwaWQYBiABKA0SLQoJbG9hZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWluX2ZsaWdodBgJIAEoDRIyCg5pZGxlX3VubG9hZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcnNzX2J5dGVzGAsgASgEEg4KBnJlY2lwZRgMIAEoCRIMCgRwb3J0GA0gASgNIh4KDVVubG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkiIgoOVW5sb2FkUmVzcG9uc2USEAoIdW5sb2FkZWQYASADKAkiOwoKUGluUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgZwaW5uZWQYAiABKAhIAIgBAUIJCgdfcGlubmVkIjcKC1BpblJlc3BvbnNlEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzIg8KDVN0YXR1c1JlcXVlc3QiNwoOU3RhdHVzUmVzcG9uc2USJQoEcG9vbBgBIAEoCzIXLmxlbW9uYWRlLnYxLlBvb2xTdGF0dXMiYwoJU2xvdFVzYWdlEiQKBHR5cGUYASABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSEgoKbWF4X2xvYWRlZBgCIAEoDRIMCgR1c2VkGAMgASgNEg4KBnBpbm5lZBgEIAEoDSJYCgxNZW1vcnlTdGF0dXMSEwoLdG90YWxfYnl0ZXMYASABKAQSFwoPYXZhaWxhYmxlX2J5dGVzGAIgASgEEhoKEmJhY2tlbmRzX3Jzc19ieXRlcxgDIAEoBCKXAQoMTG9hZEluRmxpZ2h0Eg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEi4KCnN0YXJ0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhaXRlcnMYBSABKA0iwgIKClBvb2xTdGF0dXMSKAoGbW9kZWxzGAEgAygLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMSJQoFc2xvdHMYAiADKAsyFi5sZW1vbmFkZS52MS5TbG90VXNhZ2USKQoGbWVtb3J5GAMgASgLMhkubGVtb25hZGUudjEuTWVtb3J5U3RhdHVzEjEKDmxvYWRfaW5fZmxpZ2h0GAQgASgLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EigKBXF1ZXVlGAUgAygLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EhAKCHNlcXVlbmNlGAYgASgEEhgKEGJhY2tlbmRzX3N0YXJ0ZWQYByABKAQSFwoPc3RyZWFtc19ydW5uaW5nGAggASgNEhYKDnN0cmVhbXNfcXVldWVkGAkgASgNIj4KDFdhdGNoUmVxdWVzdBIbCg5zaW5jZV9zZXF1ZW5jZRgBIAEoBEgAiAEBQhEKD19zaW5jZV9zZXF1ZW5jZSKpBAoNV2F0Y2hSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZXN5bmMYAyABKAgSKwoIc25hcHNob3QYCiABKAsyFy5sZW1vbmFkZS52MS5Qb29sU3RhdHVzSAASMgoNbG9hZF9wcm9ncmVzcxgLIAEoCzIZLmxlbW9uYWRlLnYxLkxvYWRQcm9ncmVzc0gAEjAKDG1vZGVsX2xvYWRlZBgMIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsTG9hZGVkSAASNAoObW9kZWxfdW5sb2FkZWQYDSABKAsyGi5sZW1vbmFkZS52MS5Nb2RlbFVubG9hZGVkSAASLgoLcGluX2NoYW5nZWQYDiABKAsyFy5sZW1vbmFkZS52MS5QaW5DaGFuZ2VkSAASLgoLbG9hZF9mYWlsZWQYDyABKAsyFy5sZW1vbmFkZS52MS5Mb2FkRmFpbGVkSAASJwoHd2FybmluZxgQIAEoCzIULmxlbW9uYWRlLnYxLldhcm5pbmdIABI9ChNtb2RlbF9zdGF0ZV9jaGFuZ2VkGBEgASgLMh4ubGVtb25hZGUudjEuTW9kZWxTdGF0ZUNoYW5nZWRIABIyCg1tb2RlbF91cGRhdGVkGBIgASgLMhkubGVtb25hZGUudjEuTW9kZWxVcGRhdGVkSABCBwoFZXZlbnQiZwoMTG9hZFByb2dyZXNzEg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEg8KB21lc3NhZ2UYBCABKAkiNwoLTW9kZWxMb2FkZWQSKAoGc3RhdHVzGAEgASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiOAoMTW9kZWxVcGRhdGVkEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzImcKDU1vZGVsVW5sb2FkZWQSDQoFbW9kZWwYASABKAkSKQoGcmVhc29uGAIgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uEgsKA3BpZBgDIAEoDRIPCgdtZXNzYWdlGAQgASgJIoYBChFNb2RlbFN0YXRlQ2hhbmdlZBINCgVtb2RlbBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSKQoGcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uEg8KB21lc3NhZ2UYBCABKAkiKwoKUGluQ2hhbmdlZBINCgVtb2RlbBgBIAEoCRIOCgZwaW5uZWQYAiABKAgiPAoKTG9hZEZhaWxlZBINCgVtb2RlbBgBIAEoCRIOCgZyZWFzb24YAiABKAkSDwoHbWVzc2FnZRgDIAEoCSI4CgdXYXJuaW5nEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIOCgZtb2RlbHMYAyADKAkiEwoRTGlzdE1vZGVsc1JlcXVlc3QiPwoSTGlzdE1vZGVsc1Jlc3BvbnNlEikKBm1vZGVscxgBIAMoCzIZLmxlbW9uYWRlLnYxLkNhdGFsb2dNb2RlbCLbAQoMQ2F0YWxvZ01vZGVsEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRIOCgZyZWNpcGUYAyABKAkSDAoEcGF0aBgEIAEoCRIxCg9kZWZhdWx0X29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxIOCgZsb2FkZWQYBiABKAgSDgoGcGlubmVkGAcgASgIEiYKBXN0YXRlGAggASgOMhcubGVtb25hZGUudjEuTW9kZWxTdGF0ZSJnCgtQbGFuUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIpCgdvcHRpb25zGAIgASgLMhgubGVtb25hZGUudjEuTG9hZE9wdGlvbnMSEwoGcGlubmVkGAMgASgISACIAQFCCQoHX3Bpbm5lZCJECghFdmljdGlvbhINCgVtb2RlbBgBIAEoCRIpCgZyZWFzb24YAiABKA4yGS5sZW1vbmFkZS52MS5VbmxvYWRSZWFzb24ilwIKDFBsYW5SZXNwb25zZRINCgVtb2RlbBgBIAEoCRIpCgdvdXRjb21lGAIgASgOMhgubGVtb25hZGUudjEuUGxhbk91dGNvbWUSKQoHb3B0aW9ucxgDIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEg4KBnJlbG9hZBgEIAEoCBIoCglldmljdGlvbnMYBSADKAsyFS5sZW1vbmFkZS52MS5FdmljdGlvbhISCgpuZWVkX2J5dGVzGAYgASgDEhcKD2F2YWlsYWJsZV9ieXRlcxgHIAEoAxIVCg1yZXNlcnZlX2J5dGVzGAggASgDEhMKC2xvYWRzX2FoZWFkGAkgASgNEg8KB21lc3NhZ2UYCiABKAkqVQoJTW9kZWxUeXBlEhoKFk1PREVMX1RZUEVfVU5TUEVDSUZJRUQQABISCg5NT0RFTF9UWVBFX0xMTRABEhgKFE1PREVMX1RZUEVfRU1CRURESU5HEAIqjAEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIXChNNT0RFTF9TVEFURV9MT0FESU5HEAESFQoRTU9ERUxfU1RBVEVfUkVBRFkQAhIZChVNT0RFTF9TVEFURV9VTkxPQURJTkcQAxIWChJNT0RFTF9TVEFURV9GQUlMRUQQBCqeAQoJTG9hZFBoYXNlEhoKFkxPQURfUEhBU0VfVU5TUEVDSUZJRUQQABIVChFMT0FEX1BIQVNFX1FVRVVFRBABEhcKE0xPQURfUEhBU0VfRVZJQ1RJTkcQAhIXChNMT0FEX1BIQVNFX1NUQVJUSU5HEAMSFgoSTE9BRF9QSEFTRV9MT0FESU5HEAQSFAoQTE9BRF9QSEFTRV9SRUFEWRAFKvUBCgxVbmxvYWRSZWFzb24SHQoZVU5MT0FEX1JFQVNPTl9VTlNQRUNJRklFRBAAEhsKF1VOTE9BRF9SRUFTT05fUkVRVUVTVEVEEAESHQoZVU5MT0FEX1JFQVNPTl9FVklDVEVEX0xSVRACEhYKElVOTE9BRF9SRUFTT05fSURMRRADEiEKHVVOTE9BRF9SRUFTT05fTUVNT1JZX1BSRVNTVVJFEAQSGQoVVU5MT0FEX1JFQVNPTl9DUkFTSEVEEAUSGgoWVU5MT0FEX1JFQVNPTl9TSFVURE9XThAGEhgKFFVOTE9BRF9SRUFTT05fUkVMT0FEEAcqwAEKC1BsYW5PdXRjb21lEhwKGFBMQU5fT1VUQ09NRV9VTlNQRUNJRklFRBAAEh8KG1BMQU5fT1VUQ09NRV9BTFJFQURZX0xPQURFRBABEhYKElBMQU5fT1VUQ09NRV9SRVVTRRACEhUKEVBMQU5fT1VUQ09NRV9MT0FEEAMSHQoZUExBTl9PVVRDT01FX1NMT1RTX1BJTk5FRBAEEiQKIFBMQU5fT1VUQ09NRV9JTlNVRkZJQ0lFTlRfTUVNT1JZEAUy2wMKDE1vZGVsQ29udHJvbBI9CgRMb2FkEhgubGVtb25hZGUudjEuTG9hZFJlcXVlc3QaGS5sZW1vbmFkZS52MS5Mb2FkUmVzcG9uc2UwARJBCgZVbmxvYWQSGi5sZW1vbmFkZS52MS5VbmxvYWRSZXF1ZXN0GhsubGVtb25hZGUudjEuVW5sb2FkUmVzcG9uc2USOAoDUGluEhcubGVtb25hZGUudjEuUGluUmVxdWVzdBoYLmxlbW9uYWRlLnYxLlBpblJlc3BvbnNlEkEKBlN0YXR1cxIaLmxlbW9uYWRlLnYxLlN0YXR1c1JlcXVlc3QaGy5sZW1vbmFkZS52MS5TdGF0dXNSZXNwb25zZRJACgVXYXRjaBIZLmxlbW9uYWRlLnYxLldhdGNoUmVxdWVzdBoaLmxlbW9uYWRlLnYxLldhdGNoUmVzcG9uc2UwARJNCgpMaXN0TW9kZWxzEh4ubGVtb25hZGUudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy5sZW1vbmFkZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USOwoEUGxhbhIYLmxlbW9uYWRlLnYxLlBsYW5SZXF1ZXN0GhkubGVtb25hZGUudjEuUGxhblJlc3BvbnNlQr8BCg9jb20ubGVtb25hZGUudjFCEU1vZGVsQ29udHJvbFByb3RvUAFaTGdpdGh1Yi5jb20vbGVtb25hZGUtZ3JwYy9sZW1vbmFkZS1ncnBjL2NsaWVudHMvZ28vZ2VuL2xlbW9uYWRlL3YxO2xlbW9uYWRldjGiAgNMWFiqAgtMZW1vbmFkZS5WMcoCC0xlbW9uYWRlXFYx4gIXTGVtb25hZGVcVjFcR1BCTWV0YWRhdGHqAgxMZW1vbmFkZTo6VjFiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("Ch9sZW1vbmFkZS92MS9tb2RlbF9jb250cm9sLnByb3RvEgtsZW1vbmFkZS52MSIbCgtCYWNrZW5kQXJncxIMCgRhcmdzGAEgAygJIpsBCgtMb2FkT3B0aW9ucxIVCghjdHhfc2l6ZRgBIAEoDUgAiAEBEiAKE2lkbGVfdW5sb2FkX3NlY29uZHMYAiABKANIAYgBARIuCgxiYWNrZW5kX2FyZ3MYAyABKAsyGC5sZW1vbmFkZS52MS5CYWNrZW5kQXJnc0ILCglfY3R4X3NpemVCFgoUX2lkbGVfdW5sb2FkX3NlY29uZHMiZwoLTG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQi0gEKDExvYWRSZXNwb25zZRINCgVtb2RlbBgBIAEoCRIlCgVwaGFzZRgCIAEoDjIWLmxlbW9uYWRlLnYxLkxvYWRQaGFzZRIQCghmcmFjdGlvbhgDIAEoARIPCgdtZXNzYWdlGAQgASgJEhYKDnF1ZXVlX3Bvc2l0aW9uGAUgASgNEhYKDmFscmVhZHlfbG9hZGVkGAYgASgIEg8KB2V2aWN0ZWQYByADKAkSKAoGc3RhdHVzGAggASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiuwMKC01vZGVsU3RhdHVzEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRImCgVzdGF0ZRgDIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSDgoGcGlubmVkGAQgASgIEikKB29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxILCgNwaWQYBiABKA0SLQoJbG9hZGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWluX2ZsaWdodBgJIAEoDRIyCg5pZGxlX3VubG9hZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcnNzX2J5dGVzGAsgASgEEg4KBnJlY2lwZRgMIAEoCRIMCgRwb3J0GA0gASgNEi8KDGNhcGFiaWxpdGllcxgOIAEoCzIZLmxlbW9uYWRlLnYxLkNhcGFiaWxpdGllcyKMAQoMQ2FwYWJpbGl0aWVzEhUKDWNoYXRfdGVtcGxhdGUYASABKAgSDQoFdG9vbHMYAiABKAgSEQoJZW1iZWRkaW5nGAMgASgIEhsKE2VtYmVkZGluZ19kaW1lbnNpb24YBCABKA0SDgoGcmVyYW5rGAUgASgIEhYKDmNvbnRleHRfbGVuZ3RoGAYgASgNIh4KDVVubG9hZFJlcXVlc3QSDQoFbW9kZWwYASABKAkiIgoOVW5sb2FkUmVzcG9uc2USEAoIdW5sb2FkZWQYASADKAkiOwoKUGluUmVxdWVzdBINCgVtb2RlbBgBIAEoCRITCgZwaW5uZWQYAiABKAhIAIgBAUIJCgdfcGlubmVkIjcKC1BpblJlc3BvbnNlEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzIg8KDVN0YXR1c1JlcXVlc3QiNwoOU3RhdHVzUmVzcG9uc2USJQoEcG9vbBgBIAEoCzIXLmxlbW9uYWRlLnYxLlBvb2xTdGF0dXMiYwoJU2xvdFVzYWdlEiQKBHR5cGUYASABKA4yFi5sZW1vbmFkZS52MS5Nb2RlbFR5cGUSEgoKbWF4X2xvYWRlZBgCIAEoDRIMCgR1c2VkGAMgASgNEg4KBnBpbm5lZBgEIAEoDSJYCgxNZW1vcnlTdGF0dXMSEwoLdG90YWxfYnl0ZXMYASABKAQSFwoPYXZhaWxhYmxlX2J5dGVzGAIgASgEEhoKEmJhY2tlbmRzX3Jzc19ieXRlcxgDIAEoBCKXAQoMTG9hZEluRmxpZ2h0Eg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEi4KCnN0YXJ0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3dhaXRlcnMYBSABKA0iwgIKClBvb2xTdGF0dXMSKAoGbW9kZWxzGAEgAygLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMSJQoFc2xvdHMYAiADKAsyFi5sZW1vbmFkZS52MS5TbG90VXNhZ2USKQoGbWVtb3J5GAMgASgLMhkubGVtb25hZGUudjEuTWVtb3J5U3RhdHVzEjEKDmxvYWRfaW5fZmxpZ2h0GAQgASgLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EigKBXF1ZXVlGAUgAygLMhkubGVtb25hZGUudjEuTG9hZEluRmxpZ2h0EhAKCHNlcXVlbmNlGAYgASgEEhgKEGJhY2tlbmRzX3N0YXJ0ZWQYByABKAQSFwoPc3RyZWFtc19ydW5uaW5nGAggASgNEhYKDnN0cmVhbXNfcXVldWVkGAkgASgNIj4KDFdhdGNoUmVxdWVzdBIbCg5zaW5jZV9zZXF1ZW5jZRgBIAEoBEgAiAEBQhEKD19zaW5jZV9zZXF1ZW5jZSKpBAoNV2F0Y2hSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZXN5bmMYAyABKAgSKwoIc25hcHNob3QYCiABKAsyFy5sZW1vbmFkZS52MS5Qb29sU3RhdHVzSAASMgoNbG9hZF9wcm9ncmVzcxgLIAEoCzIZLmxlbW9uYWRlLnYxLkxvYWRQcm9ncmVzc0gAEjAKDG1vZGVsX2xvYWRlZBgMIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsTG9hZGVkSAASNAoObW9kZWxfdW5sb2FkZWQYDSABKAsyGi5sZW1vbmFkZS52MS5Nb2RlbFVubG9hZGVkSAASLgoLcGluX2NoYW5nZWQYDiABKAsyFy5sZW1vbmFkZS52MS5QaW5DaGFuZ2VkSAASLgoLbG9hZF9mYWlsZWQYDyABKAsyFy5sZW1vbmFkZS52MS5Mb2FkRmFpbGVkSAASJwoHd2FybmluZxgQIAEoCzIULmxlbW9uYWRlLnYxLldhcm5pbmdIABI9ChNtb2RlbF9zdGF0ZV9jaGFuZ2VkGBEgASgLMh4ubGVtb25hZGUudjEuTW9kZWxTdGF0ZUNoYW5nZWRIABIyCg1tb2RlbF91cGRhdGVkGBIgASgLMhkubGVtb25hZGUudjEuTW9kZWxVcGRhdGVkSABCBwoFZXZlbnQiZwoMTG9hZFByb2dyZXNzEg0KBW1vZGVsGAEgASgJEiUKBXBoYXNlGAIgASgOMhYubGVtb25hZGUudjEuTG9hZFBoYXNlEhAKCGZyYWN0aW9uGAMgASgBEg8KB21lc3NhZ2UYBCABKAkiNwoLTW9kZWxMb2FkZWQSKAoGc3RhdHVzGAEgASgLMhgubGVtb25hZGUudjEuTW9kZWxTdGF0dXMiOAoMTW9kZWxVcGRhdGVkEigKBnN0YXR1cxgBIAEoCzIYLmxlbW9uYWRlLnYxLk1vZGVsU3RhdHVzImcKDU1vZGVsVW5sb2FkZWQSDQoFbW9kZWwYASABKAkSKQoGcmVhc29uGAIgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uEgsKA3BpZBgDIAEoDRIPCgdtZXNzYWdlGAQgASgJIoYBChFNb2RlbFN0YXRlQ2hhbmdlZBINCgVtb2RlbBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxlbW9uYWRlLnYxLk1vZGVsU3RhdGUSKQoGcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uEg8KB21lc3NhZ2UYBCABKAkiKwoKUGluQ2hhbmdlZBINCgVtb2RlbBgBIAEoCRIOCgZwaW5uZWQYAiABKAgiPAoKTG9hZEZhaWxlZBINCgVtb2RlbBgBIAEoCRIOCgZyZWFzb24YAiABKAkSDwoHbWVzc2FnZRgDIAEoCSI4CgdXYXJuaW5nEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIOCgZtb2RlbHMYAyADKAkiEwoRTGlzdE1vZGVsc1JlcXVlc3QiPwoSTGlzdE1vZGVsc1Jlc3BvbnNlEikKBm1vZGVscxgBIAMoCzIZLmxlbW9uYWRlLnYxLkNhdGFsb2dNb2RlbCKMAgoMQ2F0YWxvZ01vZGVsEgwKBG5hbWUYASABKAkSJAoEdHlwZRgCIAEoDjIWLmxlbW9uYWRlLnYxLk1vZGVsVHlwZRIOCgZyZWNpcGUYAyABKAkSDAoEcGF0aBgEIAEoCRIxCg9kZWZhdWx0X29wdGlvbnMYBSABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxIOCgZsb2FkZWQYBiABKAgSDgoGcGlubmVkGAcgASgIEiYKBXN0YXRlGAggASgOMhcubGVtb25hZGUudjEuTW9kZWxTdGF0ZRIvCgxjYXBhYmlsaXRpZXMYCSABKAsyGS5sZW1vbmFkZS52MS5DYXBhYmlsaXRpZXMiZwoLUGxhblJlcXVlc3QSDQoFbW9kZWwYASABKAkSKQoHb3B0aW9ucxgCIAEoCzIYLmxlbW9uYWRlLnYxLkxvYWRPcHRpb25zEhMKBnBpbm5lZBgDIAEoCEgAiAEBQgkKB19waW5uZWQiRAoIRXZpY3Rpb24SDQoFbW9kZWwYASABKAkSKQoGcmVhc29uGAIgASgOMhkubGVtb25hZGUudjEuVW5sb2FkUmVhc29uIpcCCgxQbGFuUmVzcG9uc2USDQoFbW9kZWwYASABKAkSKQoHb3V0Y29tZRgCIAEoDjIYLmxlbW9uYWRlLnYxLlBsYW5PdXRjb21lEikKB29wdGlvbnMYAyABKAsyGC5sZW1vbmFkZS52MS5Mb2FkT3B0aW9ucxIOCgZyZWxvYWQYBCABKAgSKAoJZXZpY3Rpb25zGAUgAygLMhUubGVtb25hZGUudjEuRXZpY3Rpb24SEgoKbmVlZF9ieXRlcxgGIAEoAxIXCg9hdmFpbGFibGVfYnl0ZXMYByABKAMSFQoNcmVzZXJ2ZV9ieXRlcxgIIAEoAxITCgtsb2Fkc19haGVhZBgJIAEoDRIPCgdtZXNzYWdlGAogASgJKlUKCU1vZGVsVHlwZRIaChZNT0RFTF9UWVBFX1VOU1BFQ0lGSUVEEAASEgoOTU9ERUxfVFlQRV9MTE0QARIYChRNT0RFTF9UWVBFX0VNQkVERElORxACKowBCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTTU9ERUxfU1RBVEVfTE9BRElORxABEhUKEU1PREVMX1NUQVRFX1JFQURZEAISGQoVTU9ERUxfU1RBVEVfVU5MT0FESU5HEAMSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAQqngEKCUxvYWRQaGFzZRIaChZMT0FEX1BIQVNFX1VOU1BFQ0lGSUVEEAASFQoRTE9BRF9QSEFTRV9RVUVVRUQQARIXChNMT0FEX1BIQVNFX0VWSUNUSU5HEAISFwoTTE9BRF9QSEFTRV9TVEFSVElORxADEhYKEkxPQURfUEhBU0VfTE9BRElORxAEEhQKEExPQURfUEhBU0VfUkVBRFkQBSr1AQoMVW5sb2FkUmVhc29uEh0KGVVOTE9BRF9SRUFTT05fVU5TUEVDSUZJRUQQABIbChdVTkxPQURfUkVBU09OX1JFUVVFU1RFRBABEh0KGVVOTE9BRF9SRUFTT05fRVZJQ1RFRF9MUlUQAhIWChJVTkxPQURfUkVBU09OX0lETEUQAxIhCh1VTkxPQURfUkVBU09OX01FTU9SWV9QUkVTU1VSRRAEEhkKFVVOTE9BRF9SRUFTT05fQ1JBU0hFRBAFEhoKFlVOTE9BRF9SRUFTT05fU0hVVERPV04QBhIYChRVTkxPQURfUkVBU09OX1JFTE9BRBAHKsABCgtQbGFuT3V0Y29tZRIcChhQTEFOX09VVENPTUVfVU5TUEVDSUZJRUQQABIfChtQTEFOX09VVENPTUVfQUxSRUFEWV9MT0FERUQQARIWChJQTEFOX09VVENPTUVfUkVVU0UQAhIVChFQTEFOX09VVENPTUVfTE9BRBADEh0KGVBMQU5fT1VUQ09NRV9TTE9UU19QSU5ORUQQBBIkCiBQTEFOX09VVENPTUVfSU5TVUZGSUNJRU5UX01FTU9SWRAFMtsDCgxNb2RlbENvbnRyb2wSPQoETG9hZBIYLmxlbW9uYWRlLnYxLkxvYWRSZXF1ZXN0GhkubGVtb25hZGUudjEuTG9hZFJlc3BvbnNlMAESQQoGVW5sb2FkEhoubGVtb25hZGUudjEuVW5sb2FkUmVxdWVzdBobLmxlbW9uYWRlLnYxLlVubG9hZFJlc3BvbnNlEjgKA1BpbhIXLmxlbW9uYWRlLnYxLlBpblJlcXVlc3QaGC5sZW1vbmFkZS52MS5QaW5SZXNwb25zZRJBCgZTdGF0dXMSGi5sZW1vbmFkZS52MS5TdGF0dXNSZXF1ZXN0GhsubGVtb25hZGUudjEuU3RhdHVzUmVzcG9uc2USQAoFV2F0Y2gSGS5sZW1vbmFkZS52MS5XYXRjaFJlcXVlc3QaGi5sZW1vbmFkZS52MS5XYXRjaFJlc3BvbnNlMAESTQoKTGlzdE1vZGVscxIeLmxlbW9uYWRlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0Gh8ubGVtb25hZGUudjEuTGlzdE1vZGVsc1Jlc3BvbnNlEjsKBFBsYW4SGC5sZW1vbmFkZS52MS5QbGFuUmVxdWVzdBoZLmxlbW9uYWRlLnYxLlBsYW5SZXNwb25zZUK/AQoPY29tLmxlbW9uYWRlLnYxQhFNb2RlbENvbnRyb2xQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * BackendArgs is a list of extra command-line arguments for the backend.
@@ -297,6 +297,13 @@ export type ModelStatus = Message<"lemonade.v1.ModelStatus"> & {
    * @generated from field: uint32 port = 13;
    */
   port: number;
+
+  /**
+   * What the model can serve (as in ListModels).
+   *
+   * @generated from field: lemonade.v1.Capabilities capabilities = 14;
+   */
+  capabilities?: Capabilities | undefined;
 };
 
 /**
@@ -305,6 +312,67 @@ export type ModelStatus = Message<"lemonade.v1.ModelStatus"> & {
  */
 export const ModelStatusSchema: GenMessage<ModelStatus> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_model_control, 4);
+
+/**
+ * Capabilities say what requests a model can serve, from its GGUF metadata
+ * and its catalog entry (read once at start-up). For a `command` backend
+ * only what the catalog says is known: `embedding`; the rest is false and
+ * nothing is refused for it.
+ *
+ * @generated from message lemonade.v1.Capabilities
+ */
+export type Capabilities = Message<"lemonade.v1.Capabilities"> & {
+  /**
+   * The GGUF holds a chat template (Chat applies it).
+   *
+   * @generated from field: bool chat_template = 1;
+   */
+  chatTemplate: boolean;
+
+  /**
+   * Its chat template takes tools: Chat with `tools` is served (else
+   * FAILED_PRECONDITION CAPABILITY_MISSING, capability "tools").
+   *
+   * @generated from field: bool tools = 2;
+   */
+  tools: boolean;
+
+  /**
+   * Started to embed (type embedding): Embed is served.
+   *
+   * @generated from field: bool embedding = 3;
+   */
+  embedding: boolean;
+
+  /**
+   * Length of its vectors (the GGUF's embedding length); 0 when unknown.
+   *
+   * @generated from field: uint32 embedding_dimension = 4;
+   */
+  embeddingDimension: number;
+
+  /**
+   * Its pooling is `rank`: a reranker.
+   *
+   * @generated from field: bool rerank = 5;
+   */
+  rerank: boolean;
+
+  /**
+   * The context it was trained for, in tokens (the GGUF's context
+   * length); 0 when unknown. The context a load gets is `options.ctx_size`.
+   *
+   * @generated from field: uint32 context_length = 6;
+   */
+  contextLength: number;
+};
+
+/**
+ * Describes the message lemonade.v1.Capabilities.
+ * Use `create(CapabilitiesSchema)` to create a new message.
+ */
+export const CapabilitiesSchema: GenMessage<Capabilities> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_model_control, 5);
 
 /**
  * UnloadRequest names the model to unload.
@@ -325,7 +393,7 @@ export type UnloadRequest = Message<"lemonade.v1.UnloadRequest"> & {
  * Use `create(UnloadRequestSchema)` to create a new message.
  */
 export const UnloadRequestSchema: GenMessage<UnloadRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 5);
+  messageDesc(file_lemonade_v1_model_control, 6);
 
 /**
  * UnloadResponse reports what was unloaded.
@@ -346,7 +414,7 @@ export type UnloadResponse = Message<"lemonade.v1.UnloadResponse"> & {
  * Use `create(UnloadResponseSchema)` to create a new message.
  */
 export const UnloadResponseSchema: GenMessage<UnloadResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 6);
+  messageDesc(file_lemonade_v1_model_control, 7);
 
 /**
  * PinRequest sets the pin of a loaded model.
@@ -374,7 +442,7 @@ export type PinRequest = Message<"lemonade.v1.PinRequest"> & {
  * Use `create(PinRequestSchema)` to create a new message.
  */
 export const PinRequestSchema: GenMessage<PinRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 7);
+  messageDesc(file_lemonade_v1_model_control, 8);
 
 /**
  * PinResponse carries the model's status after the change.
@@ -395,7 +463,7 @@ export type PinResponse = Message<"lemonade.v1.PinResponse"> & {
  * Use `create(PinResponseSchema)` to create a new message.
  */
 export const PinResponseSchema: GenMessage<PinResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 8);
+  messageDesc(file_lemonade_v1_model_control, 9);
 
 /**
  * StatusRequest asks for a snapshot of the pool.
@@ -410,7 +478,7 @@ export type StatusRequest = Message<"lemonade.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 9);
+  messageDesc(file_lemonade_v1_model_control, 10);
 
 /**
  * StatusResponse is a snapshot of the pool.
@@ -431,7 +499,7 @@ export type StatusResponse = Message<"lemonade.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 10);
+  messageDesc(file_lemonade_v1_model_control, 11);
 
 /**
  * SlotUsage reports the slots of one model type.
@@ -473,7 +541,7 @@ export type SlotUsage = Message<"lemonade.v1.SlotUsage"> & {
  * Use `create(SlotUsageSchema)` to create a new message.
  */
 export const SlotUsageSchema: GenMessage<SlotUsage> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 11);
+  messageDesc(file_lemonade_v1_model_control, 12);
 
 /**
  * MemoryStatus reports host memory as the pool sees it.
@@ -508,7 +576,7 @@ export type MemoryStatus = Message<"lemonade.v1.MemoryStatus"> & {
  * Use `create(MemoryStatusSchema)` to create a new message.
  */
 export const MemoryStatusSchema: GenMessage<MemoryStatus> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 12);
+  messageDesc(file_lemonade_v1_model_control, 13);
 
 /**
  * LoadInFlight describes a load that holds or waits for the load lock.
@@ -557,7 +625,7 @@ export type LoadInFlight = Message<"lemonade.v1.LoadInFlight"> & {
  * Use `create(LoadInFlightSchema)` to create a new message.
  */
 export const LoadInFlightSchema: GenMessage<LoadInFlight> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 13);
+  messageDesc(file_lemonade_v1_model_control, 14);
 
 /**
  * PoolStatus is the state of the whole pool.
@@ -636,7 +704,7 @@ export type PoolStatus = Message<"lemonade.v1.PoolStatus"> & {
  * Use `create(PoolStatusSchema)` to create a new message.
  */
 export const PoolStatusSchema: GenMessage<PoolStatus> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 14);
+  messageDesc(file_lemonade_v1_model_control, 15);
 
 /**
  * WatchRequest opens a subscription to pool events.
@@ -662,7 +730,7 @@ export type WatchRequest = Message<"lemonade.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 15);
+  messageDesc(file_lemonade_v1_model_control, 16);
 
 /**
  * WatchResponse is one message of a Watch stream.
@@ -779,7 +847,7 @@ export type WatchResponse = Message<"lemonade.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 16);
+  messageDesc(file_lemonade_v1_model_control, 17);
 
 /**
  * LoadProgress is a load's progress.
@@ -821,7 +889,7 @@ export type LoadProgress = Message<"lemonade.v1.LoadProgress"> & {
  * Use `create(LoadProgressSchema)` to create a new message.
  */
 export const LoadProgressSchema: GenMessage<LoadProgress> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 17);
+  messageDesc(file_lemonade_v1_model_control, 18);
 
 /**
  * ModelLoaded reports a model that became READY.
@@ -842,7 +910,7 @@ export type ModelLoaded = Message<"lemonade.v1.ModelLoaded"> & {
  * Use `create(ModelLoadedSchema)` to create a new message.
  */
 export const ModelLoadedSchema: GenMessage<ModelLoaded> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 18);
+  messageDesc(file_lemonade_v1_model_control, 19);
 
 /**
  * ModelUpdated reports a READY model whose settings changed without a
@@ -867,7 +935,7 @@ export type ModelUpdated = Message<"lemonade.v1.ModelUpdated"> & {
  * Use `create(ModelUpdatedSchema)` to create a new message.
  */
 export const ModelUpdatedSchema: GenMessage<ModelUpdated> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 19);
+  messageDesc(file_lemonade_v1_model_control, 20);
 
 /**
  * ModelUnloaded reports a model that left the pool.
@@ -909,7 +977,7 @@ export type ModelUnloaded = Message<"lemonade.v1.ModelUnloaded"> & {
  * Use `create(ModelUnloadedSchema)` to create a new message.
  */
 export const ModelUnloadedSchema: GenMessage<ModelUnloaded> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 20);
+  messageDesc(file_lemonade_v1_model_control, 21);
 
 /**
  * ModelStateChanged reports a model's move to a state that no other event
@@ -955,7 +1023,7 @@ export type ModelStateChanged = Message<"lemonade.v1.ModelStateChanged"> & {
  * Use `create(ModelStateChangedSchema)` to create a new message.
  */
 export const ModelStateChangedSchema: GenMessage<ModelStateChanged> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 21);
+  messageDesc(file_lemonade_v1_model_control, 22);
 
 /**
  * PinChanged reports a pin that changed.
@@ -983,7 +1051,7 @@ export type PinChanged = Message<"lemonade.v1.PinChanged"> & {
  * Use `create(PinChangedSchema)` to create a new message.
  */
 export const PinChangedSchema: GenMessage<PinChanged> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 22);
+  messageDesc(file_lemonade_v1_model_control, 23);
 
 /**
  * LoadFailed reports a load that ended without the model READY.
@@ -1019,7 +1087,7 @@ export type LoadFailed = Message<"lemonade.v1.LoadFailed"> & {
  * Use `create(LoadFailedSchema)` to create a new message.
  */
 export const LoadFailedSchema: GenMessage<LoadFailed> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 23);
+  messageDesc(file_lemonade_v1_model_control, 24);
 
 /**
  * Warning is something an operator should know about.
@@ -1054,7 +1122,7 @@ export type Warning = Message<"lemonade.v1.Warning"> & {
  * Use `create(WarningSchema)` to create a new message.
  */
 export const WarningSchema: GenMessage<Warning> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 24);
+  messageDesc(file_lemonade_v1_model_control, 25);
 
 /**
  * ListModelsRequest asks for the catalog.
@@ -1069,7 +1137,7 @@ export type ListModelsRequest = Message<"lemonade.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 25);
+  messageDesc(file_lemonade_v1_model_control, 26);
 
 /**
  * ListModelsResponse is the catalog.
@@ -1090,7 +1158,7 @@ export type ListModelsResponse = Message<"lemonade.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 26);
+  messageDesc(file_lemonade_v1_model_control, 27);
 
 /**
  * CatalogModel is one catalog entry.
@@ -1153,6 +1221,13 @@ export type CatalogModel = Message<"lemonade.v1.CatalogModel"> & {
    * @generated from field: lemonade.v1.ModelState state = 8;
    */
   state: ModelState;
+
+  /**
+   * What it can serve.
+   *
+   * @generated from field: lemonade.v1.Capabilities capabilities = 9;
+   */
+  capabilities?: Capabilities | undefined;
 };
 
 /**
@@ -1160,7 +1235,7 @@ export type CatalogModel = Message<"lemonade.v1.CatalogModel"> & {
  * Use `create(CatalogModelSchema)` to create a new message.
  */
 export const CatalogModelSchema: GenMessage<CatalogModel> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 27);
+  messageDesc(file_lemonade_v1_model_control, 28);
 
 /**
  * PlanRequest has the fields of a LoadRequest: the Load it asks about.
@@ -1195,7 +1270,7 @@ export type PlanRequest = Message<"lemonade.v1.PlanRequest"> & {
  * Use `create(PlanRequestSchema)` to create a new message.
  */
 export const PlanRequestSchema: GenMessage<PlanRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 28);
+  messageDesc(file_lemonade_v1_model_control, 29);
 
 /**
  * Eviction is one model a Load would stop, and why.
@@ -1223,7 +1298,7 @@ export type Eviction = Message<"lemonade.v1.Eviction"> & {
  * Use `create(EvictionSchema)` to create a new message.
  */
 export const EvictionSchema: GenMessage<Eviction> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 29);
+  messageDesc(file_lemonade_v1_model_control, 30);
 
 /**
  * PlanResponse is what a Load would do now.
@@ -1312,7 +1387,7 @@ export type PlanResponse = Message<"lemonade.v1.PlanResponse"> & {
  * Use `create(PlanResponseSchema)` to create a new message.
  */
 export const PlanResponseSchema: GenMessage<PlanResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_model_control, 30);
+  messageDesc(file_lemonade_v1_model_control, 31);
 
 /**
  * ModelType selects the slot pool a model occupies (`[pool] max_loaded`).
