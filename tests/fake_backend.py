@@ -2,7 +2,8 @@
 
 Speaks the subset of llama-server's HTTP protocol that lemonade-grpc uses:
 `GET /health` (503 while "loading"), streaming `POST /v1/completions` and
-`/v1/chat/completions` (SSE), and `GET /slots`. Standard library only, so it
+`/v1/chat/completions` (SSE), `POST /v1/rerank` (a document scores the
+query's words it holds), and `GET /slots`. Standard library only, so it
 starts in tens of milliseconds.
 
 Faults: `--load-seconds` (slow load), `--fail-start` (exit at once; with
@@ -132,6 +133,8 @@ class FakeBackend:
                 "waiting": self.waiting,
             }
             await respond(writer, 200, json.dumps([slot]))
+        elif method == "POST" and path == "/v1/rerank":
+            await respond(writer, 200, json.dumps(rerank(json.loads(body))))
         elif method == "POST" and path == "/release":
             await self.release(int(json.loads(body)["tokens"]))
             await respond(writer, 200, json.dumps({"tokens_sent": self.tokens_sent}))
@@ -240,6 +243,24 @@ def write_stderr(count: int, label: str) -> None:
         while view:
             view = view[os.write(2, view) :]
         count -= size
+
+
+def rerank(request: Mapping[str, object]) -> dict[str, object]:
+    """llama-server's /v1/rerank answer, scoring a document by the query's words it holds (best first)."""
+    query = set(str(request["query"]).lower().split())
+    documents = [str(d) for d in request["documents"]]  # type: ignore[attr-defined]
+    scores = [len(query & set(d.lower().split())) - i / 1000 for i, d in enumerate(documents)]
+    results = sorted(
+        ({"index": i, "relevance_score": s} for i, s in enumerate(scores)),
+        key=lambda r: -r["relevance_score"],
+    )
+    top_n = request.get("top_n")
+    return {
+        "model": "fake",
+        "object": "list",
+        "usage": {"prompt_tokens": sum(len(d.split()) for d in documents), "total_tokens": 0},
+        "results": results[:top_n] if isinstance(top_n, int) else results,
+    }
 
 
 async def scripted(writer: asyncio.StreamWriter, body: bytes, split: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerFactory, connect
+from conftest import ServerFactory, connect, fake_model
 from lemonade_grpc import capabilities
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
@@ -84,7 +84,7 @@ TOOL_TEMPLATE = "{% if tools %}{% for tool in tools %}{{ tool | tojson }}{% endf
                 "tokenizer.chat_template": TOOL_TEMPLATE,
                 "qwen2.context_length": 32768,
             },
-            Capabilities(chat_template=True, tools=True, context_length=8),
+            Capabilities(chat_template=True, tools=True, context_length=32768),
         ),
         (spec(), {}, Capabilities()),  # a header that could not be read: nothing known
         (
@@ -129,3 +129,40 @@ def test_reading_a_file_that_is_no_gguf_gives_no_capabilities(tmp_path: Path) ->
         defaults=EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=()),
     )
     assert capabilities.read(model).capabilities == Capabilities(embedding=True)
+
+
+async def test_rerank_ranks_documents_best_first_and_needs_a_reranker(
+    servers: ServerFactory, tiny_model: Path, smollm2_model: Path
+) -> None:
+    """A `command` reranker (the fake backend scores the query's words a document holds); SmolLM2 is none."""
+    config = fake_model("ranker", tiny_model, type_="embedding") + (
+        f'[models.smollm2-embed]\npath = "{smollm2_model}"\ntype = "embedding"\n'
+    )
+    server = servers.start(config)
+    documents = ["a cat on a mat", "paris is in france", "the capital of france is paris"]
+    async with connect(server.address) as client:
+        ranked = await client.inference.Rerank(
+            ipb.RerankRequest(model="ranker", query="capital of france", documents=documents)
+        )
+        assert [r.index for r in ranked.results] == [2, 1, 0]
+        assert ranked.results[0].score > ranked.results[1].score > ranked.results[2].score
+        best = await client.inference.Rerank(
+            ipb.RerankRequest(model="ranker", query="capital of france", documents=documents, top_n=1)
+        )
+        assert [r.index for r in best.results] == [2]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.inference.Rerank(
+                ipb.RerankRequest(model="smollm2-embed", query="q", documents=["d"])
+            )
+        details = error_details(refused.value)
+        assert (details.reason, details.metadata["capability"]) == ("CAPABILITY_MISSING", "rerank")
+        for bad, field in (
+            (ipb.RerankRequest(model="ranker", documents=["d"]), "query"),
+            (ipb.RerankRequest(model="ranker", query="q"), "documents"),
+            (ipb.RerankRequest(model="ranker", query="q", documents=["d", ""]), "documents[1]"),
+            (ipb.RerankRequest(model="ranker", query="q", documents=["d"], top_n=0), "top_n"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.inference.Rerank(bad)
+            assert error_details(refused.value).bad_fields == (field,)
+        assert [m.name for m in (await client.control.Status(pb.StatusRequest())).pool.models] == ["ranker"]

@@ -68,6 +68,23 @@ def test_token_pieces_may_be_text_or_bytes_and_ids_must_be_uint32() -> None:
         vectors.tokenize_response({"tokens": [{"id": 1, "piece": [256]}]}, with_pieces=True)
 
 
+def test_rerank_results_come_best_first_and_a_malformed_answer_is_the_backends_fault() -> None:
+    answer = {"results": [{"index": 0, "relevance_score": -1.5}, {"index": 2, "relevance_score": 3.0}]}
+    response = vectors.rerank_response(answer, 3, None)
+    assert [(r.index, r.score) for r in response.results] == [(2, 3.0), (0, -1.5)]
+    assert [r.index for r in vectors.rerank_response(answer, 3, 1).results] == [2]
+    bads: list[Any] = [
+        {"results": [{"index": 3, "relevance_score": 1.0}]},
+        {"results": [{"index": 0, "relevance_score": 1.0}, {"index": 0, "relevance_score": 2.0}]},
+        {"results": [{"index": 0, "relevance_score": "high"}]},
+        {"results": [{"index": 0, "relevance_score": math.inf}]},
+        {"results": {}},
+    ]
+    for bad in bads:
+        with pytest.raises(BackendError):
+            vectors.rerank_response(bad, 3, None)
+
+
 def test_the_vocabulary_size_is_read_from_the_models_list_or_left_unknown() -> None:
     assert vectors.vocabulary_size({"data": [{"meta": {"n_vocab": 49152}}]}) == 49152
     unknowns: list[Any] = [
@@ -120,6 +137,7 @@ def test_any_answer_is_read_or_refused_as_the_backends_fault(answer: Any, inputs
         lambda: vectors.embed_response(answer, inputs),
         lambda: vectors.tokenize_response(answer, pieces),
         lambda: vectors.detokenize_response(answer),
+        lambda: vectors.rerank_response(answer, inputs, None),
     ):
         with contextlib.suppress(BackendError):
             read()

@@ -162,6 +162,17 @@ class Inference(pb_grpc.InferenceServicer):
         return vectors.embed_response(answer, len(request.inputs))
 
     @errors.unary
+    async def Rerank(
+        self, request: pb.RerankRequest, context: Context[pb.RerankRequest, pb.RerankResponse]
+    ) -> pb.RerankResponse:
+        payload = vectors.rerank_payload(request)
+        vectors.check_reranker(self._pool.spec(request.model))
+        async with self._pool.lease(request.model) as lease:
+            answer = await self._on(lease, request.model, b"POST", "/v1/rerank", payload)
+        top_n = request.top_n if request.HasField("top_n") else None
+        return vectors.rerank_response(answer, len(request.documents), top_n)
+
+    @errors.unary
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: Context[pb.TokenizeRequest, pb.TokenizeResponse]
     ) -> pb.TokenizeResponse:

@@ -1,4 +1,4 @@
-"""Embed, Tokenize and Detokenize: requests checked into llama-server payloads, answers into messages.
+"""Embed, Rerank, Tokenize and Detokenize: requests checked into llama-server payloads, answers into messages.
 
 Pure functions. A request is refused INVALID_ARGUMENT naming the field
 before any model is loaded; an answer whose shape is not what llama-server
@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
-from lemonade_grpc.catalog import ModelSpec, ModelType
+from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.pool.errors import BackendError, CapabilityMissing, InvalidRequest
 
 # llama-server's `embd_normalize`: 2 is Euclidean, -1 none.
@@ -29,7 +29,9 @@ TOO_LARGE = re.compile(r"\((\d+) tokens\) (?:exceeds the available context size|
 _UINT32_MAX = (1 << 32) - 1
 
 
-def require_model(request: pb.EmbedRequest | pb.TokenizeRequest | pb.DetokenizeRequest) -> str:
+def require_model(
+    request: pb.EmbedRequest | pb.TokenizeRequest | pb.DetokenizeRequest | pb.RerankRequest,
+) -> str:
     if not request.model:
         raise InvalidRequest("model is required", field="model")
     return request.model
@@ -44,6 +46,62 @@ def check_embedding_model(spec: ModelSpec) -> None:
             f"{spec.name} is a model of type {spec.type.value}, not started to embed: Embed needs a"
             ' model of type "embedding" (the catalog\'s `type`)',
         )
+
+
+def check_reranker(spec: ModelSpec) -> None:
+    """Raise `CapabilityMissing` unless `spec` can rerank.
+
+    A llamacpp model must be a reranker (pooling rank); a `command`
+    backend of type embedding is trusted to be one.
+    """
+    able = spec.capabilities.rerank if spec.recipe is Recipe.LLAMACPP else spec.type is ModelType.EMBEDDING
+    if not able:
+        raise CapabilityMissing(
+            spec.name,
+            "rerank",
+            f"{spec.name} is not a reranker: Rerank needs a model of type embedding with pooling rank",
+        )
+
+
+def rerank_payload(request: pb.RerankRequest) -> dict[str, Any]:
+    """The /v1/rerank body of `request`; raises `InvalidRequest` naming a bad field."""
+    require_model(request)
+    if not request.query:
+        raise InvalidRequest("query is required", field="query")
+    if len(request.documents) not in bounds.EMBED_INPUTS:
+        raise InvalidRequest(
+            f"documents must hold {bounds.EMBED_INPUTS} texts, got {len(request.documents)}",
+            field="documents",
+        )
+    for index, text in enumerate(request.documents):
+        if not text:
+            raise InvalidRequest(f"documents[{index}] is empty", field=f"documents[{index}]")
+    payload: dict[str, Any] = {"query": request.query, "documents": list(request.documents)}
+    if request.HasField("top_n"):
+        if request.top_n < 1:
+            raise InvalidRequest("top_n must be at least 1", field="top_n")
+        payload["top_n"] = request.top_n
+    return payload
+
+
+def rerank_response(answer: Any, documents: int, top_n: int | None) -> pb.RerankResponse:
+    """`answer` (llama-server's /v1/rerank) as results best first, at most `top_n` of them."""
+    results = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(results, list) or len(results) > documents:
+        raise _malformed("expected a list of results, at most one per document")
+    scored: dict[int, float] = {}
+    for result in results:
+        index = result.get("index") if isinstance(result, dict) else None
+        score = result.get("relevance_score") if isinstance(result, dict) else None
+        if type(index) is not int or not 0 <= index < documents or index in scored or not _finite(score):
+            raise _malformed("a result's index is missing, out of range or repeated, or its score no number")
+        scored[index] = float(score)
+    best = sorted(scored.items(), key=lambda item: (-item[1], item[0]))[:top_n]
+    response = pb.RerankResponse(results=[pb.RerankResult(index=i, score=s) for i, s in best])
+    usage = answer.get("usage")
+    if isinstance(usage, dict) and _count(usage.get("prompt_tokens")):
+        response.usage.prompt_tokens = usage["prompt_tokens"]
+    return response
 
 
 def embed_payload(request: pb.EmbedRequest) -> dict[str, Any]:
@@ -163,7 +221,7 @@ def _piece_bytes(piece: object) -> bytes:
     raise _malformed(f"a token piece that is neither text nor bytes: {str(piece)[:50]}")
 
 
-def _finite(value: object) -> bool:
+def _finite(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -61,6 +61,11 @@ class InferenceStub:
                 request_serializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/lemonade.v1.Inference/Rerank',
+                request_serializer=lemonade_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+                response_deserializer=lemonade_dot_v1_dot_inference__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -109,6 +114,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Rerank scores documents by their relevance to a query, from a reranker
+        (a model of type embedding with pooling `rank`; another model:
+        FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +150,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
                     response_serializer=lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=lemonade_dot_v1_dot_inference__pb2.RerankRequest.FromString,
+                    response_serializer=lemonade_dot_v1_dot_inference__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +294,33 @@ class Inference:
             '/lemonade.v1.Inference/Detokenize',
             lemonade_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
             lemonade_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lemonade.v1.Inference/Rerank',
+            lemonade_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+            lemonade_dot_v1_dot_inference__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

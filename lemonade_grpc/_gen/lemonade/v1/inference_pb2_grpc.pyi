@@ -62,6 +62,11 @@ class InferenceStub:
     """Detokenize returns the text of token ids; an id outside the model's
     vocabulary is INVALID_ARGUMENT naming it.
     """
+    Rerank: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RerankRequest, _inference_pb2.RerankResponse]
+    """Rerank scores documents by their relevance to a query, from a reranker
+    (a model of type embedding with pooling `rank`; another model:
+    FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -90,6 +95,11 @@ class InferenceAsyncStub(InferenceStub):
     Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Detokenize returns the text of token ids; an id outside the model's
     vocabulary is INVALID_ARGUMENT naming it.
+    """
+    Rerank: _aio.UnaryUnaryMultiCallable[_inference_pb2.RerankRequest, _inference_pb2.RerankResponse]  # type: ignore[assignment]
+    """Rerank scores documents by their relevance to a query, from a reranker
+    (a model of type embedding with pooling `rank`; another model:
+    FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
     """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +156,17 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.DetokenizeResponse, _abc.Awaitable[_inference_pb2.DetokenizeResponse]]:
         """Detokenize returns the text of token ids; an id outside the model's
         vocabulary is INVALID_ARGUMENT naming it.
+        """
+
+    @_abc_1.abstractmethod
+    def Rerank(
+        self,
+        request: _inference_pb2.RerankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.RerankResponse, _abc.Awaitable[_inference_pb2.RerankResponse]]:
+        """Rerank scores documents by their relevance to a query, from a reranker
+        (a model of type embedding with pooling `rank`; another model:
+        FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
         """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

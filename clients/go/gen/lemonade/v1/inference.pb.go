@@ -1811,6 +1811,189 @@ func (x *DetokenizeResponse) GetText() string {
 	return ""
 }
 
+// RerankRequest asks for documents ranked by relevance to a query.
+type RerankRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog name of a reranker. Required.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The query. Required.
+	Query string `protobuf:"bytes,2,opt,name=query,proto3" json:"query,omitempty"`
+	// The documents, 1..1024 of them, none empty.
+	Documents []string `protobuf:"bytes,3,rep,name=documents,proto3" json:"documents,omitempty"`
+	// Return only the best `top_n` (absent: all).
+	TopN          *uint32 `protobuf:"varint,4,opt,name=top_n,json=topN,proto3,oneof" json:"top_n,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RerankRequest) Reset() {
+	*x = RerankRequest{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RerankRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RerankRequest) ProtoMessage() {}
+
+func (x *RerankRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RerankRequest.ProtoReflect.Descriptor instead.
+func (*RerankRequest) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RerankRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *RerankRequest) GetQuery() string {
+	if x != nil {
+		return x.Query
+	}
+	return ""
+}
+
+func (x *RerankRequest) GetDocuments() []string {
+	if x != nil {
+		return x.Documents
+	}
+	return nil
+}
+
+func (x *RerankRequest) GetTopN() uint32 {
+	if x != nil && x.TopN != nil {
+		return *x.TopN
+	}
+	return 0
+}
+
+// RerankResult is one document's score.
+type RerankResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its position in the request's `documents`.
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// Its relevance to the query, as the model scores it (higher is more
+	// relevant; not a probability).
+	Score         float32 `protobuf:"fixed32,2,opt,name=score,proto3" json:"score,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RerankResult) Reset() {
+	*x = RerankResult{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RerankResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RerankResult) ProtoMessage() {}
+
+func (x *RerankResult) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RerankResult.ProtoReflect.Descriptor instead.
+func (*RerankResult) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *RerankResult) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *RerankResult) GetScore() float32 {
+	if x != nil {
+		return x.Score
+	}
+	return 0
+}
+
+// RerankResponse holds the documents' scores, best first.
+type RerankResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Results []*RerankResult        `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// prompt_tokens: the tokens of the query and documents together.
+	Usage         *Usage `protobuf:"bytes,2,opt,name=usage,proto3" json:"usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RerankResponse) Reset() {
+	*x = RerankResponse{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RerankResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RerankResponse) ProtoMessage() {}
+
+func (x *RerankResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RerankResponse.ProtoReflect.Descriptor instead.
+func (*RerankResponse) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RerankResponse) GetResults() []*RerankResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *RerankResponse) GetUsage() *Usage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
 var File_lemonade_v1_inference_proto protoreflect.FileDescriptor
 
 const file_lemonade_v1_inference_proto_rawDesc = "" +
@@ -1961,7 +2144,19 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\rR\x03ids\"(\n" +
 	"\x12DetokenizeResponse\x12\x12\n" +
-	"\x04text\x18\x01 \x01(\tR\x04text*}\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\"}\n" +
+	"\rRerankRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
+	"\x05query\x18\x02 \x01(\tR\x05query\x12\x1c\n" +
+	"\tdocuments\x18\x03 \x03(\tR\tdocuments\x12\x18\n" +
+	"\x05top_n\x18\x04 \x01(\rH\x00R\x04topN\x88\x01\x01B\b\n" +
+	"\x06_top_n\":\n" +
+	"\fRerankResult\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x14\n" +
+	"\x05score\x18\x02 \x01(\x02R\x05score\"o\n" +
+	"\x0eRerankResponse\x123\n" +
+	"\aresults\x18\x01 \x03(\v2\x19.lemonade.v1.RerankResultR\aresults\x12(\n" +
+	"\x05usage\x18\x02 \x01(\v2\x12.lemonade.v1.UsageR\x05usage*}\n" +
 	"\fFinishReason\x12\x1d\n" +
 	"\x19FINISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINISH_REASON_STOP\x10\x01\x12\x18\n" +
@@ -1975,14 +2170,15 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x16EmbeddingNormalization\x12'\n" +
 	"#EMBEDDING_NORMALIZATION_UNSPECIFIED\x10\x00\x12%\n" +
 	"!EMBEDDING_NORMALIZATION_EUCLIDEAN\x10\x01\x12 \n" +
-	"\x1cEMBEDDING_NORMALIZATION_NONE\x10\x022\xed\x02\n" +
+	"\x1cEMBEDDING_NORMALIZATION_NONE\x10\x022\xb0\x03\n" +
 	"\tInference\x12I\n" +
 	"\bComplete\x12\x1c.lemonade.v1.CompleteRequest\x1a\x1d.lemonade.v1.CompleteResponse0\x01\x12=\n" +
 	"\x04Chat\x12\x18.lemonade.v1.ChatRequest\x1a\x19.lemonade.v1.ChatResponse0\x01\x12>\n" +
 	"\x05Embed\x12\x19.lemonade.v1.EmbedRequest\x1a\x1a.lemonade.v1.EmbedResponse\x12G\n" +
 	"\bTokenize\x12\x1c.lemonade.v1.TokenizeRequest\x1a\x1d.lemonade.v1.TokenizeResponse\x12M\n" +
 	"\n" +
-	"Detokenize\x12\x1e.lemonade.v1.DetokenizeRequest\x1a\x1f.lemonade.v1.DetokenizeResponseB\xbc\x01\n" +
+	"Detokenize\x12\x1e.lemonade.v1.DetokenizeRequest\x1a\x1f.lemonade.v1.DetokenizeResponse\x12A\n" +
+	"\x06Rerank\x12\x1a.lemonade.v1.RerankRequest\x1a\x1b.lemonade.v1.RerankResponseB\xbc\x01\n" +
 	"\x0fcom.lemonade.v1B\x0eInferenceProtoP\x01ZLgithub.com/lemonade-grpc/lemonade-grpc/clients/go/gen/lemonade/v1;lemonadev1\xa2\x02\x03LXX\xaa\x02\vLemonade.V1\xca\x02\vLemonade\\V1\xe2\x02\x17Lemonade\\V1\\GPBMetadata\xea\x02\fLemonade::V1b\x06proto3"
 
 var (
@@ -1998,7 +2194,7 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_lemonade_v1_inference_proto_goTypes = []any{
 	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
 	(ToolChoiceMode)(0),         // 1: lemonade.v1.ToolChoiceMode
@@ -2024,12 +2220,15 @@ var file_lemonade_v1_inference_proto_goTypes = []any{
 	(*TokenizeResponse)(nil),    // 21: lemonade.v1.TokenizeResponse
 	(*DetokenizeRequest)(nil),   // 22: lemonade.v1.DetokenizeRequest
 	(*DetokenizeResponse)(nil),  // 23: lemonade.v1.DetokenizeResponse
-	(*structpb.Struct)(nil),     // 24: google.protobuf.Struct
+	(*RerankRequest)(nil),       // 24: lemonade.v1.RerankRequest
+	(*RerankResult)(nil),        // 25: lemonade.v1.RerankResult
+	(*RerankResponse)(nil),      // 26: lemonade.v1.RerankResponse
+	(*structpb.Struct)(nil),     // 27: google.protobuf.Struct
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
 	10, // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
 	7,  // 1: lemonade.v1.ChatMessage.tool_calls:type_name -> lemonade.v1.ToolCall
-	24, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
+	27, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
 	1,  // 3: lemonade.v1.ToolChoice.mode:type_name -> lemonade.v1.ToolChoiceMode
 	4,  // 4: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
 	10, // 5: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
@@ -2037,7 +2236,7 @@ var file_lemonade_v1_inference_proto_depIdxs = []int32{
 	6,  // 7: lemonade.v1.ChatRequest.tool_choice:type_name -> lemonade.v1.ToolChoice
 	11, // 8: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
 	12, // 9: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
-	24, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
+	27, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
 	0,  // 11: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
 	13, // 12: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
 	14, // 13: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
@@ -2048,21 +2247,25 @@ var file_lemonade_v1_inference_proto_depIdxs = []int32{
 	2,  // 18: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
 	18, // 19: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
 	13, // 20: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
-	3,  // 21: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	9,  // 22: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	17, // 23: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
-	20, // 24: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
-	22, // 25: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
-	15, // 26: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	16, // 27: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	19, // 28: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
-	21, // 29: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
-	23, // 30: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
-	26, // [26:31] is the sub-list for method output_type
-	21, // [21:26] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	25, // 21: lemonade.v1.RerankResponse.results:type_name -> lemonade.v1.RerankResult
+	13, // 22: lemonade.v1.RerankResponse.usage:type_name -> lemonade.v1.Usage
+	3,  // 23: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	9,  // 24: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	17, // 25: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	20, // 26: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	22, // 27: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	24, // 28: lemonade.v1.Inference.Rerank:input_type -> lemonade.v1.RerankRequest
+	15, // 29: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	16, // 30: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	19, // 31: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	21, // 32: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	23, // 33: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	26, // 34: lemonade.v1.Inference.Rerank:output_type -> lemonade.v1.RerankResponse
+	29, // [29:35] is the sub-list for method output_type
+	23, // [23:29] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -2081,13 +2284,14 @@ func file_lemonade_v1_inference_proto_init() {
 		(*ResponseFormat_JsonSchema)(nil),
 		(*ResponseFormat_Grammar)(nil),
 	}
+	file_lemonade_v1_inference_proto_msgTypes[21].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	Inference_Embed_FullMethodName      = "/lemonade.v1.Inference/Embed"
 	Inference_Tokenize_FullMethodName   = "/lemonade.v1.Inference/Tokenize"
 	Inference_Detokenize_FullMethodName = "/lemonade.v1.Inference/Detokenize"
+	Inference_Rerank_FullMethodName     = "/lemonade.v1.Inference/Rerank"
 )
 
 // InferenceClient is the client API for Inference service.
@@ -56,6 +57,10 @@ type InferenceClient interface {
 	// Detokenize returns the text of token ids; an id outside the model's
 	// vocabulary is INVALID_ARGUMENT naming it.
 	Detokenize(ctx context.Context, in *DetokenizeRequest, opts ...grpc.CallOption) (*DetokenizeResponse, error)
+	// Rerank scores documents by their relevance to a query, from a reranker
+	// (a model of type embedding with pooling `rank`; another model:
+	// FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
+	Rerank(ctx context.Context, in *RerankRequest, opts ...grpc.CallOption) (*RerankResponse, error)
 }
 
 type inferenceClient struct {
@@ -134,6 +139,16 @@ func (c *inferenceClient) Detokenize(ctx context.Context, in *DetokenizeRequest,
 	return out, nil
 }
 
+func (c *inferenceClient) Rerank(ctx context.Context, in *RerankRequest, opts ...grpc.CallOption) (*RerankResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RerankResponse)
+	err := c.cc.Invoke(ctx, Inference_Rerank_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InferenceServer is the server API for Inference service.
 // All implementations must embed UnimplementedInferenceServer
 // for forward compatibility.
@@ -157,6 +172,10 @@ type InferenceServer interface {
 	// Detokenize returns the text of token ids; an id outside the model's
 	// vocabulary is INVALID_ARGUMENT naming it.
 	Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error)
+	// Rerank scores documents by their relevance to a query, from a reranker
+	// (a model of type embedding with pooling `rank`; another model:
+	// FAILED_PRECONDITION CAPABILITY_MISSING, capability "rerank").
+	Rerank(context.Context, *RerankRequest) (*RerankResponse, error)
 	mustEmbedUnimplementedInferenceServer()
 }
 
@@ -181,6 +200,9 @@ func (UnimplementedInferenceServer) Tokenize(context.Context, *TokenizeRequest) 
 }
 func (UnimplementedInferenceServer) Detokenize(context.Context, *DetokenizeRequest) (*DetokenizeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Detokenize not implemented")
+}
+func (UnimplementedInferenceServer) Rerank(context.Context, *RerankRequest) (*RerankResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Rerank not implemented")
 }
 func (UnimplementedInferenceServer) mustEmbedUnimplementedInferenceServer() {}
 func (UnimplementedInferenceServer) testEmbeddedByValue()                   {}
@@ -279,6 +301,24 @@ func _Inference_Detokenize_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Inference_Rerank_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RerankRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InferenceServer).Rerank(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Inference_Rerank_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InferenceServer).Rerank(ctx, req.(*RerankRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Inference_ServiceDesc is the grpc.ServiceDesc for Inference service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -297,6 +337,10 @@ var Inference_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Detokenize",
 			Handler:    _Inference_Detokenize_Handler,
+		},
+		{
+			MethodName: "Rerank",
+			Handler:    _Inference_Rerank_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
