@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -32,6 +33,12 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grp
 
 DOMAIN = "lemonade.v1"
 Reply = TypeVar("Reply")
+
+_TOOL_MODES = {
+    "auto": ipb.TOOL_CHOICE_MODE_AUTO,
+    "none": ipb.TOOL_CHOICE_MODE_NONE,
+    "required": ipb.TOOL_CHOICE_MODE_REQUIRED,
+}
 
 # How long a resuming Watch waits before reconnecting: doubling from the
 # first figure up to the second, back to the first after a message arrives.
@@ -191,13 +198,42 @@ class Client:
         return _messages(self.inference.Complete(request))
 
     def chat(
-        self, model: str, messages: Sequence[tuple[str, str]], **sampling: object
+        self,
+        model: str,
+        messages: Sequence[tuple[str, str] | Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+        tool_choice: str | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncIterator[ipb.ChatResponse]:
-        """Stream a chat reply to `messages`, (role, content) pairs; `sampling` as for `complete`."""
+        """Stream a chat reply to `messages`; `sampling` as for `complete`.
+
+        A message is a (role, content) pair or a dict in OpenAI's shape
+        (`{"role": "tool", "tool_call_id": ..., "content": ...}`, an
+        assistant's `tool_calls` as `{"id", "name", "arguments"}`). `tools`
+        are `{"name", "description", "parameters": <JSON Schema>}`;
+        `tool_choice` is "auto", "none", "required" or a tool's name;
+        `response_format` is the message as JSON (`{"json_schema": {"schema":
+        {...}}}`, `{"json_object": {}}`, `{"grammar": "..."}`); `timeout`
+        is the call's deadline in seconds.
+        """
         request = ipb.ChatRequest(model=model, **sampling)  # type: ignore[arg-type]
-        for role, content in messages:
-            request.messages.add(role=role, content=content)
-        return _messages(self.inference.Chat(request))
+        for message in messages:
+            if isinstance(message, tuple):
+                request.messages.add(role=message[0], content=message[1])
+            else:
+                json_format.ParseDict(dict(message), request.messages.add())
+        for tool in tools:
+            json_format.ParseDict(dict(tool), request.tools.add())
+        if tool_choice in _TOOL_MODES:
+            request.tool_choice.mode = _TOOL_MODES[tool_choice]
+        elif tool_choice is not None:
+            request.tool_choice.function = tool_choice
+        if response_format is not None:
+            json_format.ParseDict(dict(response_format), request.response_format)
+        return _messages(self.inference.Chat(request, timeout=timeout))
 
     async def embed(
         self,
