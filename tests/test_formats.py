@@ -79,7 +79,7 @@ async def test_a_json_schema_chat_answer_validates_against_its_schema_whatever_t
 ) -> None:
     server = servers.start()
     async with connect(server.address) as client:
-        for seed in (1, 2, 3):
+        for seed in (1, 2):
             text, finish = await chat(
                 client, PROMPTS[name], seed=seed, response_format=schema_format(SCHEMAS[name], name)
             )
@@ -142,7 +142,12 @@ async def test_a_constraint_holds_for_its_own_request_only(
         before, _ = await chat(client, question, seed=7, temperature=0, max_tokens=16)
         pid = (await client.pids())["smollm2"]
         constrained, _ = await chat(
-            client, question, seed=7, temperature=0, response_format=schema_format(SCHEMAS["weather"])
+            client,
+            question,
+            seed=7,
+            temperature=0,
+            max_tokens=64,
+            response_format=schema_format(SCHEMAS["weather"]),
         )
         jsonschema.validate(json.loads(constrained), SCHEMAS["weather"])
         after, _ = await chat(client, question, seed=7, temperature=0, max_tokens=16)
