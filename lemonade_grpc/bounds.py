@@ -79,6 +79,7 @@ LOG_MIN_FREE_MB = Range(0, 1 << 24)  # min_free_mb: 0 = write until the disk is 
 # Inference requests.
 MAX_TOKENS = Range(1, 1 << 20)
 TOP_K = Range(0, 1 << 20)
+TOP_LOGPROBS = Range(0, 20)  # alternatives per token with `logprobs`
 STOP_STRINGS = 16
 STOP_STRING_BYTES = 256  # one stop string, UTF-8
 EMBED_INPUTS = Range(1, 1024)  # texts of one Embed

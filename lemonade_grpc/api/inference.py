@@ -20,7 +20,7 @@ from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors, formats, tools, vectors
-from lemonade_grpc.backends.chunks import Chunk
+from lemonade_grpc.backends.chunks import Alternative, Chunk, TokenLogprob
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
 from lemonade_grpc.catalog import ModelSpec
 from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
@@ -83,6 +83,15 @@ def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, 
         payload["stop"] = list(request.stop)
     if request.ignore_eos:
         payload["ignore_eos"] = True
+    if request.HasField("logprobs"):
+        if request.logprobs not in bounds.TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"logprobs must be in {bounds.TOP_LOGPROBS}, got {request.logprobs}", field="logprobs"
+            )
+        if isinstance(request, pb.ChatRequest):
+            payload |= {"logprobs": True, "top_logprobs": request.logprobs}
+        else:
+            payload["logprobs"] = request.logprobs
     return payload
 
 
@@ -296,12 +305,25 @@ class Inference(pb_grpc.InferenceServicer):
 def _delta(reply: type[Reply], deltas: list[Chunk]) -> Reply:
     """One message of the deltas of a batch: their text joined (and, for Chat, reasoning and tool calls)."""
     message = reply(text="".join(chunk.text for chunk in deltas), token_count=len(deltas))
+    tokens = [token for chunk in deltas if chunk.logprobs for token in chunk.logprobs]
+    if tokens:
+        message.logprobs.extend(_token_logprob(token) for token in tokens)
     if isinstance(message, pb.ChatResponse):
         message.reasoning = "".join(chunk.reasoning for chunk in deltas)
         pieces = [piece for chunk in deltas for piece in chunk.tool_calls or ()]
         if pieces:
             message.tool_calls.extend(tools.join_pieces(pieces))
     return message
+
+
+def _alternative(alternative: Alternative) -> pb.TokenAlternative:
+    return pb.TokenAlternative(
+        id=alternative.id, text=alternative.text, bytes=alternative.data, logprob=alternative.logprob
+    )
+
+
+def _token_logprob(token: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token=_alternative(token.token), top=[_alternative(a) for a in token.top])
 
 
 def _http_error(error: BackendHTTPError) -> PoolError:

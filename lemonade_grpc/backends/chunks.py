@@ -8,6 +8,7 @@ malformed event is the backend's fault, never a bug of ours).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,24 @@ class ToolCallPiece:
 
 
 @dataclass(slots=True)
+class Alternative:
+    """A token and its log-probability, as a stream's `logprobs` give it."""
+
+    id: int
+    text: str
+    data: bytes
+    logprob: float
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the likeliest alternatives."""
+
+    token: Alternative
+    top: list[Alternative]
+
+
+@dataclass(slots=True)
 class Chunk:
     """One parsed SSE event of a completion stream.
 
@@ -38,6 +57,7 @@ class Chunk:
     text: str
     reasoning: str = ""
     tool_calls: list[ToolCallPiece] | None = None
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -47,7 +67,7 @@ class Chunk:
     @property
     def has_delta(self) -> bool:
         """Whether it carries generated output (text, reasoning or a tool call's piece)."""
-        return bool(self.text or self.reasoning or self.tool_calls)
+        return bool(self.text or self.reasoning or self.tool_calls or self.logprobs)
 
     @property
     def is_last(self) -> bool:
@@ -97,6 +117,9 @@ def parse_chunk(event: object) -> Chunk:
         if not isinstance(text, str | None) or not isinstance(finish_reason, str | None):
             raise MalformedEvent("text and finish_reason must be strings")
         chunk.text = text or ""
+        logprobs = choice.get("logprobs")
+        if logprobs is not None:
+            chunk.logprobs = _logprobs(logprobs)
         if isinstance(delta, dict) and (len(delta) > 1 or "content" not in delta):  # reasoning, tool calls
             _chat_delta(delta, chunk)
         chunk.finish_reason = finish_reason
@@ -138,6 +161,44 @@ def _chat_delta(delta: dict[str, Any], chunk: Chunk) -> None:
         call_id, name, arguments = (value or "" for value in fields)
         pieces.append(ToolCallPiece(index, call_id, name, arguments))
     chunk.tool_calls = pieces or None
+
+
+def _logprobs(value: object) -> list[TokenLogprob] | None:
+    """`choice.logprobs` (`{"content": [{"id", "token", "bytes", "logprob", "top_logprobs"}]}`)."""
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list):
+        raise MalformedEvent("logprobs must hold a content list")
+    tokens = []
+    for entry in content:
+        top = entry.get("top_logprobs", []) if isinstance(entry, dict) else None
+        if not isinstance(top, list):
+            raise MalformedEvent("top_logprobs must be a list")
+        tokens.append(TokenLogprob(_alternative(entry), [_alternative(item) for item in top]))
+    return tokens or None
+
+
+def _alternative(entry: object) -> Alternative:
+    if not isinstance(entry, dict):
+        raise MalformedEvent("a token's logprob must be an object")
+    token_id, text, data, logprob = (entry.get(k) for k in ("id", "token", "bytes", "logprob"))
+    if logprob is None:
+        logprob = -math.inf  # a probability of 0: JSON has no -inf, llama-server writes null
+    if (
+        type(token_id) is not int
+        or not 0 <= token_id <= _COUNT_MAX
+        or not isinstance(text, str)
+        or not isinstance(logprob, int | float)
+        or isinstance(logprob, bool)
+        or not -math.inf <= logprob <= 0
+    ):
+        raise MalformedEvent("a token's logprob needs an id, its text and a log-probability of 0 or less")
+    if data is None:
+        raw = text.encode("utf-8", "surrogatepass")
+    elif isinstance(data, list) and all(type(b) is int and 0 <= b <= 255 for b in data):
+        raw = bytes(data)
+    else:
+        raise MalformedEvent("a token's bytes must be a list of byte values")
+    return Alternative(token_id, text, raw, float(logprob))
 
 
 def _field(table: dict[str, Any], name: str, kind: type[int] | type[float], high: float) -> Any:

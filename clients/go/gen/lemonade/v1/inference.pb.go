@@ -229,8 +229,11 @@ type CompleteRequest struct {
 	// Constrain the output: any JSON object, JSON valid against a schema, or
 	// a GBNF grammar. Per request: other users of the model are not affected.
 	ResponseFormat *ResponseFormat `protobuf:"bytes,14,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Return each generated token's log-probability with this many most
+	// likely alternatives, 0..20 (`logprobs` on the responses); absent: none.
+	Logprobs      *uint32 `protobuf:"varint,15,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CompleteRequest) Reset() {
@@ -359,6 +362,13 @@ func (x *CompleteRequest) GetResponseFormat() *ResponseFormat {
 		return x.ResponseFormat
 	}
 	return nil
+}
+
+func (x *CompleteRequest) GetLogprobs() uint32 {
+	if x != nil && x.Logprobs != nil {
+		return *x.Logprobs
+	}
+	return 0
 }
 
 // ChatMessage is one turn of a conversation.
@@ -757,7 +767,9 @@ type ChatRequest struct {
 	Tools []*Tool `protobuf:"bytes,15,rep,name=tools,proto3" json:"tools,omitempty"`
 	// Whether it may, must or must not call them, or which one it must call;
 	// only with `tools`.
-	ToolChoice    *ToolChoice `protobuf:"bytes,16,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	ToolChoice *ToolChoice `protobuf:"bytes,16,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// As CompleteRequest.logprobs.
+	Logprobs      *uint32 `protobuf:"varint,17,opt,name=logprobs,proto3,oneof" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -902,6 +914,13 @@ func (x *ChatRequest) GetToolChoice() *ToolChoice {
 		return x.ToolChoice
 	}
 	return nil
+}
+
+func (x *ChatRequest) GetLogprobs() uint32 {
+	if x != nil && x.Logprobs != nil {
+		return *x.Logprobs
+	}
+	return 0
 }
 
 // ResponseFormat constrains what a model may generate (the backend's
@@ -1102,6 +1121,135 @@ func (x *JsonSchemaFormat) GetName() string {
 	return ""
 }
 
+// TokenLogprob is a generated token's log-probability and the likeliest
+// alternatives the model had.
+type TokenLogprob struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token *TokenAlternative      `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// The most likely tokens at that position, most likely first (as many as
+	// the request's `logprobs`).
+	Top           []*TokenAlternative `protobuf:"bytes,2,rep,name=top,proto3" json:"top,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *TokenLogprob) GetToken() *TokenAlternative {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *TokenLogprob) GetTop() []*TokenAlternative {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
+// TokenAlternative is a token and its log-probability.
+type TokenAlternative struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its id in the model's vocabulary.
+	Id uint32 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Its text (a token may hold part of a UTF-8 character: see `bytes`).
+	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
+	// Its bytes, exactly.
+	Bytes []byte `protobuf:"bytes,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// Natural log of its probability (0 or less).
+	Logprob       float32 `protobuf:"fixed32,4,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenAlternative) Reset() {
+	*x = TokenAlternative{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenAlternative) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenAlternative) ProtoMessage() {}
+
+func (x *TokenAlternative) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenAlternative.ProtoReflect.Descriptor instead.
+func (*TokenAlternative) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *TokenAlternative) GetId() uint32 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *TokenAlternative) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *TokenAlternative) GetBytes() []byte {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
+func (x *TokenAlternative) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
 // Usage counts tokens.
 type Usage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1115,7 +1263,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1127,7 +1275,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1140,7 +1288,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -1173,7 +1321,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1185,7 +1333,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1198,7 +1346,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Timings) GetTimeToFirstTokenMs() float64 {
@@ -1236,14 +1384,16 @@ type CompleteResponse struct {
 	// Set on the last message only.
 	Usage *Usage `protobuf:"bytes,4,opt,name=usage,proto3" json:"usage,omitempty"`
 	// Set on the last message only.
-	Timings       *Timings `protobuf:"bytes,5,opt,name=timings,proto3" json:"timings,omitempty"`
+	Timings *Timings `protobuf:"bytes,5,opt,name=timings,proto3" json:"timings,omitempty"`
+	// With `logprobs` asked: one per token of this message's text, in order.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,6,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1405,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1418,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CompleteResponse) GetText() string {
@@ -1306,6 +1456,13 @@ func (x *CompleteResponse) GetTimings() *Timings {
 	return nil
 }
 
+func (x *CompleteResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
 // ChatResponse is one delta of a chat completion; same shape as
 // CompleteResponse.
 type ChatResponse struct {
@@ -1324,14 +1481,16 @@ type ChatResponse struct {
 	ToolCalls []*ToolCallDelta `protobuf:"bytes,6,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// The model's reasoning text, apart from the answer in `text` (models
 	// that think before answering).
-	Reasoning     string `protobuf:"bytes,7,opt,name=reasoning,proto3" json:"reasoning,omitempty"`
+	Reasoning string `protobuf:"bytes,7,opt,name=reasoning,proto3" json:"reasoning,omitempty"`
+	// With `logprobs` asked: one per token, as in CompleteResponse.
+	Logprobs      []*TokenLogprob `protobuf:"bytes,8,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChatResponse) Reset() {
 	*x = ChatResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1343,7 +1502,7 @@ func (x *ChatResponse) String() string {
 func (*ChatResponse) ProtoMessage() {}
 
 func (x *ChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1356,7 +1515,7 @@ func (x *ChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatResponse.ProtoReflect.Descriptor instead.
 func (*ChatResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ChatResponse) GetText() string {
@@ -1408,6 +1567,13 @@ func (x *ChatResponse) GetReasoning() string {
 	return ""
 }
 
+func (x *ChatResponse) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
 // EmbedRequest asks for the embeddings of a batch of texts.
 type EmbedRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1423,7 +1589,7 @@ type EmbedRequest struct {
 
 func (x *EmbedRequest) Reset() {
 	*x = EmbedRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1601,7 @@ func (x *EmbedRequest) String() string {
 func (*EmbedRequest) ProtoMessage() {}
 
 func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1614,7 @@ func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
 func (*EmbedRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *EmbedRequest) GetModel() string {
@@ -1483,7 +1649,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +1661,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +1674,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Embedding) GetValues() []float32 {
@@ -1533,7 +1699,7 @@ type EmbedResponse struct {
 
 func (x *EmbedResponse) Reset() {
 	*x = EmbedResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1545,7 +1711,7 @@ func (x *EmbedResponse) String() string {
 func (*EmbedResponse) ProtoMessage() {}
 
 func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1558,7 +1724,7 @@ func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
 func (*EmbedResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *EmbedResponse) GetEmbeddings() []*Embedding {
@@ -1600,7 +1766,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1612,7 +1778,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1625,7 +1791,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{17}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TokenizeRequest) GetModel() string {
@@ -1669,7 +1835,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1681,7 +1847,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1694,7 +1860,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{18}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *TokenizeResponse) GetIds() []uint32 {
@@ -1724,7 +1890,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1736,7 +1902,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1749,7 +1915,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{19}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DetokenizeRequest) GetModel() string {
@@ -1776,7 +1942,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +1954,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +1967,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{20}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1828,7 +1994,7 @@ type RerankRequest struct {
 
 func (x *RerankRequest) Reset() {
 	*x = RerankRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +2006,7 @@ func (x *RerankRequest) String() string {
 func (*RerankRequest) ProtoMessage() {}
 
 func (x *RerankRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +2019,7 @@ func (x *RerankRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankRequest.ProtoReflect.Descriptor instead.
 func (*RerankRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{21}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RerankRequest) GetModel() string {
@@ -1898,7 +2064,7 @@ type RerankResult struct {
 
 func (x *RerankResult) Reset() {
 	*x = RerankResult{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1910,7 +2076,7 @@ func (x *RerankResult) String() string {
 func (*RerankResult) ProtoMessage() {}
 
 func (x *RerankResult) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1923,7 +2089,7 @@ func (x *RerankResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankResult.ProtoReflect.Descriptor instead.
 func (*RerankResult) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{22}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RerankResult) GetIndex() uint32 {
@@ -1952,7 +2118,7 @@ type RerankResponse struct {
 
 func (x *RerankResponse) Reset() {
 	*x = RerankResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1964,7 +2130,7 @@ func (x *RerankResponse) String() string {
 func (*RerankResponse) ProtoMessage() {}
 
 func (x *RerankResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1977,7 +2143,7 @@ func (x *RerankResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankResponse.ProtoReflect.Descriptor instead.
 func (*RerankResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{23}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RerankResponse) GetResults() []*RerankResult {
@@ -1998,7 +2164,7 @@ var File_lemonade_v1_inference_proto protoreflect.FileDescriptor
 
 const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\n" +
-	"\x1blemonade/v1/inference.proto\x12\vlemonade.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xfc\x04\n" +
+	"\x1blemonade/v1/inference.proto\x12\vlemonade.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xaa\x05\n" +
 	"\x0fCompleteRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\"\n" +
@@ -2016,7 +2182,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x05min_p\x18\v \x01(\x02H\x06R\x04minP\x88\x01\x01\x12.\n" +
 	"\x10presence_penalty\x18\f \x01(\x02H\aR\x0fpresencePenalty\x88\x01\x01\x120\n" +
 	"\x11frequency_penalty\x18\r \x01(\x02H\bR\x10frequencyPenalty\x88\x01\x01\x12D\n" +
-	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormatB\r\n" +
+	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormat\x12\x1f\n" +
+	"\blogprobs\x18\x0f \x01(\rH\tR\blogprobs\x88\x01\x01B\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -2025,7 +2192,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x0f_repeat_penaltyB\b\n" +
 	"\x06_min_pB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\x93\x01\n" +
+	"\x12_frequency_penaltyB\v\n" +
+	"\t_logprobs\"\x93\x01\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
@@ -2052,7 +2220,7 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1c\n" +
-	"\targuments\x18\x04 \x01(\tR\targuments\"\xf9\x05\n" +
+	"\targuments\x18\x04 \x01(\tR\targuments\"\xa7\x06\n" +
 	"\vChatRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x124\n" +
 	"\bmessages\x18\x02 \x03(\v2\x18.lemonade.v1.ChatMessageR\bmessages\x12\"\n" +
@@ -2073,7 +2241,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x0fresponse_format\x18\x0e \x01(\v2\x1b.lemonade.v1.ResponseFormatR\x0eresponseFormat\x12'\n" +
 	"\x05tools\x18\x0f \x03(\v2\x11.lemonade.v1.ToolR\x05tools\x128\n" +
 	"\vtool_choice\x18\x10 \x01(\v2\x17.lemonade.v1.ToolChoiceR\n" +
-	"toolChoiceB\r\n" +
+	"toolChoice\x12\x1f\n" +
+	"\blogprobs\x18\x11 \x01(\rH\tR\blogprobs\x88\x01\x01B\r\n" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\b\n" +
@@ -2082,7 +2251,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x0f_repeat_penaltyB\b\n" +
 	"\x06_min_pB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
-	"\x12_frequency_penalty\"\xba\x01\n" +
+	"\x12_frequency_penaltyB\v\n" +
+	"\t_logprobs\"\xba\x01\n" +
 	"\x0eResponseFormat\x12@\n" +
 	"\vjson_object\x18\x01 \x01(\v2\x1d.lemonade.v1.JsonObjectFormatH\x00R\n" +
 	"jsonObject\x12@\n" +
@@ -2093,21 +2263,30 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x10JsonObjectFormat\"W\n" +
 	"\x10JsonSchemaFormat\x12/\n" +
 	"\x06schema\x18\x01 \x01(\v2\x17.google.protobuf.StructR\x06schema\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"Y\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"t\n" +
+	"\fTokenLogprob\x123\n" +
+	"\x05token\x18\x01 \x01(\v2\x1d.lemonade.v1.TokenAlternativeR\x05token\x12/\n" +
+	"\x03top\x18\x02 \x03(\v2\x1d.lemonade.v1.TokenAlternativeR\x03top\"f\n" +
+	"\x10TokenAlternative\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\rR\x02id\x12\x12\n" +
+	"\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\x12\x18\n" +
+	"\alogprob\x18\x04 \x01(\x02R\alogprob\"Y\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\rR\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\rR\x10completionTokens\"\x86\x01\n" +
 	"\aTimings\x122\n" +
 	"\x16time_to_first_token_ms\x18\x01 \x01(\x01R\x12timeToFirstTokenMs\x12\x1b\n" +
 	"\tprompt_ms\x18\x02 \x01(\x01R\bpromptMs\x12*\n" +
-	"\x11tokens_per_second\x18\x03 \x01(\x01R\x0ftokensPerSecond\"\xe1\x01\n" +
+	"\x11tokens_per_second\x18\x03 \x01(\x01R\x0ftokensPerSecond\"\x98\x02\n" +
 	"\x10CompleteResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1f\n" +
 	"\vtoken_count\x18\x02 \x01(\rR\n" +
 	"tokenCount\x12>\n" +
 	"\rfinish_reason\x18\x03 \x01(\x0e2\x19.lemonade.v1.FinishReasonR\ffinishReason\x12(\n" +
 	"\x05usage\x18\x04 \x01(\v2\x12.lemonade.v1.UsageR\x05usage\x12.\n" +
-	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\"\xb6\x02\n" +
+	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\x125\n" +
+	"\blogprobs\x18\x06 \x03(\v2\x19.lemonade.v1.TokenLogprobR\blogprobs\"\xed\x02\n" +
 	"\fChatResponse\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1f\n" +
 	"\vtoken_count\x18\x02 \x01(\rR\n" +
@@ -2117,7 +2296,8 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\atimings\x18\x05 \x01(\v2\x14.lemonade.v1.TimingsR\atimings\x129\n" +
 	"\n" +
 	"tool_calls\x18\x06 \x03(\v2\x1a.lemonade.v1.ToolCallDeltaR\ttoolCalls\x12\x1c\n" +
-	"\treasoning\x18\a \x01(\tR\treasoning\"\x87\x01\n" +
+	"\treasoning\x18\a \x01(\tR\treasoning\x125\n" +
+	"\blogprobs\x18\b \x03(\v2\x19.lemonade.v1.TokenLogprobR\blogprobs\"\x87\x01\n" +
 	"\fEmbedRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x16\n" +
 	"\x06inputs\x18\x02 \x03(\tR\x06inputs\x12I\n" +
@@ -2194,7 +2374,7 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_lemonade_v1_inference_proto_goTypes = []any{
 	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
 	(ToolChoiceMode)(0),         // 1: lemonade.v1.ToolChoiceMode
@@ -2209,26 +2389,28 @@ var file_lemonade_v1_inference_proto_goTypes = []any{
 	(*ResponseFormat)(nil),      // 10: lemonade.v1.ResponseFormat
 	(*JsonObjectFormat)(nil),    // 11: lemonade.v1.JsonObjectFormat
 	(*JsonSchemaFormat)(nil),    // 12: lemonade.v1.JsonSchemaFormat
-	(*Usage)(nil),               // 13: lemonade.v1.Usage
-	(*Timings)(nil),             // 14: lemonade.v1.Timings
-	(*CompleteResponse)(nil),    // 15: lemonade.v1.CompleteResponse
-	(*ChatResponse)(nil),        // 16: lemonade.v1.ChatResponse
-	(*EmbedRequest)(nil),        // 17: lemonade.v1.EmbedRequest
-	(*Embedding)(nil),           // 18: lemonade.v1.Embedding
-	(*EmbedResponse)(nil),       // 19: lemonade.v1.EmbedResponse
-	(*TokenizeRequest)(nil),     // 20: lemonade.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),    // 21: lemonade.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),   // 22: lemonade.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),  // 23: lemonade.v1.DetokenizeResponse
-	(*RerankRequest)(nil),       // 24: lemonade.v1.RerankRequest
-	(*RerankResult)(nil),        // 25: lemonade.v1.RerankResult
-	(*RerankResponse)(nil),      // 26: lemonade.v1.RerankResponse
-	(*structpb.Struct)(nil),     // 27: google.protobuf.Struct
+	(*TokenLogprob)(nil),        // 13: lemonade.v1.TokenLogprob
+	(*TokenAlternative)(nil),    // 14: lemonade.v1.TokenAlternative
+	(*Usage)(nil),               // 15: lemonade.v1.Usage
+	(*Timings)(nil),             // 16: lemonade.v1.Timings
+	(*CompleteResponse)(nil),    // 17: lemonade.v1.CompleteResponse
+	(*ChatResponse)(nil),        // 18: lemonade.v1.ChatResponse
+	(*EmbedRequest)(nil),        // 19: lemonade.v1.EmbedRequest
+	(*Embedding)(nil),           // 20: lemonade.v1.Embedding
+	(*EmbedResponse)(nil),       // 21: lemonade.v1.EmbedResponse
+	(*TokenizeRequest)(nil),     // 22: lemonade.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),    // 23: lemonade.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),   // 24: lemonade.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),  // 25: lemonade.v1.DetokenizeResponse
+	(*RerankRequest)(nil),       // 26: lemonade.v1.RerankRequest
+	(*RerankResult)(nil),        // 27: lemonade.v1.RerankResult
+	(*RerankResponse)(nil),      // 28: lemonade.v1.RerankResponse
+	(*structpb.Struct)(nil),     // 29: google.protobuf.Struct
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
 	10, // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
 	7,  // 1: lemonade.v1.ChatMessage.tool_calls:type_name -> lemonade.v1.ToolCall
-	27, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
+	29, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
 	1,  // 3: lemonade.v1.ToolChoice.mode:type_name -> lemonade.v1.ToolChoiceMode
 	4,  // 4: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
 	10, // 5: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
@@ -2236,36 +2418,40 @@ var file_lemonade_v1_inference_proto_depIdxs = []int32{
 	6,  // 7: lemonade.v1.ChatRequest.tool_choice:type_name -> lemonade.v1.ToolChoice
 	11, // 8: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
 	12, // 9: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
-	27, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
-	0,  // 11: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	13, // 12: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
-	14, // 13: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
-	0,  // 14: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	13, // 15: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
-	14, // 16: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
-	8,  // 17: lemonade.v1.ChatResponse.tool_calls:type_name -> lemonade.v1.ToolCallDelta
-	2,  // 18: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
-	18, // 19: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
-	13, // 20: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
-	25, // 21: lemonade.v1.RerankResponse.results:type_name -> lemonade.v1.RerankResult
-	13, // 22: lemonade.v1.RerankResponse.usage:type_name -> lemonade.v1.Usage
-	3,  // 23: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	9,  // 24: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	17, // 25: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
-	20, // 26: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
-	22, // 27: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
-	24, // 28: lemonade.v1.Inference.Rerank:input_type -> lemonade.v1.RerankRequest
-	15, // 29: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	16, // 30: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	19, // 31: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
-	21, // 32: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
-	23, // 33: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
-	26, // 34: lemonade.v1.Inference.Rerank:output_type -> lemonade.v1.RerankResponse
-	29, // [29:35] is the sub-list for method output_type
-	23, // [23:29] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	29, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
+	14, // 11: lemonade.v1.TokenLogprob.token:type_name -> lemonade.v1.TokenAlternative
+	14, // 12: lemonade.v1.TokenLogprob.top:type_name -> lemonade.v1.TokenAlternative
+	0,  // 13: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	15, // 14: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
+	16, // 15: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
+	13, // 16: lemonade.v1.CompleteResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
+	0,  // 17: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	15, // 18: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
+	16, // 19: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
+	8,  // 20: lemonade.v1.ChatResponse.tool_calls:type_name -> lemonade.v1.ToolCallDelta
+	13, // 21: lemonade.v1.ChatResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
+	2,  // 22: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
+	20, // 23: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
+	15, // 24: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
+	27, // 25: lemonade.v1.RerankResponse.results:type_name -> lemonade.v1.RerankResult
+	15, // 26: lemonade.v1.RerankResponse.usage:type_name -> lemonade.v1.Usage
+	3,  // 27: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	9,  // 28: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	19, // 29: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	22, // 30: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	24, // 31: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	26, // 32: lemonade.v1.Inference.Rerank:input_type -> lemonade.v1.RerankRequest
+	17, // 33: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	18, // 34: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	21, // 35: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	23, // 36: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	25, // 37: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	28, // 38: lemonade.v1.Inference.Rerank:output_type -> lemonade.v1.RerankResponse
+	33, // [33:39] is the sub-list for method output_type
+	27, // [27:33] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -2284,14 +2470,14 @@ func file_lemonade_v1_inference_proto_init() {
 		(*ResponseFormat_JsonSchema)(nil),
 		(*ResponseFormat_Grammar)(nil),
 	}
-	file_lemonade_v1_inference_proto_msgTypes[21].OneofWrappers = []any{}
+	file_lemonade_v1_inference_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -18,7 +18,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/inference.proto.
  */
 export const file_lemonade_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIuoDCg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdEINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQggKBl90b3Bfa0IHCgVfc2VlZEIRCg9fcmVwZWF0X3BlbmFsdHlCCAoGX21pbl9wQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSJtCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLmxlbW9uYWRlLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCSJWCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiVwoKVG9vbENob2ljZRIrCgRtb2RlGAEgASgOMhsubGVtb25hZGUudjEuVG9vbENob2ljZU1vZGVIABISCghmdW5jdGlvbhgCIAEoCUgAQggKBmNob2ljZSI3CghUb29sQ2FsbBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEhEKCWFyZ3VtZW50cxgDIAEoCSJLCg1Ub29sQ2FsbERlbHRhEg0KBWluZGV4GAEgASgNEgoKAmlkGAIgASgJEgwKBG5hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJItIECgtDaGF0UmVxdWVzdBINCgVtb2RlbBgBIAEoCRIqCghtZXNzYWdlcxgCIAMoCzIYLmxlbW9uYWRlLnYxLkNoYXRNZXNzYWdlEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIgCgV0b29scxgPIAMoCzIRLmxlbW9uYWRlLnYxLlRvb2wSLAoLdG9vbF9jaG9pY2UYECABKAsyFy5sZW1vbmFkZS52MS5Ub29sQ2hvaWNlQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5IpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSJXCgdUaW1pbmdzEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYASABKAESEQoJcHJvbXB0X21zGAIgASgBEhkKEXRva2Vuc19wZXJfc2Vjb25kGAMgASgBIrEBChBDb21wbGV0ZVJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzIvABCgxDaGF0UmVzcG9uc2USDAoEdGV4dBgBIAEoCRITCgt0b2tlbl9jb3VudBgCIAEoDRIwCg1maW5pc2hfcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuRmluaXNoUmVhc29uEiEKBXVzYWdlGAQgASgLMhIubGVtb25hZGUudjEuVXNhZ2USJQoHdGltaW5ncxgFIAEoCzIULmxlbW9uYWRlLnYxLlRpbWluZ3MSLgoKdG9vbF9jYWxscxgGIAMoCzIaLmxlbW9uYWRlLnYxLlRvb2xDYWxsRGVsdGESEQoJcmVhc29uaW5nGAcgASgJImkKDEVtYmVkUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIOCgZpbnB1dHMYAiADKAkSOgoNbm9ybWFsaXphdGlvbhgDIAEoDjIjLmxlbW9uYWRlLnYxLkVtYmVkZGluZ05vcm1hbGl6YXRpb24iGwoJRW1iZWRkaW5nEg4KBnZhbHVlcxgBIAMoAiJxCg1FbWJlZFJlc3BvbnNlEioKCmVtYmVkZGluZ3MYASADKAsyFi5sZW1vbmFkZS52MS5FbWJlZGRpbmcSEQoJZGltZW5zaW9uGAIgASgNEiEKBXVzYWdlGAMgASgLMhIubGVtb25hZGUudjEuVXNhZ2UiWAoPVG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgwKBHRleHQYAiABKAkSEwoLYWRkX3NwZWNpYWwYAyABKAgSEwoLd2l0aF9waWVjZXMYBCABKAgiLwoQVG9rZW5pemVSZXNwb25zZRILCgNpZHMYASADKA0SDgoGcGllY2VzGAIgAygMIi8KEURldG9rZW5pemVSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEgsKA2lkcxgCIAMoDSIiChJEZXRva2VuaXplUmVzcG9uc2USDAoEdGV4dBgBIAEoCSJeCg1SZXJhbmtSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEg0KBXF1ZXJ5GAIgASgJEhEKCWRvY3VtZW50cxgDIAMoCRISCgV0b3BfbhgEIAEoDUgAiAEBQggKBl90b3BfbiIsCgxSZXJhbmtSZXN1bHQSDQoFaW5kZXgYASABKA0SDQoFc2NvcmUYAiABKAIiXwoOUmVyYW5rUmVzcG9uc2USKgoHcmVzdWx0cxgBIAMoCzIZLmxlbW9uYWRlLnYxLlJlcmFua1Jlc3VsdBIhCgV1c2FnZRgCIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlKn0KDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQAyqHAQoOVG9vbENob2ljZU1vZGUSIAocVE9PTF9DSE9JQ0VfTU9ERV9VTlNQRUNJRklFRBAAEhkKFVRPT0xfQ0hPSUNFX01PREVfQVVUTxABEhkKFVRPT0xfQ0hPSUNFX01PREVfTk9ORRACEh0KGVRPT0xfQ0hPSUNFX01PREVfUkVRVUlSRUQQAyqKAQoWRW1iZWRkaW5nTm9ybWFsaXphdGlvbhInCiNFTUJFRERJTkdfTk9STUFMSVpBVElPTl9VTlNQRUNJRklFRBAAEiUKIUVNQkVERElOR19OT1JNQUxJWkFUSU9OX0VVQ0xJREVBThABEiAKHEVNQkVERElOR19OT1JNQUxJWkFUSU9OX05PTkUQAjKwAwoJSW5mZXJlbmNlEkkKCENvbXBsZXRlEhwubGVtb25hZGUudjEuQ29tcGxldGVSZXF1ZXN0Gh0ubGVtb25hZGUudjEuQ29tcGxldGVSZXNwb25zZTABEj0KBENoYXQSGC5sZW1vbmFkZS52MS5DaGF0UmVxdWVzdBoZLmxlbW9uYWRlLnYxLkNoYXRSZXNwb25zZTABEj4KBUVtYmVkEhkubGVtb25hZGUudjEuRW1iZWRSZXF1ZXN0GhoubGVtb25hZGUudjEuRW1iZWRSZXNwb25zZRJHCghUb2tlbml6ZRIcLmxlbW9uYWRlLnYxLlRva2VuaXplUmVxdWVzdBodLmxlbW9uYWRlLnYxLlRva2VuaXplUmVzcG9uc2USTQoKRGV0b2tlbml6ZRIeLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXF1ZXN0Gh8ubGVtb25hZGUudjEuRGV0b2tlbml6ZVJlc3BvbnNlEkEKBlJlcmFuaxIaLmxlbW9uYWRlLnYxLlJlcmFua1JlcXVlc3QaGy5sZW1vbmFkZS52MS5SZXJhbmtSZXNwb25zZUK8AQoPY29tLmxlbW9uYWRlLnYxQg5JbmZlcmVuY2VQcm90b1ABWkxnaXRodWIuY29tL2xlbW9uYWRlLWdycGMvbGVtb25hZGUtZ3JwYy9jbGllbnRzL2dvL2dlbi9sZW1vbmFkZS92MTtsZW1vbmFkZXYxogIDTFhYqgILTGVtb25hZGUuVjHKAgtMZW1vbmFkZVxWMeICF0xlbW9uYWRlXFYxXEdQQk1ldGFkYXRh6gIMTGVtb25hZGU6OlYxYgZwcm90bzM", [file_google_protobuf_struct]);
+  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIo4ECg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIVCghsb2dwcm9icxgPIAEoDUgJiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QgsKCV9sb2dwcm9icyJtCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLmxlbW9uYWRlLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCSJWCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiVwoKVG9vbENob2ljZRIrCgRtb2RlGAEgASgOMhsubGVtb25hZGUudjEuVG9vbENob2ljZU1vZGVIABISCghmdW5jdGlvbhgCIAEoCUgAQggKBmNob2ljZSI3CghUb29sQ2FsbBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEhEKCWFyZ3VtZW50cxgDIAEoCSJLCg1Ub29sQ2FsbERlbHRhEg0KBWluZGV4GAEgASgNEgoKAmlkGAIgASgJEgwKBG5hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJIvYECgtDaGF0UmVxdWVzdBINCgVtb2RlbBgBIAEoCRIqCghtZXNzYWdlcxgCIAMoCzIYLmxlbW9uYWRlLnYxLkNoYXRNZXNzYWdlEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIgCgV0b29scxgPIAMoCzIRLmxlbW9uYWRlLnYxLlRvb2wSLAoLdG9vbF9jaG9pY2UYECABKAsyFy5sZW1vbmFkZS52MS5Ub29sQ2hvaWNlEhUKCGxvZ3Byb2JzGBEgASgNSAmIAQFCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCBwoFX3NlZWRCEQoPX3JlcGVhdF9wZW5hbHR5QggKBl9taW5fcEITChFfcHJlc2VuY2VfcGVuYWx0eUIUChJfZnJlcXVlbmN5X3BlbmFsdHlCCwoJX2xvZ3Byb2JzIpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiaAoMVG9rZW5Mb2dwcm9iEiwKBXRva2VuGAEgASgLMh0ubGVtb25hZGUudjEuVG9rZW5BbHRlcm5hdGl2ZRIqCgN0b3AYAiADKAsyHS5sZW1vbmFkZS52MS5Ub2tlbkFsdGVybmF0aXZlIkwKEFRva2VuQWx0ZXJuYXRpdmUSCgoCaWQYASABKA0SDAoEdGV4dBgCIAEoCRINCgVieXRlcxgDIAEoDBIPCgdsb2dwcm9iGAQgASgCIjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iVwoHVGltaW5ncxIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAEgASgBEhEKCXByb21wdF9tcxgCIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoASLeAQoQQ29tcGxldGVSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncxIrCghsb2dwcm9icxgGIAMoCzIZLmxlbW9uYWRlLnYxLlRva2VuTG9ncHJvYiKdAgoMQ2hhdFJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzEi4KCnRvb2xfY2FsbHMYBiADKAsyGi5sZW1vbmFkZS52MS5Ub29sQ2FsbERlbHRhEhEKCXJlYXNvbmluZxgHIAEoCRIrCghsb2dwcm9icxgIIAMoCzIZLmxlbW9uYWRlLnYxLlRva2VuTG9ncHJvYiJpCgxFbWJlZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGaW5wdXRzGAIgAygJEjoKDW5vcm1hbGl6YXRpb24YAyABKA4yIy5sZW1vbmFkZS52MS5FbWJlZGRpbmdOb3JtYWxpemF0aW9uIhsKCUVtYmVkZGluZxIOCgZ2YWx1ZXMYASADKAIicQoNRW1iZWRSZXNwb25zZRIqCgplbWJlZGRpbmdzGAEgAygLMhYubGVtb25hZGUudjEuRW1iZWRkaW5nEhEKCWRpbWVuc2lvbhgCIAEoDRIhCgV1c2FnZRgDIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlIlgKD1Rva2VuaXplUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIMCgR0ZXh0GAIgASgJEhMKC2FkZF9zcGVjaWFsGAMgASgIEhMKC3dpdGhfcGllY2VzGAQgASgIIi8KEFRva2VuaXplUmVzcG9uc2USCwoDaWRzGAEgAygNEg4KBnBpZWNlcxgCIAMoDCIvChFEZXRva2VuaXplUmVxdWVzdBINCgVtb2RlbBgBIAEoCRILCgNpZHMYAiADKA0iIgoSRGV0b2tlbml6ZVJlc3BvbnNlEgwKBHRleHQYASABKAkiXgoNUmVyYW5rUmVxdWVzdBINCgVtb2RlbBgBIAEoCRINCgVxdWVyeRgCIAEoCRIRCglkb2N1bWVudHMYAyADKAkSEgoFdG9wX24YBCABKA1IAIgBAUIICgZfdG9wX24iLAoMUmVyYW5rUmVzdWx0Eg0KBWluZGV4GAEgASgNEg0KBXNjb3JlGAIgASgCIl8KDlJlcmFua1Jlc3BvbnNlEioKB3Jlc3VsdHMYASADKAsyGS5sZW1vbmFkZS52MS5SZXJhbmtSZXN1bHQSIQoFdXNhZ2UYAiABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZSp9CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMqhwEKDlRvb2xDaG9pY2VNb2RlEiAKHFRPT0xfQ0hPSUNFX01PREVfVU5TUEVDSUZJRUQQABIZChVUT09MX0NIT0lDRV9NT0RFX0FVVE8QARIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAhIdChlUT09MX0NIT0lDRV9NT0RFX1JFUVVJUkVEEAMqigEKFkVtYmVkZGluZ05vcm1hbGl6YXRpb24SJwojRU1CRURESU5HX05PUk1BTElaQVRJT05fVU5TUEVDSUZJRUQQABIlCiFFTUJFRERJTkdfTk9STUFMSVpBVElPTl9FVUNMSURFQU4QARIgChxFTUJFRERJTkdfTk9STUFMSVpBVElPTl9OT05FEAIysAMKCUluZmVyZW5jZRJJCghDb21wbGV0ZRIcLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVxdWVzdBodLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVzcG9uc2UwARI9CgRDaGF0EhgubGVtb25hZGUudjEuQ2hhdFJlcXVlc3QaGS5sZW1vbmFkZS52MS5DaGF0UmVzcG9uc2UwARI+CgVFbWJlZBIZLmxlbW9uYWRlLnYxLkVtYmVkUmVxdWVzdBoaLmxlbW9uYWRlLnYxLkVtYmVkUmVzcG9uc2USRwoIVG9rZW5pemUSHC5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlc3BvbnNlEk0KCkRldG9rZW5pemUSHi5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVxdWVzdBofLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXNwb25zZRJBCgZSZXJhbmsSGi5sZW1vbmFkZS52MS5SZXJhbmtSZXF1ZXN0GhsubGVtb25hZGUudjEuUmVyYW5rUmVzcG9uc2VCvAEKD2NvbS5sZW1vbmFkZS52MUIOSW5mZXJlbmNlUHJvdG9QAVpMZ2l0aHViLmNvbS9sZW1vbmFkZS1ncnBjL2xlbW9uYWRlLWdycGMvY2xpZW50cy9nby9nZW4vbGVtb25hZGUvdjE7bGVtb25hZGV2MaICA0xYWKoCC0xlbW9uYWRlLlYxygILTGVtb25hZGVcVjHiAhdMZW1vbmFkZVxWMVxHUEJNZXRhZGF0YeoCDExlbW9uYWRlOjpWMWIGcHJvdG8z", [file_google_protobuf_struct]);
 
 /**
  * CompleteRequest asks for a text completion.
@@ -124,6 +124,14 @@ export type CompleteRequest = Message<"lemonade.v1.CompleteRequest"> & {
    * @generated from field: lemonade.v1.ResponseFormat response_format = 14;
    */
   responseFormat?: ResponseFormat | undefined;
+
+  /**
+   * Return each generated token's log-probability with this many most
+   * likely alternatives, 0..20 (`logprobs` on the responses); absent: none.
+   *
+   * @generated from field: optional uint32 logprobs = 15;
+   */
+  logprobs?: number | undefined;
 };
 
 /**
@@ -438,6 +446,13 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
    * @generated from field: lemonade.v1.ToolChoice tool_choice = 16;
    */
   toolChoice?: ToolChoice | undefined;
+
+  /**
+   * As CompleteRequest.logprobs.
+   *
+   * @generated from field: optional uint32 logprobs = 17;
+   */
+  logprobs?: number | undefined;
 };
 
 /**
@@ -538,6 +553,76 @@ export const JsonSchemaFormatSchema: GenMessage<JsonSchemaFormat> = /*@__PURE__*
   messageDesc(file_lemonade_v1_inference, 9);
 
 /**
+ * TokenLogprob is a generated token's log-probability and the likeliest
+ * alternatives the model had.
+ *
+ * @generated from message lemonade.v1.TokenLogprob
+ */
+export type TokenLogprob = Message<"lemonade.v1.TokenLogprob"> & {
+  /**
+   * @generated from field: lemonade.v1.TokenAlternative token = 1;
+   */
+  token?: TokenAlternative | undefined;
+
+  /**
+   * The most likely tokens at that position, most likely first (as many as
+   * the request's `logprobs`).
+   *
+   * @generated from field: repeated lemonade.v1.TokenAlternative top = 2;
+   */
+  top: TokenAlternative[];
+};
+
+/**
+ * Describes the message lemonade.v1.TokenLogprob.
+ * Use `create(TokenLogprobSchema)` to create a new message.
+ */
+export const TokenLogprobSchema: GenMessage<TokenLogprob> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 10);
+
+/**
+ * TokenAlternative is a token and its log-probability.
+ *
+ * @generated from message lemonade.v1.TokenAlternative
+ */
+export type TokenAlternative = Message<"lemonade.v1.TokenAlternative"> & {
+  /**
+   * Its id in the model's vocabulary.
+   *
+   * @generated from field: uint32 id = 1;
+   */
+  id: number;
+
+  /**
+   * Its text (a token may hold part of a UTF-8 character: see `bytes`).
+   *
+   * @generated from field: string text = 2;
+   */
+  text: string;
+
+  /**
+   * Its bytes, exactly.
+   *
+   * @generated from field: bytes bytes = 3;
+   */
+  bytes: Uint8Array;
+
+  /**
+   * Natural log of its probability (0 or less).
+   *
+   * @generated from field: float logprob = 4;
+   */
+  logprob: number;
+};
+
+/**
+ * Describes the message lemonade.v1.TokenAlternative.
+ * Use `create(TokenAlternativeSchema)` to create a new message.
+ */
+export const TokenAlternativeSchema: GenMessage<TokenAlternative> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 11);
+
+/**
  * Usage counts tokens.
  *
  * @generated from message lemonade.v1.Usage
@@ -563,7 +648,7 @@ export type Usage = Message<"lemonade.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 10);
+  messageDesc(file_lemonade_v1_inference, 12);
 
 /**
  * Timings are measured on the last message of a stream.
@@ -599,7 +684,7 @@ export type Timings = Message<"lemonade.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 11);
+  messageDesc(file_lemonade_v1_inference, 13);
 
 /**
  * CompleteResponse is one delta of a completion.
@@ -643,6 +728,13 @@ export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
    * @generated from field: lemonade.v1.Timings timings = 5;
    */
   timings?: Timings | undefined;
+
+  /**
+   * With `logprobs` asked: one per token of this message's text, in order.
+   *
+   * @generated from field: repeated lemonade.v1.TokenLogprob logprobs = 6;
+   */
+  logprobs: TokenLogprob[];
 };
 
 /**
@@ -650,7 +742,7 @@ export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 12);
+  messageDesc(file_lemonade_v1_inference, 14);
 
 /**
  * ChatResponse is one delta of a chat completion; same shape as
@@ -708,6 +800,13 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
    * @generated from field: string reasoning = 7;
    */
   reasoning: string;
+
+  /**
+   * With `logprobs` asked: one per token, as in CompleteResponse.
+   *
+   * @generated from field: repeated lemonade.v1.TokenLogprob logprobs = 8;
+   */
+  logprobs: TokenLogprob[];
 };
 
 /**
@@ -715,7 +814,7 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 13);
+  messageDesc(file_lemonade_v1_inference, 15);
 
 /**
  * EmbedRequest asks for the embeddings of a batch of texts.
@@ -750,7 +849,7 @@ export type EmbedRequest = Message<"lemonade.v1.EmbedRequest"> & {
  * Use `create(EmbedRequestSchema)` to create a new message.
  */
 export const EmbedRequestSchema: GenMessage<EmbedRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 14);
+  messageDesc(file_lemonade_v1_inference, 16);
 
 /**
  * Embedding is one text's vector.
@@ -771,7 +870,7 @@ export type Embedding = Message<"lemonade.v1.Embedding"> & {
  * Use `create(EmbeddingSchema)` to create a new message.
  */
 export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 15);
+  messageDesc(file_lemonade_v1_inference, 17);
 
 /**
  * EmbedResponse holds one embedding per input, in the order of the inputs.
@@ -806,7 +905,7 @@ export type EmbedResponse = Message<"lemonade.v1.EmbedResponse"> & {
  * Use `create(EmbedResponseSchema)` to create a new message.
  */
 export const EmbedResponseSchema: GenMessage<EmbedResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 16);
+  messageDesc(file_lemonade_v1_inference, 18);
 
 /**
  * TokenizeRequest asks for the tokens of a text.
@@ -849,7 +948,7 @@ export type TokenizeRequest = Message<"lemonade.v1.TokenizeRequest"> & {
  * Use `create(TokenizeRequestSchema)` to create a new message.
  */
 export const TokenizeRequestSchema: GenMessage<TokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 17);
+  messageDesc(file_lemonade_v1_inference, 19);
 
 /**
  * TokenizeResponse holds the token ids of the text, in order.
@@ -876,7 +975,7 @@ export type TokenizeResponse = Message<"lemonade.v1.TokenizeResponse"> & {
  * Use `create(TokenizeResponseSchema)` to create a new message.
  */
 export const TokenizeResponseSchema: GenMessage<TokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 18);
+  messageDesc(file_lemonade_v1_inference, 20);
 
 /**
  * DetokenizeRequest asks for the text of token ids.
@@ -904,7 +1003,7 @@ export type DetokenizeRequest = Message<"lemonade.v1.DetokenizeRequest"> & {
  * Use `create(DetokenizeRequestSchema)` to create a new message.
  */
 export const DetokenizeRequestSchema: GenMessage<DetokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 19);
+  messageDesc(file_lemonade_v1_inference, 21);
 
 /**
  * DetokenizeResponse holds the text of the ids.
@@ -923,7 +1022,7 @@ export type DetokenizeResponse = Message<"lemonade.v1.DetokenizeResponse"> & {
  * Use `create(DetokenizeResponseSchema)` to create a new message.
  */
 export const DetokenizeResponseSchema: GenMessage<DetokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 20);
+  messageDesc(file_lemonade_v1_inference, 22);
 
 /**
  * RerankRequest asks for documents ranked by relevance to a query.
@@ -965,7 +1064,7 @@ export type RerankRequest = Message<"lemonade.v1.RerankRequest"> & {
  * Use `create(RerankRequestSchema)` to create a new message.
  */
 export const RerankRequestSchema: GenMessage<RerankRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 21);
+  messageDesc(file_lemonade_v1_inference, 23);
 
 /**
  * RerankResult is one document's score.
@@ -994,7 +1093,7 @@ export type RerankResult = Message<"lemonade.v1.RerankResult"> & {
  * Use `create(RerankResultSchema)` to create a new message.
  */
 export const RerankResultSchema: GenMessage<RerankResult> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 22);
+  messageDesc(file_lemonade_v1_inference, 24);
 
 /**
  * RerankResponse holds the documents' scores, best first.
@@ -1020,7 +1119,7 @@ export type RerankResponse = Message<"lemonade.v1.RerankResponse"> & {
  * Use `create(RerankResponseSchema)` to create a new message.
  */
 export const RerankResponseSchema: GenMessage<RerankResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 23);
+  messageDesc(file_lemonade_v1_inference, 25);
 
 /**
  * FinishReason says why generation ended.
