@@ -57,6 +57,7 @@ def of(spec: ModelSpec, metadata: Mapping[str, object]) -> Capabilities:
         embedding_dimension=_count(metadata.get(prefix + "embedding_length")) if embedding else 0,
         rerank=embedding and pooling_rank,
         context_length=_count(metadata.get(prefix + "context_length")),
+        vision=spec.mmproj is not None,
     )
 
 

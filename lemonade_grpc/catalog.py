@@ -37,6 +37,7 @@ class Capabilities:
     embedding_dimension: int = 0
     rerank: bool = False
     context_length: int = 0
+    vision: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,8 @@ class ModelSpec:
     says so). `pooling` is how an `embedding` model's llama-server pools
     token vectors into one (`POOLINGS`); None: the model's own (its GGUF
     says). `capabilities`: what it can serve, read from its file at
-    start-up (`capabilities.read`); all false until then.
+    start-up (`capabilities.read`); all false until then. `mmproj` is a
+    vision model's projector (llama-server's `--mmproj`).
     """
 
     name: str
@@ -61,4 +63,5 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     allowed_args: frozenset[str] = frozenset()
     pooling: str | None = None
+    mmproj: Path | None = None
     capabilities: Capabilities = Capabilities()

@@ -313,7 +313,7 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
         prefix,
         {
             *("recipe", "path", "type", "ctx_size", "args", "allowed_args", "command"),
-            *("idle_unload_seconds", "pooling"),
+            *("idle_unload_seconds", "pooling", "mmproj"),
         },
     )
     recipe_name = _str(table, prefix + "recipe", Recipe.LLAMACPP.value)
@@ -366,6 +366,7 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
         path=path,
         type=model_type,
         pooling=_pooling(table, prefix, model_type, recipe, path),
+        mmproj=_mmproj(table, prefix, recipe, base_dir),
         defaults=EffectiveOptions(
             ctx_size=int(_number(table, prefix + "ctx_size", DEFAULT_CTX_SIZE, bounds.CTX_SIZE, int)),
             idle_unload_seconds=idle,
@@ -403,6 +404,18 @@ def _pooling(
         return DEFAULT_POOLING  # not a GGUF we can read: llama-server will say what it thinks of it
     named = [value for value in fields.values() if type(value) is int and value > 0]
     return None if named else DEFAULT_POOLING
+
+
+def _mmproj(table: Mapping[str, Any], prefix: str, recipe: Recipe, base_dir: Path) -> Path | None:
+    """A vision model's projector file (llama-server's `--mmproj`), relative to the config file."""
+    if "mmproj" not in table:
+        return None
+    if recipe is not Recipe.LLAMACPP:
+        raise ConfigError(prefix + "mmproj", 'is only for recipe = "llamacpp"')
+    path = base_dir / _str(table, prefix + "mmproj", "")
+    if not path.is_file():
+        raise ConfigError(prefix + "mmproj", f"{path} is not a file")
+    return path
 
 
 def _model_type(field_name: str, value: str) -> ModelType:

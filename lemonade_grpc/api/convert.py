@@ -254,6 +254,7 @@ def capabilities_message(capabilities: Capabilities) -> pb.Capabilities:
         embedding_dimension=capabilities.embedding_dimension,
         rerank=capabilities.rerank,
         context_length=capabilities.context_length,
+        vision=capabilities.vision,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
+from lemonade_grpc.api.content import check_vision, content_payload
 from lemonade_grpc.api.formats import integral
 from lemonade_grpc.backends.chunks import ToolCallPiece
 from lemonade_grpc.catalog import ModelSpec, Recipe
@@ -76,11 +77,13 @@ def tools_payload(request: pb.ChatRequest) -> dict[str, Any]:
 
 
 def check_capability(request: pb.ChatRequest, spec: ModelSpec) -> None:
-    """Raise `CapabilityMissing` for tools sent to a llama-server model whose chat template takes none.
+    """Raise `CapabilityMissing` for what `spec` cannot serve: images without a projector, or tools.
 
-    Measured: llama-server then answers in prose, as if the tools were not
-    there. A `command` backend's support is unknown: its requests pass.
+    Tools sent to a llama-server model whose chat template takes none were,
+    measured, answered in prose as if there were no tools. A `command`
+    backend's support is unknown: its requests pass.
     """
+    check_vision(request, spec)
     if request.tools and spec.recipe is Recipe.LLAMACPP and not spec.capabilities.tools:
         raise CapabilityMissing(
             spec.name,
@@ -92,8 +95,8 @@ def check_capability(request: pb.ChatRequest, spec: ModelSpec) -> None:
 
 def message_payload(message: pb.ChatMessage, index: int) -> dict[str, Any]:
     """One message as OpenAI's API has it, with its tool calls or the call it answers."""
-    payload: dict[str, Any] = {"role": message.role, "content": message.content}
     at = f"messages[{index}]"
+    payload: dict[str, Any] = {"role": message.role, "content": content_payload(message, at)}
     if message.tool_calls:
         if message.role != "assistant":
             raise InvalidRequest(

@@ -32,6 +32,7 @@ def backend_argv(spec: ModelSpec, options: EffectiveOptions, port: int) -> list[
             str(options.ctx_size),
             "--no-webui",
             *(embedding_args(spec, options) if spec.type is ModelType.EMBEDDING else ()),
+            *(("--mmproj", str(spec.mmproj)) if spec.mmproj is not None else ()),
             *spec.args,
             *options.backend_args,
         ]

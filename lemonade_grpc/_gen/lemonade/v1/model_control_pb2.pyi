@@ -488,6 +488,7 @@ class Capabilities(_message.Message):
     EMBEDDING_DIMENSION_FIELD_NUMBER: _builtins.int
     RERANK_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
     chat_template: _builtins.bool
     """The GGUF holds a chat template (Chat applies it)."""
     tools: _builtins.bool
@@ -504,6 +505,8 @@ class Capabilities(_message.Message):
     """The context it was trained for, in tokens (the GGUF's context
     length); 0 when unknown. The context a load gets is `options.ctx_size`.
     """
+    vision: _builtins.bool
+    """A projector is configured (the catalog's `mmproj`): Chat takes images."""
     def __init__(
         self,
         *,
@@ -513,10 +516,11 @@ class Capabilities(_message.Message):
         embedding_dimension: _builtins.int = ...,
         rerank: _builtins.bool = ...,
         context_length: _builtins.int = ...,
+        vision: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding", b"embedding", "embedding_dimension", b"embedding_dimension", "rerank", b"rerank", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "embedding", b"embedding", "embedding_dimension", b"embedding_dimension", "rerank", b"rerank", "tools", b"tools", "vision", b"vision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -383,7 +383,11 @@ type ChatMessage struct {
 	ToolCalls []*ToolCall `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// A tool message's answer is to this call (`ToolCall.id`). Required for
 	// role "tool".
-	ToolCallId    string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	ToolCallId string `protobuf:"bytes,4,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
+	// Content in parts (text and images), sent after `content` when both are
+	// set. An image needs a model with a projector (the catalog's `mmproj`):
+	// else FAILED_PRECONDITION CAPABILITY_MISSING, capability "vision".
+	Parts         []*ContentPart `protobuf:"bytes,5,rep,name=parts,proto3" json:"parts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -446,6 +450,152 @@ func (x *ChatMessage) GetToolCallId() string {
 	return ""
 }
 
+func (x *ChatMessage) GetParts() []*ContentPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+// ContentPart is a piece of a message's content.
+type ContentPart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Part:
+	//
+	//	*ContentPart_Text
+	//	*ContentPart_Image
+	Part          isContentPart_Part `protobuf_oneof:"part"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContentPart) Reset() {
+	*x = ContentPart{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContentPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContentPart) ProtoMessage() {}
+
+func (x *ContentPart) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContentPart.ProtoReflect.Descriptor instead.
+func (*ContentPart) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ContentPart) GetPart() isContentPart_Part {
+	if x != nil {
+		return x.Part
+	}
+	return nil
+}
+
+func (x *ContentPart) GetText() string {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+func (x *ContentPart) GetImage() *Image {
+	if x != nil {
+		if x, ok := x.Part.(*ContentPart_Image); ok {
+			return x.Image
+		}
+	}
+	return nil
+}
+
+type isContentPart_Part interface {
+	isContentPart_Part()
+}
+
+type ContentPart_Text struct {
+	Text string `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ContentPart_Image struct {
+	Image *Image `protobuf:"bytes,2,opt,name=image,proto3,oneof"`
+}
+
+func (*ContentPart_Text) isContentPart_Part() {}
+
+func (*ContentPart_Image) isContentPart_Part() {}
+
+// Image is an image in a message, its bytes inline.
+type Image struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The encoded image (PNG, JPEG, ...); the whole request stays under
+	// gRPC's 4 MiB receive limit.
+	Data []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// Its MIME type: image/png, image/jpeg, image/webp, image/gif or image/bmp.
+	MimeType      string `protobuf:"bytes,2,opt,name=mime_type,json=mimeType,proto3" json:"mime_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Image) Reset() {
+	*x = Image{}
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Image) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Image) ProtoMessage() {}
+
+func (x *Image) ProtoReflect() protoreflect.Message {
+	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Image.ProtoReflect.Descriptor instead.
+func (*Image) Descriptor() ([]byte, []int) {
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Image) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *Image) GetMimeType() string {
+	if x != nil {
+		return x.MimeType
+	}
+	return ""
+}
+
 // Tool is a function the model may call.
 type Tool struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -461,7 +611,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -473,7 +623,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[2]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -486,7 +636,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{2}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Tool) GetName() string {
@@ -524,7 +674,7 @@ type ToolChoice struct {
 
 func (x *ToolChoice) Reset() {
 	*x = ToolChoice{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -536,7 +686,7 @@ func (x *ToolChoice) String() string {
 func (*ToolChoice) ProtoMessage() {}
 
 func (x *ToolChoice) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[3]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -549,7 +699,7 @@ func (x *ToolChoice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
 func (*ToolChoice) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{3}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ToolChoice) GetChoice() isToolChoice_Choice {
@@ -609,7 +759,7 @@ type ToolCall struct {
 
 func (x *ToolCall) Reset() {
 	*x = ToolCall{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -621,7 +771,7 @@ func (x *ToolCall) String() string {
 func (*ToolCall) ProtoMessage() {}
 
 func (x *ToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[4]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -634,7 +784,7 @@ func (x *ToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
 func (*ToolCall) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{4}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ToolCall) GetId() string {
@@ -674,7 +824,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +836,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[5]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +849,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{5}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ToolCallDelta) GetIndex() uint32 {
@@ -776,7 +926,7 @@ type ChatRequest struct {
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +938,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[6]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +951,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{6}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ChatRequest) GetModel() string {
@@ -940,7 +1090,7 @@ type ResponseFormat struct {
 
 func (x *ResponseFormat) Reset() {
 	*x = ResponseFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1102,7 @@ func (x *ResponseFormat) String() string {
 func (*ResponseFormat) ProtoMessage() {}
 
 func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[7]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1115,7 @@ func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
 func (*ResponseFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{7}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ResponseFormat) GetFormat() isResponseFormat_Format {
@@ -1037,7 +1187,7 @@ type JsonObjectFormat struct {
 
 func (x *JsonObjectFormat) Reset() {
 	*x = JsonObjectFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1199,7 @@ func (x *JsonObjectFormat) String() string {
 func (*JsonObjectFormat) ProtoMessage() {}
 
 func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[8]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1212,7 @@ func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonObjectFormat.ProtoReflect.Descriptor instead.
 func (*JsonObjectFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{8}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
 }
 
 // JsonSchemaFormat asks for JSON valid against `schema`.
@@ -1079,7 +1229,7 @@ type JsonSchemaFormat struct {
 
 func (x *JsonSchemaFormat) Reset() {
 	*x = JsonSchemaFormat{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1091,7 +1241,7 @@ func (x *JsonSchemaFormat) String() string {
 func (*JsonSchemaFormat) ProtoMessage() {}
 
 func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[9]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1104,7 +1254,7 @@ func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonSchemaFormat.ProtoReflect.Descriptor instead.
 func (*JsonSchemaFormat) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{9}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *JsonSchemaFormat) GetSchema() *structpb.Struct {
@@ -1135,7 +1285,7 @@ type TokenLogprob struct {
 
 func (x *TokenLogprob) Reset() {
 	*x = TokenLogprob{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1147,7 +1297,7 @@ func (x *TokenLogprob) String() string {
 func (*TokenLogprob) ProtoMessage() {}
 
 func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[10]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1160,7 +1310,7 @@ func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
 func (*TokenLogprob) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{10}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TokenLogprob) GetToken() *TokenAlternative {
@@ -1194,7 +1344,7 @@ type TokenAlternative struct {
 
 func (x *TokenAlternative) Reset() {
 	*x = TokenAlternative{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1206,7 +1356,7 @@ func (x *TokenAlternative) String() string {
 func (*TokenAlternative) ProtoMessage() {}
 
 func (x *TokenAlternative) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[11]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1219,7 +1369,7 @@ func (x *TokenAlternative) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenAlternative.ProtoReflect.Descriptor instead.
 func (*TokenAlternative) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{11}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TokenAlternative) GetId() uint32 {
@@ -1263,7 +1413,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1425,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[12]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1438,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{12}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -1321,7 +1471,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1333,7 +1483,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[13]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1346,7 +1496,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{13}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Timings) GetTimeToFirstTokenMs() float64 {
@@ -1393,7 +1543,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1405,7 +1555,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[14]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1418,7 +1568,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{14}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CompleteResponse) GetText() string {
@@ -1490,7 +1640,7 @@ type ChatResponse struct {
 
 func (x *ChatResponse) Reset() {
 	*x = ChatResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1502,7 +1652,7 @@ func (x *ChatResponse) String() string {
 func (*ChatResponse) ProtoMessage() {}
 
 func (x *ChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[15]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1515,7 +1665,7 @@ func (x *ChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatResponse.ProtoReflect.Descriptor instead.
 func (*ChatResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{15}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ChatResponse) GetText() string {
@@ -1589,7 +1739,7 @@ type EmbedRequest struct {
 
 func (x *EmbedRequest) Reset() {
 	*x = EmbedRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1751,7 @@ func (x *EmbedRequest) String() string {
 func (*EmbedRequest) ProtoMessage() {}
 
 func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[16]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1764,7 @@ func (x *EmbedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedRequest.ProtoReflect.Descriptor instead.
 func (*EmbedRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{16}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *EmbedRequest) GetModel() string {
@@ -1649,7 +1799,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1661,7 +1811,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[17]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1674,7 +1824,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{17}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Embedding) GetValues() []float32 {
@@ -1699,7 +1849,7 @@ type EmbedResponse struct {
 
 func (x *EmbedResponse) Reset() {
 	*x = EmbedResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1711,7 +1861,7 @@ func (x *EmbedResponse) String() string {
 func (*EmbedResponse) ProtoMessage() {}
 
 func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[18]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1724,7 +1874,7 @@ func (x *EmbedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EmbedResponse.ProtoReflect.Descriptor instead.
 func (*EmbedResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{18}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *EmbedResponse) GetEmbeddings() []*Embedding {
@@ -1766,7 +1916,7 @@ type TokenizeRequest struct {
 
 func (x *TokenizeRequest) Reset() {
 	*x = TokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1928,7 @@ func (x *TokenizeRequest) String() string {
 func (*TokenizeRequest) ProtoMessage() {}
 
 func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[19]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1941,7 @@ func (x *TokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeRequest.ProtoReflect.Descriptor instead.
 func (*TokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{19}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TokenizeRequest) GetModel() string {
@@ -1835,7 +1985,7 @@ type TokenizeResponse struct {
 
 func (x *TokenizeResponse) Reset() {
 	*x = TokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1847,7 +1997,7 @@ func (x *TokenizeResponse) String() string {
 func (*TokenizeResponse) ProtoMessage() {}
 
 func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[20]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1860,7 +2010,7 @@ func (x *TokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenizeResponse.ProtoReflect.Descriptor instead.
 func (*TokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{20}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TokenizeResponse) GetIds() []uint32 {
@@ -1890,7 +2040,7 @@ type DetokenizeRequest struct {
 
 func (x *DetokenizeRequest) Reset() {
 	*x = DetokenizeRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1902,7 +2052,7 @@ func (x *DetokenizeRequest) String() string {
 func (*DetokenizeRequest) ProtoMessage() {}
 
 func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[21]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1915,7 +2065,7 @@ func (x *DetokenizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeRequest.ProtoReflect.Descriptor instead.
 func (*DetokenizeRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{21}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DetokenizeRequest) GetModel() string {
@@ -1942,7 +2092,7 @@ type DetokenizeResponse struct {
 
 func (x *DetokenizeResponse) Reset() {
 	*x = DetokenizeResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1954,7 +2104,7 @@ func (x *DetokenizeResponse) String() string {
 func (*DetokenizeResponse) ProtoMessage() {}
 
 func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[22]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1967,7 +2117,7 @@ func (x *DetokenizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DetokenizeResponse.ProtoReflect.Descriptor instead.
 func (*DetokenizeResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{22}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DetokenizeResponse) GetText() string {
@@ -1994,7 +2144,7 @@ type RerankRequest struct {
 
 func (x *RerankRequest) Reset() {
 	*x = RerankRequest{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2006,7 +2156,7 @@ func (x *RerankRequest) String() string {
 func (*RerankRequest) ProtoMessage() {}
 
 func (x *RerankRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[23]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2019,7 +2169,7 @@ func (x *RerankRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankRequest.ProtoReflect.Descriptor instead.
 func (*RerankRequest) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{23}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RerankRequest) GetModel() string {
@@ -2064,7 +2214,7 @@ type RerankResult struct {
 
 func (x *RerankResult) Reset() {
 	*x = RerankResult{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2226,7 @@ func (x *RerankResult) String() string {
 func (*RerankResult) ProtoMessage() {}
 
 func (x *RerankResult) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[24]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2239,7 @@ func (x *RerankResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankResult.ProtoReflect.Descriptor instead.
 func (*RerankResult) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{24}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RerankResult) GetIndex() uint32 {
@@ -2118,7 +2268,7 @@ type RerankResponse struct {
 
 func (x *RerankResponse) Reset() {
 	*x = RerankResponse{}
-	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2130,7 +2280,7 @@ func (x *RerankResponse) String() string {
 func (*RerankResponse) ProtoMessage() {}
 
 func (x *RerankResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lemonade_v1_inference_proto_msgTypes[25]
+	mi := &file_lemonade_v1_inference_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2143,7 +2293,7 @@ func (x *RerankResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RerankResponse.ProtoReflect.Descriptor instead.
 func (*RerankResponse) Descriptor() ([]byte, []int) {
-	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{25}
+	return file_lemonade_v1_inference_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RerankResponse) GetResults() []*RerankResult {
@@ -2193,14 +2343,22 @@ const file_lemonade_v1_inference_proto_rawDesc = "" +
 	"\x06_min_pB\x13\n" +
 	"\x11_presence_penaltyB\x14\n" +
 	"\x12_frequency_penaltyB\v\n" +
-	"\t_logprobs\"\x93\x01\n" +
+	"\t_logprobs\"\xc3\x01\n" +
 	"\vChatMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x124\n" +
 	"\n" +
 	"tool_calls\x18\x03 \x03(\v2\x15.lemonade.v1.ToolCallR\ttoolCalls\x12 \n" +
 	"\ftool_call_id\x18\x04 \x01(\tR\n" +
-	"toolCallId\"u\n" +
+	"toolCallId\x12.\n" +
+	"\x05parts\x18\x05 \x03(\v2\x18.lemonade.v1.ContentPartR\x05parts\"W\n" +
+	"\vContentPart\x12\x14\n" +
+	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12*\n" +
+	"\x05image\x18\x02 \x01(\v2\x12.lemonade.v1.ImageH\x00R\x05imageB\x06\n" +
+	"\x04part\"8\n" +
+	"\x05Image\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x1b\n" +
+	"\tmime_type\x18\x02 \x01(\tR\bmimeType\"u\n" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x127\n" +
@@ -2374,84 +2532,88 @@ func file_lemonade_v1_inference_proto_rawDescGZIP() []byte {
 }
 
 var file_lemonade_v1_inference_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_lemonade_v1_inference_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_lemonade_v1_inference_proto_goTypes = []any{
 	(FinishReason)(0),           // 0: lemonade.v1.FinishReason
 	(ToolChoiceMode)(0),         // 1: lemonade.v1.ToolChoiceMode
 	(EmbeddingNormalization)(0), // 2: lemonade.v1.EmbeddingNormalization
 	(*CompleteRequest)(nil),     // 3: lemonade.v1.CompleteRequest
 	(*ChatMessage)(nil),         // 4: lemonade.v1.ChatMessage
-	(*Tool)(nil),                // 5: lemonade.v1.Tool
-	(*ToolChoice)(nil),          // 6: lemonade.v1.ToolChoice
-	(*ToolCall)(nil),            // 7: lemonade.v1.ToolCall
-	(*ToolCallDelta)(nil),       // 8: lemonade.v1.ToolCallDelta
-	(*ChatRequest)(nil),         // 9: lemonade.v1.ChatRequest
-	(*ResponseFormat)(nil),      // 10: lemonade.v1.ResponseFormat
-	(*JsonObjectFormat)(nil),    // 11: lemonade.v1.JsonObjectFormat
-	(*JsonSchemaFormat)(nil),    // 12: lemonade.v1.JsonSchemaFormat
-	(*TokenLogprob)(nil),        // 13: lemonade.v1.TokenLogprob
-	(*TokenAlternative)(nil),    // 14: lemonade.v1.TokenAlternative
-	(*Usage)(nil),               // 15: lemonade.v1.Usage
-	(*Timings)(nil),             // 16: lemonade.v1.Timings
-	(*CompleteResponse)(nil),    // 17: lemonade.v1.CompleteResponse
-	(*ChatResponse)(nil),        // 18: lemonade.v1.ChatResponse
-	(*EmbedRequest)(nil),        // 19: lemonade.v1.EmbedRequest
-	(*Embedding)(nil),           // 20: lemonade.v1.Embedding
-	(*EmbedResponse)(nil),       // 21: lemonade.v1.EmbedResponse
-	(*TokenizeRequest)(nil),     // 22: lemonade.v1.TokenizeRequest
-	(*TokenizeResponse)(nil),    // 23: lemonade.v1.TokenizeResponse
-	(*DetokenizeRequest)(nil),   // 24: lemonade.v1.DetokenizeRequest
-	(*DetokenizeResponse)(nil),  // 25: lemonade.v1.DetokenizeResponse
-	(*RerankRequest)(nil),       // 26: lemonade.v1.RerankRequest
-	(*RerankResult)(nil),        // 27: lemonade.v1.RerankResult
-	(*RerankResponse)(nil),      // 28: lemonade.v1.RerankResponse
-	(*structpb.Struct)(nil),     // 29: google.protobuf.Struct
+	(*ContentPart)(nil),         // 5: lemonade.v1.ContentPart
+	(*Image)(nil),               // 6: lemonade.v1.Image
+	(*Tool)(nil),                // 7: lemonade.v1.Tool
+	(*ToolChoice)(nil),          // 8: lemonade.v1.ToolChoice
+	(*ToolCall)(nil),            // 9: lemonade.v1.ToolCall
+	(*ToolCallDelta)(nil),       // 10: lemonade.v1.ToolCallDelta
+	(*ChatRequest)(nil),         // 11: lemonade.v1.ChatRequest
+	(*ResponseFormat)(nil),      // 12: lemonade.v1.ResponseFormat
+	(*JsonObjectFormat)(nil),    // 13: lemonade.v1.JsonObjectFormat
+	(*JsonSchemaFormat)(nil),    // 14: lemonade.v1.JsonSchemaFormat
+	(*TokenLogprob)(nil),        // 15: lemonade.v1.TokenLogprob
+	(*TokenAlternative)(nil),    // 16: lemonade.v1.TokenAlternative
+	(*Usage)(nil),               // 17: lemonade.v1.Usage
+	(*Timings)(nil),             // 18: lemonade.v1.Timings
+	(*CompleteResponse)(nil),    // 19: lemonade.v1.CompleteResponse
+	(*ChatResponse)(nil),        // 20: lemonade.v1.ChatResponse
+	(*EmbedRequest)(nil),        // 21: lemonade.v1.EmbedRequest
+	(*Embedding)(nil),           // 22: lemonade.v1.Embedding
+	(*EmbedResponse)(nil),       // 23: lemonade.v1.EmbedResponse
+	(*TokenizeRequest)(nil),     // 24: lemonade.v1.TokenizeRequest
+	(*TokenizeResponse)(nil),    // 25: lemonade.v1.TokenizeResponse
+	(*DetokenizeRequest)(nil),   // 26: lemonade.v1.DetokenizeRequest
+	(*DetokenizeResponse)(nil),  // 27: lemonade.v1.DetokenizeResponse
+	(*RerankRequest)(nil),       // 28: lemonade.v1.RerankRequest
+	(*RerankResult)(nil),        // 29: lemonade.v1.RerankResult
+	(*RerankResponse)(nil),      // 30: lemonade.v1.RerankResponse
+	(*structpb.Struct)(nil),     // 31: google.protobuf.Struct
 }
 var file_lemonade_v1_inference_proto_depIdxs = []int32{
-	10, // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
-	7,  // 1: lemonade.v1.ChatMessage.tool_calls:type_name -> lemonade.v1.ToolCall
-	29, // 2: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
-	1,  // 3: lemonade.v1.ToolChoice.mode:type_name -> lemonade.v1.ToolChoiceMode
-	4,  // 4: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
-	10, // 5: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
-	5,  // 6: lemonade.v1.ChatRequest.tools:type_name -> lemonade.v1.Tool
-	6,  // 7: lemonade.v1.ChatRequest.tool_choice:type_name -> lemonade.v1.ToolChoice
-	11, // 8: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
-	12, // 9: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
-	29, // 10: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
-	14, // 11: lemonade.v1.TokenLogprob.token:type_name -> lemonade.v1.TokenAlternative
-	14, // 12: lemonade.v1.TokenLogprob.top:type_name -> lemonade.v1.TokenAlternative
-	0,  // 13: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	15, // 14: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
-	16, // 15: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
-	13, // 16: lemonade.v1.CompleteResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
-	0,  // 17: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
-	15, // 18: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
-	16, // 19: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
-	8,  // 20: lemonade.v1.ChatResponse.tool_calls:type_name -> lemonade.v1.ToolCallDelta
-	13, // 21: lemonade.v1.ChatResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
-	2,  // 22: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
-	20, // 23: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
-	15, // 24: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
-	27, // 25: lemonade.v1.RerankResponse.results:type_name -> lemonade.v1.RerankResult
-	15, // 26: lemonade.v1.RerankResponse.usage:type_name -> lemonade.v1.Usage
-	3,  // 27: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
-	9,  // 28: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
-	19, // 29: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
-	22, // 30: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
-	24, // 31: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
-	26, // 32: lemonade.v1.Inference.Rerank:input_type -> lemonade.v1.RerankRequest
-	17, // 33: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
-	18, // 34: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
-	21, // 35: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
-	23, // 36: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
-	25, // 37: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
-	28, // 38: lemonade.v1.Inference.Rerank:output_type -> lemonade.v1.RerankResponse
-	33, // [33:39] is the sub-list for method output_type
-	27, // [27:33] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	12, // 0: lemonade.v1.CompleteRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	9,  // 1: lemonade.v1.ChatMessage.tool_calls:type_name -> lemonade.v1.ToolCall
+	5,  // 2: lemonade.v1.ChatMessage.parts:type_name -> lemonade.v1.ContentPart
+	6,  // 3: lemonade.v1.ContentPart.image:type_name -> lemonade.v1.Image
+	31, // 4: lemonade.v1.Tool.parameters:type_name -> google.protobuf.Struct
+	1,  // 5: lemonade.v1.ToolChoice.mode:type_name -> lemonade.v1.ToolChoiceMode
+	4,  // 6: lemonade.v1.ChatRequest.messages:type_name -> lemonade.v1.ChatMessage
+	12, // 7: lemonade.v1.ChatRequest.response_format:type_name -> lemonade.v1.ResponseFormat
+	7,  // 8: lemonade.v1.ChatRequest.tools:type_name -> lemonade.v1.Tool
+	8,  // 9: lemonade.v1.ChatRequest.tool_choice:type_name -> lemonade.v1.ToolChoice
+	13, // 10: lemonade.v1.ResponseFormat.json_object:type_name -> lemonade.v1.JsonObjectFormat
+	14, // 11: lemonade.v1.ResponseFormat.json_schema:type_name -> lemonade.v1.JsonSchemaFormat
+	31, // 12: lemonade.v1.JsonSchemaFormat.schema:type_name -> google.protobuf.Struct
+	16, // 13: lemonade.v1.TokenLogprob.token:type_name -> lemonade.v1.TokenAlternative
+	16, // 14: lemonade.v1.TokenLogprob.top:type_name -> lemonade.v1.TokenAlternative
+	0,  // 15: lemonade.v1.CompleteResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	17, // 16: lemonade.v1.CompleteResponse.usage:type_name -> lemonade.v1.Usage
+	18, // 17: lemonade.v1.CompleteResponse.timings:type_name -> lemonade.v1.Timings
+	15, // 18: lemonade.v1.CompleteResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
+	0,  // 19: lemonade.v1.ChatResponse.finish_reason:type_name -> lemonade.v1.FinishReason
+	17, // 20: lemonade.v1.ChatResponse.usage:type_name -> lemonade.v1.Usage
+	18, // 21: lemonade.v1.ChatResponse.timings:type_name -> lemonade.v1.Timings
+	10, // 22: lemonade.v1.ChatResponse.tool_calls:type_name -> lemonade.v1.ToolCallDelta
+	15, // 23: lemonade.v1.ChatResponse.logprobs:type_name -> lemonade.v1.TokenLogprob
+	2,  // 24: lemonade.v1.EmbedRequest.normalization:type_name -> lemonade.v1.EmbeddingNormalization
+	22, // 25: lemonade.v1.EmbedResponse.embeddings:type_name -> lemonade.v1.Embedding
+	17, // 26: lemonade.v1.EmbedResponse.usage:type_name -> lemonade.v1.Usage
+	29, // 27: lemonade.v1.RerankResponse.results:type_name -> lemonade.v1.RerankResult
+	17, // 28: lemonade.v1.RerankResponse.usage:type_name -> lemonade.v1.Usage
+	3,  // 29: lemonade.v1.Inference.Complete:input_type -> lemonade.v1.CompleteRequest
+	11, // 30: lemonade.v1.Inference.Chat:input_type -> lemonade.v1.ChatRequest
+	21, // 31: lemonade.v1.Inference.Embed:input_type -> lemonade.v1.EmbedRequest
+	24, // 32: lemonade.v1.Inference.Tokenize:input_type -> lemonade.v1.TokenizeRequest
+	26, // 33: lemonade.v1.Inference.Detokenize:input_type -> lemonade.v1.DetokenizeRequest
+	28, // 34: lemonade.v1.Inference.Rerank:input_type -> lemonade.v1.RerankRequest
+	19, // 35: lemonade.v1.Inference.Complete:output_type -> lemonade.v1.CompleteResponse
+	20, // 36: lemonade.v1.Inference.Chat:output_type -> lemonade.v1.ChatResponse
+	23, // 37: lemonade.v1.Inference.Embed:output_type -> lemonade.v1.EmbedResponse
+	25, // 38: lemonade.v1.Inference.Tokenize:output_type -> lemonade.v1.TokenizeResponse
+	27, // 39: lemonade.v1.Inference.Detokenize:output_type -> lemonade.v1.DetokenizeResponse
+	30, // 40: lemonade.v1.Inference.Rerank:output_type -> lemonade.v1.RerankResponse
+	35, // [35:41] is the sub-list for method output_type
+	29, // [29:35] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_lemonade_v1_inference_proto_init() }
@@ -2460,24 +2622,28 @@ func file_lemonade_v1_inference_proto_init() {
 		return
 	}
 	file_lemonade_v1_inference_proto_msgTypes[0].OneofWrappers = []any{}
-	file_lemonade_v1_inference_proto_msgTypes[3].OneofWrappers = []any{
+	file_lemonade_v1_inference_proto_msgTypes[2].OneofWrappers = []any{
+		(*ContentPart_Text)(nil),
+		(*ContentPart_Image)(nil),
+	}
+	file_lemonade_v1_inference_proto_msgTypes[5].OneofWrappers = []any{
 		(*ToolChoice_Mode)(nil),
 		(*ToolChoice_Function)(nil),
 	}
-	file_lemonade_v1_inference_proto_msgTypes[6].OneofWrappers = []any{}
-	file_lemonade_v1_inference_proto_msgTypes[7].OneofWrappers = []any{
+	file_lemonade_v1_inference_proto_msgTypes[8].OneofWrappers = []any{}
+	file_lemonade_v1_inference_proto_msgTypes[9].OneofWrappers = []any{
 		(*ResponseFormat_JsonObject)(nil),
 		(*ResponseFormat_JsonSchema)(nil),
 		(*ResponseFormat_Grammar)(nil),
 	}
-	file_lemonade_v1_inference_proto_msgTypes[23].OneofWrappers = []any{}
+	file_lemonade_v1_inference_proto_msgTypes[25].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lemonade_v1_inference_proto_rawDesc), len(file_lemonade_v1_inference_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

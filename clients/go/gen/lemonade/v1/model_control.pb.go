@@ -832,6 +832,8 @@ type Capabilities struct {
 	// The context it was trained for, in tokens (the GGUF's context
 	// length); 0 when unknown. The context a load gets is `options.ctx_size`.
 	ContextLength uint32 `protobuf:"varint,6,opt,name=context_length,json=contextLength,proto3" json:"context_length,omitempty"`
+	// A projector is configured (the catalog's `mmproj`): Chat takes images.
+	Vision        bool `protobuf:"varint,7,opt,name=vision,proto3" json:"vision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -906,6 +908,13 @@ func (x *Capabilities) GetContextLength() uint32 {
 		return x.ContextLength
 	}
 	return 0
+}
+
+func (x *Capabilities) GetVision() bool {
+	if x != nil {
+		return x.Vision
+	}
+	return false
 }
 
 // UnloadRequest names the model to unload.
@@ -2808,14 +2817,15 @@ const file_lemonade_v1_model_control_proto_rawDesc = "" +
 	"\trss_bytes\x18\v \x01(\x04R\brssBytes\x12\x16\n" +
 	"\x06recipe\x18\f \x01(\tR\x06recipe\x12\x12\n" +
 	"\x04port\x18\r \x01(\rR\x04port\x12=\n" +
-	"\fcapabilities\x18\x0e \x01(\v2\x19.lemonade.v1.CapabilitiesR\fcapabilities\"\xd7\x01\n" +
+	"\fcapabilities\x18\x0e \x01(\v2\x19.lemonade.v1.CapabilitiesR\fcapabilities\"\xef\x01\n" +
 	"\fCapabilities\x12#\n" +
 	"\rchat_template\x18\x01 \x01(\bR\fchatTemplate\x12\x14\n" +
 	"\x05tools\x18\x02 \x01(\bR\x05tools\x12\x1c\n" +
 	"\tembedding\x18\x03 \x01(\bR\tembedding\x12/\n" +
 	"\x13embedding_dimension\x18\x04 \x01(\rR\x12embeddingDimension\x12\x16\n" +
 	"\x06rerank\x18\x05 \x01(\bR\x06rerank\x12%\n" +
-	"\x0econtext_length\x18\x06 \x01(\rR\rcontextLength\"%\n" +
+	"\x0econtext_length\x18\x06 \x01(\rR\rcontextLength\x12\x16\n" +
+	"\x06vision\x18\a \x01(\bR\x06vision\"%\n" +
 	"\rUnloadRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\",\n" +
 	"\x0eUnloadResponse\x12\x1a\n" +

@@ -18,7 +18,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file lemonade/v1/inference.proto.
  */
 export const file_lemonade_v1_inference: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIo4ECg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIVCghsb2dwcm9icxgPIAEoDUgJiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QgsKCV9sb2dwcm9icyJtCgtDaGF0TWVzc2FnZRIMCgRyb2xlGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSKQoKdG9vbF9jYWxscxgDIAMoCzIVLmxlbW9uYWRlLnYxLlRvb2xDYWxsEhQKDHRvb2xfY2FsbF9pZBgEIAEoCSJWCgRUb29sEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKwoKcGFyYW1ldGVycxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiVwoKVG9vbENob2ljZRIrCgRtb2RlGAEgASgOMhsubGVtb25hZGUudjEuVG9vbENob2ljZU1vZGVIABISCghmdW5jdGlvbhgCIAEoCUgAQggKBmNob2ljZSI3CghUb29sQ2FsbBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEhEKCWFyZ3VtZW50cxgDIAEoCSJLCg1Ub29sQ2FsbERlbHRhEg0KBWluZGV4GAEgASgNEgoKAmlkGAIgASgJEgwKBG5hbWUYAyABKAkSEQoJYXJndW1lbnRzGAQgASgJIvYECgtDaGF0UmVxdWVzdBINCgVtb2RlbBgBIAEoCRIqCghtZXNzYWdlcxgCIAMoCzIYLmxlbW9uYWRlLnYxLkNoYXRNZXNzYWdlEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIgCgV0b29scxgPIAMoCzIRLmxlbW9uYWRlLnYxLlRvb2wSLAoLdG9vbF9jaG9pY2UYECABKAsyFy5sZW1vbmFkZS52MS5Ub29sQ2hvaWNlEhUKCGxvZ3Byb2JzGBEgASgNSAmIAQFCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIICgZfdG9wX2tCBwoFX3NlZWRCEQoPX3JlcGVhdF9wZW5hbHR5QggKBl9taW5fcEITChFfcHJlc2VuY2VfcGVuYWx0eUIUChJfZnJlcXVlbmN5X3BlbmFsdHlCCwoJX2xvZ3Byb2JzIpkBCg5SZXNwb25zZUZvcm1hdBI0Cgtqc29uX29iamVjdBgBIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25PYmplY3RGb3JtYXRIABI0Cgtqc29uX3NjaGVtYRgCIAEoCzIdLmxlbW9uYWRlLnYxLkpzb25TY2hlbWFGb3JtYXRIABIRCgdncmFtbWFyGAMgASgJSABCCAoGZm9ybWF0IhIKEEpzb25PYmplY3RGb3JtYXQiSQoQSnNvblNjaGVtYUZvcm1hdBInCgZzY2hlbWEYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EgwKBG5hbWUYAiABKAkiaAoMVG9rZW5Mb2dwcm9iEiwKBXRva2VuGAEgASgLMh0ubGVtb25hZGUudjEuVG9rZW5BbHRlcm5hdGl2ZRIqCgN0b3AYAiADKAsyHS5sZW1vbmFkZS52MS5Ub2tlbkFsdGVybmF0aXZlIkwKEFRva2VuQWx0ZXJuYXRpdmUSCgoCaWQYASABKA0SDAoEdGV4dBgCIAEoCRINCgVieXRlcxgDIAEoDBIPCgdsb2dwcm9iGAQgASgCIjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iVwoHVGltaW5ncxIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAEgASgBEhEKCXByb21wdF9tcxgCIAEoARIZChF0b2tlbnNfcGVyX3NlY29uZBgDIAEoASLeAQoQQ29tcGxldGVSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncxIrCghsb2dwcm9icxgGIAMoCzIZLmxlbW9uYWRlLnYxLlRva2VuTG9ncHJvYiKdAgoMQ2hhdFJlc3BvbnNlEgwKBHRleHQYASABKAkSEwoLdG9rZW5fY291bnQYAiABKA0SMAoNZmluaXNoX3JlYXNvbhgDIAEoDjIZLmxlbW9uYWRlLnYxLkZpbmlzaFJlYXNvbhIhCgV1c2FnZRgEIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlEiUKB3RpbWluZ3MYBSABKAsyFC5sZW1vbmFkZS52MS5UaW1pbmdzEi4KCnRvb2xfY2FsbHMYBiADKAsyGi5sZW1vbmFkZS52MS5Ub29sQ2FsbERlbHRhEhEKCXJlYXNvbmluZxgHIAEoCRIrCghsb2dwcm9icxgIIAMoCzIZLmxlbW9uYWRlLnYxLlRva2VuTG9ncHJvYiJpCgxFbWJlZFJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGaW5wdXRzGAIgAygJEjoKDW5vcm1hbGl6YXRpb24YAyABKA4yIy5sZW1vbmFkZS52MS5FbWJlZGRpbmdOb3JtYWxpemF0aW9uIhsKCUVtYmVkZGluZxIOCgZ2YWx1ZXMYASADKAIicQoNRW1iZWRSZXNwb25zZRIqCgplbWJlZGRpbmdzGAEgAygLMhYubGVtb25hZGUudjEuRW1iZWRkaW5nEhEKCWRpbWVuc2lvbhgCIAEoDRIhCgV1c2FnZRgDIAEoCzISLmxlbW9uYWRlLnYxLlVzYWdlIlgKD1Rva2VuaXplUmVxdWVzdBINCgVtb2RlbBgBIAEoCRIMCgR0ZXh0GAIgASgJEhMKC2FkZF9zcGVjaWFsGAMgASgIEhMKC3dpdGhfcGllY2VzGAQgASgIIi8KEFRva2VuaXplUmVzcG9uc2USCwoDaWRzGAEgAygNEg4KBnBpZWNlcxgCIAMoDCIvChFEZXRva2VuaXplUmVxdWVzdBINCgVtb2RlbBgBIAEoCRILCgNpZHMYAiADKA0iIgoSRGV0b2tlbml6ZVJlc3BvbnNlEgwKBHRleHQYASABKAkiXgoNUmVyYW5rUmVxdWVzdBINCgVtb2RlbBgBIAEoCRINCgVxdWVyeRgCIAEoCRIRCglkb2N1bWVudHMYAyADKAkSEgoFdG9wX24YBCABKA1IAIgBAUIICgZfdG9wX24iLAoMUmVyYW5rUmVzdWx0Eg0KBWluZGV4GAEgASgNEg0KBXNjb3JlGAIgASgCIl8KDlJlcmFua1Jlc3BvbnNlEioKB3Jlc3VsdHMYASADKAsyGS5sZW1vbmFkZS52MS5SZXJhbmtSZXN1bHQSIQoFdXNhZ2UYAiABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZSp9CgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHAoYRklOSVNIX1JFQVNPTl9UT09MX0NBTExTEAMqhwEKDlRvb2xDaG9pY2VNb2RlEiAKHFRPT0xfQ0hPSUNFX01PREVfVU5TUEVDSUZJRUQQABIZChVUT09MX0NIT0lDRV9NT0RFX0FVVE8QARIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAhIdChlUT09MX0NIT0lDRV9NT0RFX1JFUVVJUkVEEAMqigEKFkVtYmVkZGluZ05vcm1hbGl6YXRpb24SJwojRU1CRURESU5HX05PUk1BTElaQVRJT05fVU5TUEVDSUZJRUQQABIlCiFFTUJFRERJTkdfTk9STUFMSVpBVElPTl9FVUNMSURFQU4QARIgChxFTUJFRERJTkdfTk9STUFMSVpBVElPTl9OT05FEAIysAMKCUluZmVyZW5jZRJJCghDb21wbGV0ZRIcLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVxdWVzdBodLmxlbW9uYWRlLnYxLkNvbXBsZXRlUmVzcG9uc2UwARI9CgRDaGF0EhgubGVtb25hZGUudjEuQ2hhdFJlcXVlc3QaGS5sZW1vbmFkZS52MS5DaGF0UmVzcG9uc2UwARI+CgVFbWJlZBIZLmxlbW9uYWRlLnYxLkVtYmVkUmVxdWVzdBoaLmxlbW9uYWRlLnYxLkVtYmVkUmVzcG9uc2USRwoIVG9rZW5pemUSHC5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Ub2tlbml6ZVJlc3BvbnNlEk0KCkRldG9rZW5pemUSHi5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVxdWVzdBofLmxlbW9uYWRlLnYxLkRldG9rZW5pemVSZXNwb25zZRJBCgZSZXJhbmsSGi5sZW1vbmFkZS52MS5SZXJhbmtSZXF1ZXN0GhsubGVtb25hZGUudjEuUmVyYW5rUmVzcG9uc2VCvAEKD2NvbS5sZW1vbmFkZS52MUIOSW5mZXJlbmNlUHJvdG9QAVpMZ2l0aHViLmNvbS9sZW1vbmFkZS1ncnBjL2xlbW9uYWRlLWdycGMvY2xpZW50cy9nby9nZW4vbGVtb25hZGUvdjE7bGVtb25hZGV2MaICA0xYWKoCC0xlbW9uYWRlLlYxygILTGVtb25hZGVcVjHiAhdMZW1vbmFkZVxWMVxHUEJNZXRhZGF0YeoCDExlbW9uYWRlOjpWMWIGcHJvdG8z", [file_google_protobuf_struct]);
+  fileDesc("ChtsZW1vbmFkZS92MS9pbmZlcmVuY2UucHJvdG8SC2xlbW9uYWRlLnYxIo4ECg9Db21wbGV0ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKCm1heF90b2tlbnMYAyABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgEIAEoAkgBiAEBEhIKBXRvcF9wGAUgASgCSAKIAQESEgoFdG9wX2sYBiABKAVIA4gBARIRCgRzZWVkGAcgASgNSASIAQESDAoEc3RvcBgIIAMoCRISCgppZ25vcmVfZW9zGAkgASgIEhsKDnJlcGVhdF9wZW5hbHR5GAogASgCSAWIAQESEgoFbWluX3AYCyABKAJIBogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAwgASgCSAeIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYDSABKAJICIgBARI0Cg9yZXNwb25zZV9mb3JtYXQYDiABKAsyGy5sZW1vbmFkZS52MS5SZXNwb25zZUZvcm1hdBIVCghsb2dwcm9icxgPIAEoDUgJiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QgsKCV9sb2dwcm9icyKWAQoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJEikKCnRvb2xfY2FsbHMYAyADKAsyFS5sZW1vbmFkZS52MS5Ub29sQ2FsbBIUCgx0b29sX2NhbGxfaWQYBCABKAkSJwoFcGFydHMYBSADKAsyGC5sZW1vbmFkZS52MS5Db250ZW50UGFydCJKCgtDb250ZW50UGFydBIOCgR0ZXh0GAEgASgJSAASIwoFaW1hZ2UYAiABKAsyEi5sZW1vbmFkZS52MS5JbWFnZUgAQgYKBHBhcnQiKAoFSW1hZ2USDAoEZGF0YRgBIAEoDBIRCgltaW1lX3R5cGUYAiABKAkiVgoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEisKCnBhcmFtZXRlcnMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IlcKClRvb2xDaG9pY2USKwoEbW9kZRgBIAEoDjIbLmxlbW9uYWRlLnYxLlRvb2xDaG9pY2VNb2RlSAASEgoIZnVuY3Rpb24YAiABKAlIAEIICgZjaG9pY2UiNwoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIRCglhcmd1bWVudHMYAyABKAkiSwoNVG9vbENhbGxEZWx0YRINCgVpbmRleBgBIAEoDRIKCgJpZBgCIAEoCRIMCgRuYW1lGAMgASgJEhEKCWFyZ3VtZW50cxgEIAEoCSL2BAoLQ2hhdFJlcXVlc3QSDQoFbW9kZWwYASABKAkSKgoIbWVzc2FnZXMYAiADKAsyGC5sZW1vbmFkZS52MS5DaGF0TWVzc2FnZRIXCgptYXhfdG9rZW5zGAMgASgNSACIAQESGAoLdGVtcGVyYXR1cmUYBCABKAJIAYgBARISCgV0b3BfcBgFIAEoAkgCiAEBEhIKBXRvcF9rGAYgASgFSAOIAQESEQoEc2VlZBgHIAEoDUgEiAEBEgwKBHN0b3AYCCADKAkSEgoKaWdub3JlX2VvcxgJIAEoCBIbCg5yZXBlYXRfcGVuYWx0eRgKIAEoAkgFiAEBEhIKBW1pbl9wGAsgASgCSAaIAQESHQoQcHJlc2VuY2VfcGVuYWx0eRgMIAEoAkgHiAEBEh4KEWZyZXF1ZW5jeV9wZW5hbHR5GA0gASgCSAiIAQESNAoPcmVzcG9uc2VfZm9ybWF0GA4gASgLMhsubGVtb25hZGUudjEuUmVzcG9uc2VGb3JtYXQSIAoFdG9vbHMYDyADKAsyES5sZW1vbmFkZS52MS5Ub29sEiwKC3Rvb2xfY2hvaWNlGBAgASgLMhcubGVtb25hZGUudjEuVG9vbENob2ljZRIVCghsb2dwcm9icxgRIAEoDUgJiAEBQg0KC19tYXhfdG9rZW5zQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCCAoGX3RvcF9rQgcKBV9zZWVkQhEKD19yZXBlYXRfcGVuYWx0eUIICgZfbWluX3BCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5QgsKCV9sb2dwcm9icyKZAQoOUmVzcG9uc2VGb3JtYXQSNAoLanNvbl9vYmplY3QYASABKAsyHS5sZW1vbmFkZS52MS5Kc29uT2JqZWN0Rm9ybWF0SAASNAoLanNvbl9zY2hlbWEYAiABKAsyHS5sZW1vbmFkZS52MS5Kc29uU2NoZW1hRm9ybWF0SAASEQoHZ3JhbW1hchgDIAEoCUgAQggKBmZvcm1hdCISChBKc29uT2JqZWN0Rm9ybWF0IkkKEEpzb25TY2hlbWFGb3JtYXQSJwoGc2NoZW1hGAEgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIMCgRuYW1lGAIgASgJImgKDFRva2VuTG9ncHJvYhIsCgV0b2tlbhgBIAEoCzIdLmxlbW9uYWRlLnYxLlRva2VuQWx0ZXJuYXRpdmUSKgoDdG9wGAIgAygLMh0ubGVtb25hZGUudjEuVG9rZW5BbHRlcm5hdGl2ZSJMChBUb2tlbkFsdGVybmF0aXZlEgoKAmlkGAEgASgNEgwKBHRleHQYAiABKAkSDQoFYnl0ZXMYAyABKAwSDwoHbG9ncHJvYhgEIAEoAiI5CgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNIlcKB1RpbWluZ3MSHgoWdGltZV90b19maXJzdF90b2tlbl9tcxgBIAEoARIRCglwcm9tcHRfbXMYAiABKAESGQoRdG9rZW5zX3Blcl9zZWNvbmQYAyABKAEi3gEKEENvbXBsZXRlUmVzcG9uc2USDAoEdGV4dBgBIAEoCRITCgt0b2tlbl9jb3VudBgCIAEoDRIwCg1maW5pc2hfcmVhc29uGAMgASgOMhkubGVtb25hZGUudjEuRmluaXNoUmVhc29uEiEKBXVzYWdlGAQgASgLMhIubGVtb25hZGUudjEuVXNhZ2USJQoHdGltaW5ncxgFIAEoCzIULmxlbW9uYWRlLnYxLlRpbWluZ3MSKwoIbG9ncHJvYnMYBiADKAsyGS5sZW1vbmFkZS52MS5Ub2tlbkxvZ3Byb2IinQIKDENoYXRSZXNwb25zZRIMCgR0ZXh0GAEgASgJEhMKC3Rva2VuX2NvdW50GAIgASgNEjAKDWZpbmlzaF9yZWFzb24YAyABKA4yGS5sZW1vbmFkZS52MS5GaW5pc2hSZWFzb24SIQoFdXNhZ2UYBCABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZRIlCgd0aW1pbmdzGAUgASgLMhQubGVtb25hZGUudjEuVGltaW5ncxIuCgp0b29sX2NhbGxzGAYgAygLMhoubGVtb25hZGUudjEuVG9vbENhbGxEZWx0YRIRCglyZWFzb25pbmcYByABKAkSKwoIbG9ncHJvYnMYCCADKAsyGS5sZW1vbmFkZS52MS5Ub2tlbkxvZ3Byb2IiaQoMRW1iZWRSZXF1ZXN0Eg0KBW1vZGVsGAEgASgJEg4KBmlucHV0cxgCIAMoCRI6Cg1ub3JtYWxpemF0aW9uGAMgASgOMiMubGVtb25hZGUudjEuRW1iZWRkaW5nTm9ybWFsaXphdGlvbiIbCglFbWJlZGRpbmcSDgoGdmFsdWVzGAEgAygCInEKDUVtYmVkUmVzcG9uc2USKgoKZW1iZWRkaW5ncxgBIAMoCzIWLmxlbW9uYWRlLnYxLkVtYmVkZGluZxIRCglkaW1lbnNpb24YAiABKA0SIQoFdXNhZ2UYAyABKAsyEi5sZW1vbmFkZS52MS5Vc2FnZSJYCg9Ub2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSDAoEdGV4dBgCIAEoCRITCgthZGRfc3BlY2lhbBgDIAEoCBITCgt3aXRoX3BpZWNlcxgEIAEoCCIvChBUb2tlbml6ZVJlc3BvbnNlEgsKA2lkcxgBIAMoDRIOCgZwaWVjZXMYAiADKAwiLwoRRGV0b2tlbml6ZVJlcXVlc3QSDQoFbW9kZWwYASABKAkSCwoDaWRzGAIgAygNIiIKEkRldG9rZW5pemVSZXNwb25zZRIMCgR0ZXh0GAEgASgJIl4KDVJlcmFua1JlcXVlc3QSDQoFbW9kZWwYASABKAkSDQoFcXVlcnkYAiABKAkSEQoJZG9jdW1lbnRzGAMgAygJEhIKBXRvcF9uGAQgASgNSACIAQFCCAoGX3RvcF9uIiwKDFJlcmFua1Jlc3VsdBINCgVpbmRleBgBIAEoDRINCgVzY29yZRgCIAEoAiJfCg5SZXJhbmtSZXNwb25zZRIqCgdyZXN1bHRzGAEgAygLMhkubGVtb25hZGUudjEuUmVyYW5rUmVzdWx0EiEKBXVzYWdlGAIgASgLMhIubGVtb25hZGUudjEuVXNhZ2UqfQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxADKocBCg5Ub29sQ2hvaWNlTW9kZRIgChxUT09MX0NIT0lDRV9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVVE9PTF9DSE9JQ0VfTU9ERV9BVVRPEAESGQoVVE9PTF9DSE9JQ0VfTU9ERV9OT05FEAISHQoZVE9PTF9DSE9JQ0VfTU9ERV9SRVFVSVJFRBADKooBChZFbWJlZGRpbmdOb3JtYWxpemF0aW9uEicKI0VNQkVERElOR19OT1JNQUxJWkFUSU9OX1VOU1BFQ0lGSUVEEAASJQohRU1CRURESU5HX05PUk1BTElaQVRJT05fRVVDTElERUFOEAESIAocRU1CRURESU5HX05PUk1BTElaQVRJT05fTk9ORRACMrADCglJbmZlcmVuY2USSQoIQ29tcGxldGUSHC5sZW1vbmFkZS52MS5Db21wbGV0ZVJlcXVlc3QaHS5sZW1vbmFkZS52MS5Db21wbGV0ZVJlc3BvbnNlMAESPQoEQ2hhdBIYLmxlbW9uYWRlLnYxLkNoYXRSZXF1ZXN0GhkubGVtb25hZGUudjEuQ2hhdFJlc3BvbnNlMAESPgoFRW1iZWQSGS5sZW1vbmFkZS52MS5FbWJlZFJlcXVlc3QaGi5sZW1vbmFkZS52MS5FbWJlZFJlc3BvbnNlEkcKCFRva2VuaXplEhwubGVtb25hZGUudjEuVG9rZW5pemVSZXF1ZXN0Gh0ubGVtb25hZGUudjEuVG9rZW5pemVSZXNwb25zZRJNCgpEZXRva2VuaXplEh4ubGVtb25hZGUudjEuRGV0b2tlbml6ZVJlcXVlc3QaHy5sZW1vbmFkZS52MS5EZXRva2VuaXplUmVzcG9uc2USQQoGUmVyYW5rEhoubGVtb25hZGUudjEuUmVyYW5rUmVxdWVzdBobLmxlbW9uYWRlLnYxLlJlcmFua1Jlc3BvbnNlQrwBCg9jb20ubGVtb25hZGUudjFCDkluZmVyZW5jZVByb3RvUAFaTGdpdGh1Yi5jb20vbGVtb25hZGUtZ3JwYy9sZW1vbmFkZS1ncnBjL2NsaWVudHMvZ28vZ2VuL2xlbW9uYWRlL3YxO2xlbW9uYWRldjGiAgNMWFiqAgtMZW1vbmFkZS5WMcoCC0xlbW9uYWRlXFYx4gIXTGVtb25hZGVcVjFcR1BCTWV0YWRhdGHqAgxMZW1vbmFkZTo6VjFiBnByb3RvMw", [file_google_protobuf_struct]);
 
 /**
  * CompleteRequest asks for a text completion.
@@ -176,6 +176,15 @@ export type ChatMessage = Message<"lemonade.v1.ChatMessage"> & {
    * @generated from field: string tool_call_id = 4;
    */
   toolCallId: string;
+
+  /**
+   * Content in parts (text and images), sent after `content` when both are
+   * set. An image needs a model with a projector (the catalog's `mmproj`):
+   * else FAILED_PRECONDITION CAPABILITY_MISSING, capability "vision".
+   *
+   * @generated from field: repeated lemonade.v1.ContentPart parts = 5;
+   */
+  parts: ContentPart[];
 };
 
 /**
@@ -184,6 +193,66 @@ export type ChatMessage = Message<"lemonade.v1.ChatMessage"> & {
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_lemonade_v1_inference, 1);
+
+/**
+ * ContentPart is a piece of a message's content.
+ *
+ * @generated from message lemonade.v1.ContentPart
+ */
+export type ContentPart = Message<"lemonade.v1.ContentPart"> & {
+  /**
+   * @generated from oneof lemonade.v1.ContentPart.part
+   */
+  part: {
+    /**
+     * @generated from field: string text = 1;
+     */
+    value: string;
+    case: "text";
+  } | {
+    /**
+     * @generated from field: lemonade.v1.Image image = 2;
+     */
+    value: Image;
+    case: "image";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message lemonade.v1.ContentPart.
+ * Use `create(ContentPartSchema)` to create a new message.
+ */
+export const ContentPartSchema: GenMessage<ContentPart> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 2);
+
+/**
+ * Image is an image in a message, its bytes inline.
+ *
+ * @generated from message lemonade.v1.Image
+ */
+export type Image = Message<"lemonade.v1.Image"> & {
+  /**
+   * The encoded image (PNG, JPEG, ...); the whole request stays under
+   * gRPC's 4 MiB receive limit.
+   *
+   * @generated from field: bytes data = 1;
+   */
+  data: Uint8Array;
+
+  /**
+   * Its MIME type: image/png, image/jpeg, image/webp, image/gif or image/bmp.
+   *
+   * @generated from field: string mime_type = 2;
+   */
+  mimeType: string;
+};
+
+/**
+ * Describes the message lemonade.v1.Image.
+ * Use `create(ImageSchema)` to create a new message.
+ */
+export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
+  messageDesc(file_lemonade_v1_inference, 3);
 
 /**
  * Tool is a function the model may call.
@@ -218,7 +287,7 @@ export type Tool = Message<"lemonade.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 2);
+  messageDesc(file_lemonade_v1_inference, 4);
 
 /**
  * ToolChoice constrains the model's use of the tools.
@@ -251,7 +320,7 @@ export type ToolChoice = Message<"lemonade.v1.ToolChoice"> & {
  * Use `create(ToolChoiceSchema)` to create a new message.
  */
 export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 3);
+  messageDesc(file_lemonade_v1_inference, 5);
 
 /**
  * ToolCall is a whole call of a tool.
@@ -286,7 +355,7 @@ export type ToolCall = Message<"lemonade.v1.ToolCall"> & {
  * Use `create(ToolCallSchema)` to create a new message.
  */
 export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 4);
+  messageDesc(file_lemonade_v1_inference, 6);
 
 /**
  * ToolCallDelta is a piece of a tool call as it streams: the first piece of
@@ -324,7 +393,7 @@ export type ToolCallDelta = Message<"lemonade.v1.ToolCallDelta"> & {
  * Use `create(ToolCallDeltaSchema)` to create a new message.
  */
 export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 5);
+  messageDesc(file_lemonade_v1_inference, 7);
 
 /**
  * ChatRequest asks for a chat completion.
@@ -460,7 +529,7 @@ export type ChatRequest = Message<"lemonade.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 6);
+  messageDesc(file_lemonade_v1_inference, 8);
 
 /**
  * ResponseFormat constrains what a model may generate (the backend's
@@ -506,7 +575,7 @@ export type ResponseFormat = Message<"lemonade.v1.ResponseFormat"> & {
  * Use `create(ResponseFormatSchema)` to create a new message.
  */
 export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 7);
+  messageDesc(file_lemonade_v1_inference, 9);
 
 /**
  * JsonObjectFormat asks for any JSON object.
@@ -521,7 +590,7 @@ export type JsonObjectFormat = Message<"lemonade.v1.JsonObjectFormat"> & {
  * Use `create(JsonObjectFormatSchema)` to create a new message.
  */
 export const JsonObjectFormatSchema: GenMessage<JsonObjectFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 8);
+  messageDesc(file_lemonade_v1_inference, 10);
 
 /**
  * JsonSchemaFormat asks for JSON valid against `schema`.
@@ -550,7 +619,7 @@ export type JsonSchemaFormat = Message<"lemonade.v1.JsonSchemaFormat"> & {
  * Use `create(JsonSchemaFormatSchema)` to create a new message.
  */
 export const JsonSchemaFormatSchema: GenMessage<JsonSchemaFormat> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 9);
+  messageDesc(file_lemonade_v1_inference, 11);
 
 /**
  * TokenLogprob is a generated token's log-probability and the likeliest
@@ -578,7 +647,7 @@ export type TokenLogprob = Message<"lemonade.v1.TokenLogprob"> & {
  * Use `create(TokenLogprobSchema)` to create a new message.
  */
 export const TokenLogprobSchema: GenMessage<TokenLogprob> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 10);
+  messageDesc(file_lemonade_v1_inference, 12);
 
 /**
  * TokenAlternative is a token and its log-probability.
@@ -620,7 +689,7 @@ export type TokenAlternative = Message<"lemonade.v1.TokenAlternative"> & {
  * Use `create(TokenAlternativeSchema)` to create a new message.
  */
 export const TokenAlternativeSchema: GenMessage<TokenAlternative> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 11);
+  messageDesc(file_lemonade_v1_inference, 13);
 
 /**
  * Usage counts tokens.
@@ -648,7 +717,7 @@ export type Usage = Message<"lemonade.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 12);
+  messageDesc(file_lemonade_v1_inference, 14);
 
 /**
  * Timings are measured on the last message of a stream.
@@ -684,7 +753,7 @@ export type Timings = Message<"lemonade.v1.Timings"> & {
  * Use `create(TimingsSchema)` to create a new message.
  */
 export const TimingsSchema: GenMessage<Timings> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 13);
+  messageDesc(file_lemonade_v1_inference, 15);
 
 /**
  * CompleteResponse is one delta of a completion.
@@ -742,7 +811,7 @@ export type CompleteResponse = Message<"lemonade.v1.CompleteResponse"> & {
  * Use `create(CompleteResponseSchema)` to create a new message.
  */
 export const CompleteResponseSchema: GenMessage<CompleteResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 14);
+  messageDesc(file_lemonade_v1_inference, 16);
 
 /**
  * ChatResponse is one delta of a chat completion; same shape as
@@ -814,7 +883,7 @@ export type ChatResponse = Message<"lemonade.v1.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 15);
+  messageDesc(file_lemonade_v1_inference, 17);
 
 /**
  * EmbedRequest asks for the embeddings of a batch of texts.
@@ -849,7 +918,7 @@ export type EmbedRequest = Message<"lemonade.v1.EmbedRequest"> & {
  * Use `create(EmbedRequestSchema)` to create a new message.
  */
 export const EmbedRequestSchema: GenMessage<EmbedRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 16);
+  messageDesc(file_lemonade_v1_inference, 18);
 
 /**
  * Embedding is one text's vector.
@@ -870,7 +939,7 @@ export type Embedding = Message<"lemonade.v1.Embedding"> & {
  * Use `create(EmbeddingSchema)` to create a new message.
  */
 export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 17);
+  messageDesc(file_lemonade_v1_inference, 19);
 
 /**
  * EmbedResponse holds one embedding per input, in the order of the inputs.
@@ -905,7 +974,7 @@ export type EmbedResponse = Message<"lemonade.v1.EmbedResponse"> & {
  * Use `create(EmbedResponseSchema)` to create a new message.
  */
 export const EmbedResponseSchema: GenMessage<EmbedResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 18);
+  messageDesc(file_lemonade_v1_inference, 20);
 
 /**
  * TokenizeRequest asks for the tokens of a text.
@@ -948,7 +1017,7 @@ export type TokenizeRequest = Message<"lemonade.v1.TokenizeRequest"> & {
  * Use `create(TokenizeRequestSchema)` to create a new message.
  */
 export const TokenizeRequestSchema: GenMessage<TokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 19);
+  messageDesc(file_lemonade_v1_inference, 21);
 
 /**
  * TokenizeResponse holds the token ids of the text, in order.
@@ -975,7 +1044,7 @@ export type TokenizeResponse = Message<"lemonade.v1.TokenizeResponse"> & {
  * Use `create(TokenizeResponseSchema)` to create a new message.
  */
 export const TokenizeResponseSchema: GenMessage<TokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 20);
+  messageDesc(file_lemonade_v1_inference, 22);
 
 /**
  * DetokenizeRequest asks for the text of token ids.
@@ -1003,7 +1072,7 @@ export type DetokenizeRequest = Message<"lemonade.v1.DetokenizeRequest"> & {
  * Use `create(DetokenizeRequestSchema)` to create a new message.
  */
 export const DetokenizeRequestSchema: GenMessage<DetokenizeRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 21);
+  messageDesc(file_lemonade_v1_inference, 23);
 
 /**
  * DetokenizeResponse holds the text of the ids.
@@ -1022,7 +1091,7 @@ export type DetokenizeResponse = Message<"lemonade.v1.DetokenizeResponse"> & {
  * Use `create(DetokenizeResponseSchema)` to create a new message.
  */
 export const DetokenizeResponseSchema: GenMessage<DetokenizeResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 22);
+  messageDesc(file_lemonade_v1_inference, 24);
 
 /**
  * RerankRequest asks for documents ranked by relevance to a query.
@@ -1064,7 +1133,7 @@ export type RerankRequest = Message<"lemonade.v1.RerankRequest"> & {
  * Use `create(RerankRequestSchema)` to create a new message.
  */
 export const RerankRequestSchema: GenMessage<RerankRequest> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 23);
+  messageDesc(file_lemonade_v1_inference, 25);
 
 /**
  * RerankResult is one document's score.
@@ -1093,7 +1162,7 @@ export type RerankResult = Message<"lemonade.v1.RerankResult"> & {
  * Use `create(RerankResultSchema)` to create a new message.
  */
 export const RerankResultSchema: GenMessage<RerankResult> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 24);
+  messageDesc(file_lemonade_v1_inference, 26);
 
 /**
  * RerankResponse holds the documents' scores, best first.
@@ -1119,7 +1188,7 @@ export type RerankResponse = Message<"lemonade.v1.RerankResponse"> & {
  * Use `create(RerankResponseSchema)` to create a new message.
  */
 export const RerankResponseSchema: GenMessage<RerankResponse> = /*@__PURE__*/
-  messageDesc(file_lemonade_v1_inference, 25);
+  messageDesc(file_lemonade_v1_inference, 27);
 
 /**
  * FinishReason says why generation ended.
