@@ -1,7 +1,7 @@
 // The TypeScript client against the real server: the repository's venv
 // (`make setup`) runs it on a free port with the bundled tiny model.
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -196,4 +196,23 @@ test("watch resumes across a server restart without repeating an event", async (
     after.map((_, i) => resync.sequence + 1n + BigInt(i)),
   );
   assert.ok(after.includes(again.sequence));
+});
+
+test("the example apps answer from what they retrieved and from their tool's result", async (t) => {
+  const server = await startServer(await freePort(), mkdtempSync(join(tmpdir(), "lemonade-ts-")));
+  t.after(() => server.stop());
+  const run = (example: string) =>
+    new Promise<string[]>((done, fail) =>
+      execFile("node", [join(ROOT, "clients/typescript/dist/src", example), server.address], (error, out) =>
+        error ? fail(error) : done(out.trim().split("\n")),
+      ),
+    );
+  const [question, context, answer] = await run("rag.js");
+  assert.equal(question, "question: What is the capital of France?");
+  assert.equal(context, "context:  Paris is the capital of France.");
+  assert.match(answer, /Paris/);
+  const agent = await run("agent.js");
+  assert.equal(agent[1], 'tool call (json-schema): get_weather({"city":"Lisbon"})');
+  assert.equal(agent[2], "tool result: 22 °C and sunny");
+  assert.match(agent[3], /22 °C/);
 });
