@@ -79,7 +79,7 @@ async def run(address: str, question: str) -> list[str]:
             messages = [("system", "You are a helpful assistant."), ("user", f"{fact} Question: {question}")]
         replies = client.chat("smollm2", messages, temperature=0, max_tokens=48)
         answer = "".join([reply.text async for reply in replies])
-    lines.append(f"answer: {answer.strip()}")
+    lines.append(f"answer: {' '.join(answer.split())}")  # one line, whatever the model wrote
     return lines
 
 

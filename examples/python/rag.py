@@ -34,7 +34,7 @@ async def answer(address: str, question: str) -> tuple[str, str]:
             ("user", question),
         ]
         text = "".join([r.text async for r in client.chat("smollm2", messages, temperature=0, max_tokens=48)])
-    return best, text.strip()
+    return best, " ".join(text.split())  # one line, whatever the model wrote
 
 
 def main() -> None:

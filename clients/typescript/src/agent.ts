@@ -73,7 +73,7 @@ try {
         { role: "user", content: `Tool result: the weather in ${args.city} is ${result}. Question: ${question}` },
       ];
   const { text } = await chat({ model: "smollm2", messages, temperature: 0, maxTokens: 48 });
-  console.log(`answer: ${text.trim()}`);
+  console.log(`answer: ${text.split(/\s+/).filter(Boolean).join(" ")}`); // one line, whatever the model wrote
 } catch (error) {
   const details = errorDetails(error);
   console.error(`${details.code} ${details.reason}: ${details.message}`);

@@ -29,7 +29,8 @@ try {
   for await (const reply of client.inference.chat({ model: "smollm2", messages, temperature: 0, maxTokens: 48 })) {
     answer += reply.text;
   }
-  console.log(`question: ${question}\ncontext:  ${best}\nanswer:   ${answer.trim()}`);
+  const oneLine = answer.split(/\s+/).filter(Boolean).join(" "); // whatever the model wrote
+  console.log(`question: ${question}\ncontext:  ${best}\nanswer:   ${oneLine}`);
 } catch (error) {
   const details = errorDetails(error);
   console.error(`${details.code} ${details.reason}: ${details.message}`);

@@ -164,6 +164,6 @@ func run(address, question string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("answer: %s\n", strings.TrimSpace(answer))
+	fmt.Printf("answer: %s\n", strings.Join(strings.Fields(answer), " ")) // one line, whatever the model wrote
 	return nil
 }

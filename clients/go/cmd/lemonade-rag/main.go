@@ -99,6 +99,6 @@ func run(address, question string) error {
 		}
 		answer.WriteString(reply.GetText())
 	}
-	fmt.Printf("question: %s\ncontext:  %s\nanswer:   %s\n", question, documents[best], strings.TrimSpace(answer.String()))
+	fmt.Printf("question: %s\ncontext:  %s\nanswer:   %s\n", question, documents[best], strings.Join(strings.Fields(answer.String()), " "))
 	return nil
 }
