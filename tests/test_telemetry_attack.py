@@ -7,6 +7,7 @@ guards an edge the other telemetry tests leave open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1186,3 +1187,31 @@ def test_with_telemetry_off_the_sdk_is_not_imported() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+async def test_a_refused_request_still_being_sent_gets_its_answer_not_a_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Seen once under load (issue 18 finding 12): the 64 KiB header of the test above got
+    ECONNRESET instead of its 431, the endpoint having closed with the client's bytes unread (a
+    socket closed so is reset). The close now lingers: the answer first, the rest drained. A guard:
+    this 4 MiB header did not bring the reset back here on the old code either."""
+    caplog.set_level(logging.INFO, logger="lemonade_grpc")
+    telemetry = await Telemetry.start(TelemetrySettings(prometheus_listen="127.0.0.1:0"), env={})
+    port = prometheus_port(caplog.text)
+
+    def oversized_then_more() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_SECONDS) as sock:
+            # More than the endpoint reads at once: bytes are still unread when it refuses them.
+            with contextlib.suppress(OSError):
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * (4 << 20) + b"\r\n\r\n")
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    try:
+        answer = await asyncio.to_thread(oversized_then_more)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    finally:
+        await telemetry.close()

@@ -44,6 +44,8 @@ KEEPALIVE_SECONDS = 75.0
 MAX_REQUEST_BYTES = 16 << 10
 # Requests read ahead on one connection (pipelining) before reading pauses.
 MAX_PIPELINED = 8
+# How long a refused request's connection is drained before it is closed (`_Connection._fail`).
+LINGER_SECONDS = 2.0
 # Connections held at once: past it, the one idle longest is closed. Each is a
 # descriptor of the process that also needs them for gRPC streams and backends.
 MAX_CONNECTIONS = 256
@@ -170,7 +172,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
-            return
+            return  # closed, or draining what follows a refused request (`_fail`)
         self._request_bytes += len(data)
         try:
             self._parser.feed_data(data)
@@ -276,12 +278,31 @@ class _Connection(asyncio.Protocol):
         self._transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + (body if with_body else b""))
 
     def _fail(self, status: bytes) -> None:
-        """Answer a request we will not serve, and close (what follows it cannot be parsed)."""
+        """Answer a request we will not serve, and close (what follows it cannot be parsed).
+
+        The close lingers: the answer goes out with our end shut for writing,
+        and what the client still sends is read and dropped until it closes
+        too (asyncio closes a transport at the peer's end of file), or
+        `LINGER_SECONDS` pass. Closed at once, a socket with unread
+        bytes is reset, and the reset can destroy the answer on its way: a
+        client still sending a 64 KiB header got ECONNRESET instead of its
+        431 (seen under load, issue 18 finding 12).
+        """
         self._pending.clear()
         if self._answering is not None and self._answering is not asyncio.current_task():
             self._answering.cancel()
         self._write(status, [(b"Connection", b"close")], b"")
-        self.close()
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
+
 
     # -------------------------------------------------------- the idle timer
 
