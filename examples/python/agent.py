@@ -55,7 +55,7 @@ async def call_tool(client: Client, question: str) -> tuple[str, dict[str, Any],
             raise
     prompt = [("system", "Choose the tool call that answers the user, as JSON."), ("user", question)]
     schema = {"json_schema": {"schema": CALL_SCHEMA}}
-    replies = client.chat("smollm2", prompt, response_format=schema, seed=1, max_tokens=64)
+    replies = client.chat("smollm2", prompt, response_format=schema, temperature=0, max_tokens=64)
     text = "".join([reply.text async for reply in replies])
     return "json-schema", json.loads(text)["arguments"], ""  # no call id: the model made no call
 

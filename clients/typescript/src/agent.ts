@@ -57,7 +57,7 @@ try {
     };
     const { text } = await chat({
       model: "smollm2",
-      seed: 1,
+      temperature: 0,
       maxTokens: 64,
       messages: [{ role: "system", content: "Choose the tool call that answers the user, as JSON." }, user],
       responseFormat: { format: { case: "jsonSchema", value: { schema } } },

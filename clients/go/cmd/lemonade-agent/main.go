@@ -115,9 +115,9 @@ func run(address, question string) error {
 			return err
 		}
 		text, _, err := chat(ctx, inference, &lemonadev1.ChatRequest{
-			Model:     "smollm2",
-			Seed:      proto.Uint32(1),
-			MaxTokens: proto.Uint32(64),
+			Model:       "smollm2",
+			Temperature: proto.Float32(0),
+			MaxTokens:   proto.Uint32(64),
 			Messages: []*lemonadev1.ChatMessage{
 				{Role: "system", Content: "Choose the tool call that answers the user, as JSON."}, user,
 			},
