@@ -42,6 +42,11 @@ TAG_VAR = "LEMONADE_TEST_TAG"
 FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
 LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
 START_SECONDS = 60.0
+# What a test's server and its backends run with unless the environment says otherwise:
+# llama-server on one thread. Its threads wait for each other spinning, and on a machine
+# short of CPU (CI; the 10-run loop beside two CPU burners) a two-thread SmolLM2 answer
+# under a JSON schema ran past the 120 s test timeout.
+SERVER_ENV = {"LLAMA_ARG_THREADS": "1"}
 
 
 def wait_until(predicate: Callable[[], bool], seconds: float, what: str, interval: float = 0.02) -> None:
@@ -172,7 +177,10 @@ class ServerFactory:
             command += ["--config", str(config_path)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), TAG_VAR: tag}
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**SERVER_ENV, **os.environ, **(env or {}), TAG_VAR: tag},
             )
         found: list[re.Match[bytes]] = []
 
