@@ -239,7 +239,14 @@ async def test_a_backend_crash_mid_stream_is_backend_crashed_and_counts_return_t
         results = await asyncio.gather(*(failure(call) for call in calls))
         assert set(results) == {(grpc.StatusCode.UNAVAILABLE, "BACKEND_CRASHED")}
         await wait_streams(client, (0, 0))
-        # A request for the crashed (unpinned) model loads it again and runs.
+
+        async def crash_seen() -> bool | None:
+            return True if await model_state(client, "m") != pb.MODEL_STATE_READY else None
+
+        # Once the pool has seen the crash (before, a request could still be sent to the dead
+        # backend: BACKEND_CRASHED again, as the loop under CPU burners saw), a request for the
+        # crashed (unpinned) model loads it again and runs.
+        await poll(crash_seen, 30, "the pool to see the crash")
         chunks = await read_all(complete(client, "m", 3))
         assert chunks[-1].usage.completion_tokens == 3
 
