@@ -303,7 +303,6 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
 
-
     # -------------------------------------------------------- the idle timer
 
     def _arm(self) -> None:
