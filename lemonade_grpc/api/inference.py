@@ -45,8 +45,7 @@ FloatField = Literal[
 
 def sampling_payload(request: pb.CompleteRequest | pb.ChatRequest) -> dict[str, Any]:
     """The OpenAI-compatible sampling fields of `request`; raises `InvalidRequest` naming a bad one."""
-    if not request.model:
-        raise InvalidRequest("model is required", field="model")
+    vectors.require_model(request)
     payload: dict[str, Any] = {}
     if request.HasField("max_tokens"):
         if request.max_tokens not in bounds.MAX_TOKENS:

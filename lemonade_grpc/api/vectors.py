@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
@@ -29,9 +29,13 @@ TOO_LARGE = re.compile(r"\((\d+) tokens\) (?:exceeds the available context size|
 _UINT32_MAX = (1 << 32) - 1
 
 
-def require_model(
-    request: pb.EmbedRequest | pb.TokenizeRequest | pb.DetokenizeRequest | pb.RerankRequest,
-) -> str:
+class _Named(Protocol):
+    @property
+    def model(self) -> str: ...
+
+
+def require_model(request: _Named) -> str:
+    """The request's model name; `InvalidRequest` naming the field when it has none."""
     if not request.model:
         raise InvalidRequest("model is required", field="model")
     return request.model
