@@ -291,9 +291,15 @@ async def release_tokens(port: int, tokens: int) -> None:
     Issue 18 finding 12: the test, not the machine's speed, decides when each token comes.
     """
 
+    await post_to_backend(port, "/release", {"tokens": tokens})
+
+
+async def post_to_backend(port: int, path: str, payload: object) -> None:
+    """POST `payload` (JSON) to `path` of the fake backend on `port`; return once it answered."""
+
     def post() -> None:
-        body = json.dumps({"tokens": tokens}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/release", data=body, method="POST")
+        body = json.dumps(payload).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
         with urllib.request.urlopen(request, timeout=30) as reply:
             reply.read()
 

@@ -3,8 +3,8 @@
 Speaks the subset of llama-server's HTTP protocol that lemonade-grpc uses:
 `GET /health` (503 while "loading"), streaming `POST /v1/completions` and
 `/v1/chat/completions` (SSE), `POST /v1/rerank` (a document scores the
-query's words it holds), and `GET /slots`. Standard library only, so it
-starts in tens of milliseconds.
+query's words it holds), `POST /tokenize` (a token per word), and
+`GET /slots`. Standard library only, so it starts in tens of milliseconds.
 
 Faults: `--load-seconds` (slow load), `--fail-start` (exit at once; with
 `--fail-start-while FILE`, while FILE exists),
@@ -14,7 +14,9 @@ timer, again at every restart), `--token-bytes` (big deltas, to fill
 buffers), `--listen-delay-seconds` (bind the port late, after a
 start-up pause), `--busy-health-seconds` (answer /health that much later
 while generating: busy, not hung), `--not-http-requests N` (answer the
-first N generation requests with bytes that are not HTTP, then serve).
+first N generation requests with bytes that are not HTTP, then serve),
+`POST /unlisten` (close the listening socket and stay alive: a backend that
+refuses connections while the pool has seen no exit).
 Each token's text names the prompt, so concurrent streams can be
 told apart. `GET /slots` reports `tokens_sent`. `--pid-log FILE` appends this process's
 pid at start, a timeline of every process that ever ran.
@@ -94,6 +96,7 @@ class FakeBackend:
         self.ended = 0  # generations ended, however
         self._change = asyncio.Event()  # set (and replaced) at each change of the three
         self.not_http_left = args.not_http_requests
+        self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -135,6 +138,14 @@ class FakeBackend:
             await respond(writer, 200, json.dumps([slot]))
         elif method == "POST" and path == "/v1/rerank":
             await respond(writer, 200, json.dumps(rerank(json.loads(body))))
+        elif method == "POST" and path == "/tokenize":  # a token per word
+            words = str(json.loads(body).get("content", "")).split()
+            await respond(writer, 200, json.dumps({"tokens": list(range(len(words)))}))
+        elif method == "POST" and path == "/unlisten":
+            # Stop listening and stay alive: connections are refused, and no exit says why.
+            await respond(writer, 200, "{}")
+            if self.server is not None:
+                self.server.close()
         elif method == "POST" and path == "/release":
             await self.release(int(json.loads(body)["tokens"]))
             await respond(writer, 200, json.dumps({"tokens_sent": self.tokens_sent}))
@@ -306,9 +317,8 @@ async def main(argv: list[str]) -> int:
     if args.listen_delay_seconds:
         await asyncio.sleep(args.listen_delay_seconds)
     write_stderr(args.spew_stderr_bytes, "spew")
-    server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
-    async with server:
-        await server.serve_forever()
+    backend.server = await asyncio.start_server(backend.handle, "127.0.0.1", args.port)
+    await asyncio.Event().wait()  # until a signal ends the process (listening or not: /unlisten)
     return 0
 
 

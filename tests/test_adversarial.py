@@ -149,8 +149,10 @@ async def test_finding_2_an_inference_token_never_drops_a_crashed_models_pin(
             model = await status()
             return model if model.state != pb.MODEL_STATE_READY else None
 
-        # Once the server has seen the crash (before, a request could still reach the dead
-        # backend and end BACKEND_CRASHED: a race of the test's, not the finding).
+        # Once the server has seen the crash. A request sent before can still reach the dying
+        # backend, whose port took the connection, and end BACKEND_CRASHED: true of that request,
+        # a race of the test's, not the finding. (A refused connection is counted a crash at once
+        # and the request retried: test_a_backend_refusing_connections_is_a_crash….)
         await poll(crash_seen, 30, "the server to see the crash")
         request = inference_pb2.CompleteRequest(model="m", prompt="x", max_tokens=2)
         with pytest.raises(grpc.aio.AioRpcError) as refused:

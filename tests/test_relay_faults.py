@@ -40,6 +40,7 @@ from conftest import (
     next_message,
     pids_in,
     poll,
+    post_to_backend,
     read_all,
     shut_down,
     unloaded,
@@ -243,12 +244,45 @@ async def test_a_backend_crash_mid_stream_is_backend_crashed_and_counts_return_t
         async def crash_seen() -> bool | None:
             return True if await model_state(client, "m") != pb.MODEL_STATE_READY else None
 
-        # Once the pool has seen the crash (before, a request could still be sent to the dead
-        # backend: BACKEND_CRASHED again, as the loop under CPU burners saw), a request for the
-        # crashed (unpinned) model loads it again and runs.
+        # Once the pool has seen the crash, a request for the crashed (unpinned) model loads it
+        # again and runs. (Before, a request can still reach the dying backend, whose port took
+        # the connection: BACKEND_CRASHED again, as the loop under CPU burners saw. A refused
+        # connection is retried: test_a_backend_refusing_connections_is_a_crash….)
         await poll(crash_seen, 30, "the pool to see the crash")
         chunks = await read_all(complete(client, "m", 3))
         assert chunks[-1].usage.completion_tokens == 3
+
+
+async def test_a_backend_refusing_connections_is_a_crash_and_the_request_loads_the_model_anew(
+    servers: ServerFactory, tiny_model: Path
+) -> None:
+    """Issue 18: a request reaching a READY model whose backend had just died met "connection
+    refused" and ended BACKEND_CRASHED while the model stayed READY until the watchdog saw the
+    exit. Here the backend stops listening and stays alive (health checks off), so nothing but
+    the refusal tells: the pool must count it a crash, and the request, which reached nothing,
+    runs on the model loaded anew."""
+    server = servers.start("[pool]\nhealth_check_seconds = 0\n" + fake_model("m", tiny_model))
+    async with connect(server.address) as client:
+        assert (await read_all(complete(client, "m", 2)))[-1].usage.completion_tokens == 2
+        [before] = (await pool_status(client)).models
+        await post_to_backend(before.port, "/unlisten", {})
+        chunks = await read_all(complete(client, "m", 3))
+        assert chunks[-1].usage.completion_tokens == 3
+        [after] = (await pool_status(client)).models
+        assert (after.state, after.pinned) == (pb.MODEL_STATE_READY, False)
+        assert after.pid != before.pid
+        await poll(functools.partial(killed, before.pid), 10, "the refusing backend to be killed")
+        # A unary RPC takes the same path: once more, on a backend that stops listening.
+        await post_to_backend(after.port, "/unlisten", {})
+        tokens = await client.inference.Tokenize(inference_pb2.TokenizeRequest(model="m", text="a b"))
+        assert len(tokens.ids) == 2
+        [again] = (await pool_status(client)).models
+        assert again.pid not in (before.pid, after.pid)
+        await poll(functools.partial(killed, after.pid), 10, "the second refusing backend to be killed")
+
+
+async def killed(pid: int) -> bool | None:
+    return True if is_gone(pid) else None
 
 
 async def test_cancel_and_deadline_at_every_point_leave_no_lease_and_rearm_the_idle_timer(

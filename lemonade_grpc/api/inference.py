@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Literal, TypeVar, cast
 
 import grpc
@@ -35,6 +35,20 @@ FINISH_REASONS = {
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# How many times a request is tried on a backend found dead (`DeadBackend`): the
+# first try, and one on a fresh lease, which loads the model anew.
+TRIES = 2
+T = TypeVar("T")
+
+
+class DeadBackend(BackendCrashed):
+    """A READY model's backend refused the connection: it had died, and the pool had not seen it yet.
+
+    Nothing reached the backend, so the request is tried once more
+    (`TRIES`) on a fresh lease: the pool, told at once (`Pool.refused`),
+    loads the model anew for it. Reported as the crash it is when the
+    fresh backend refuses too.
+    """
 
 
 # The names of the optional sampling floats (`bounds.SAMPLING_FLOATS`).
@@ -155,9 +169,10 @@ class Inference(pb_grpc.InferenceServicer):
     ) -> pb.EmbedResponse:
         payload = vectors.embed_payload(request)
         vectors.check_embedding_model(self._pool.spec(request.model))
-        async with self._pool.lease(request.model) as lease:
+
+        async def embed(lease: Lease) -> Any:
             try:
-                answer = await self._on(lease, request.model, b"POST", "/v1/embeddings", payload, raw=True)
+                return await self._on(lease, request.model, b"POST", "/v1/embeddings", payload, raw=True)
             except BackendHTTPError as error:
                 tokens = vectors.too_large(error.message)
                 if tokens is None:
@@ -167,6 +182,8 @@ class Inference(pb_grpc.InferenceServicer):
                     f" ({error.message})",
                     field=await self._longest_input(lease, request),
                 ) from error
+
+        answer = await self._leased(request.model, embed)
         return vectors.embed_response(answer, len(request.inputs))
 
     @errors.unary
@@ -175,8 +192,9 @@ class Inference(pb_grpc.InferenceServicer):
     ) -> pb.RerankResponse:
         payload = vectors.rerank_payload(request)
         vectors.check_reranker(self._pool.spec(request.model))
-        async with self._pool.lease(request.model) as lease:
-            answer = await self._on(lease, request.model, b"POST", "/v1/rerank", payload)
+        answer = await self._leased(
+            request.model, lambda lease: self._on(lease, request.model, b"POST", "/v1/rerank", payload)
+        )
         top_n = request.top_n if request.HasField("top_n") else None
         return vectors.rerank_response(answer, len(request.documents), top_n)
 
@@ -185,8 +203,9 @@ class Inference(pb_grpc.InferenceServicer):
         self, request: pb.TokenizeRequest, context: Context[pb.TokenizeRequest, pb.TokenizeResponse]
     ) -> pb.TokenizeResponse:
         payload = vectors.tokenize_payload(request)
-        async with self._pool.lease(request.model) as lease:
-            answer = await self._on(lease, request.model, b"POST", "/tokenize", payload)
+        answer = await self._leased(
+            request.model, lambda lease: self._on(lease, request.model, b"POST", "/tokenize", payload)
+        )
         return vectors.tokenize_response(answer, request.with_pieces)
 
     @errors.unary
@@ -194,13 +213,26 @@ class Inference(pb_grpc.InferenceServicer):
         self, request: pb.DetokenizeRequest, context: Context[pb.DetokenizeRequest, pb.DetokenizeResponse]
     ) -> pb.DetokenizeResponse:
         vectors.detokenize_payload(request, None)  # the request's own faults first, before any load
-        async with self._pool.lease(request.model) as lease:
+
+        async def detokenize(lease: Lease) -> Any:
             if lease.backend.vocabulary is None:
                 answer = await self._on(lease, request.model, b"GET", "/v1/models", None)
                 lease.backend.vocabulary = vectors.vocabulary_size(answer)
             payload = vectors.detokenize_payload(request, lease.backend.vocabulary)
-            answer = await self._on(lease, request.model, b"POST", "/detokenize", payload)
-        return vectors.detokenize_response(answer)
+            return await self._on(lease, request.model, b"POST", "/detokenize", payload)
+
+        return vectors.detokenize_response(await self._leased(request.model, detokenize))
+
+    async def _leased(self, model: str, work: Callable[[Lease], Awaitable[T]]) -> T:
+        """`work` under a lease on `model`; once more on a fresh lease if the backend was dead."""
+        for tries_left in reversed(range(TRIES)):
+            try:
+                async with self._pool.lease(model) as lease:
+                    return await work(lease)
+            except DeadBackend:
+                if not tries_left:
+                    raise
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def _longest_input(self, lease: Lease, request: pb.EmbedRequest) -> str:
         """The field naming the input with the most tokens: which of a batch was too long."""
@@ -209,6 +241,20 @@ class Inference(pb_grpc.InferenceServicer):
             answer = await self._on(lease, request.model, b"POST", "/tokenize", {"content": text})
             counts.append(len(vectors.tokenize_response(answer, False).ids))
         return f"inputs[{counts.index(max(counts))}]"
+
+    def _broken_stream(self, error: BackendConnectionError, model: str, lease: Lease) -> PoolError:
+        """Why a backend stream broke: the pool's reason (eviction, crash), our shortage, or a crash."""
+        if lease.revoked is not None:
+            return lease.revoked
+        # Out of file descriptors or memory on our side, the backend is fine:
+        # not a crash (issue 9, finding 7, "Too many open files").
+        shortage = errors.exhausted_resource(error)
+        if shortage is not None:
+            return errors.server_resources_exhausted(shortage)
+        if isinstance(error.os_error, ConnectionRefusedError):
+            self._pool.refused(model, lease)
+            return DeadBackend(f"the backend of {model} refused the connection: {error}")
+        return BackendCrashed(f"lost the connection to the backend of {model}: {error}")
 
     async def _on(
         self,
@@ -234,7 +280,27 @@ class Inference(pb_grpc.InferenceServicer):
                     raise
                 raise _http_error(error) from error
             except BackendConnectionError as error:
-                raise _broken_stream(error, model, lease.revoked) from error
+                raise self._broken_stream(error, model, lease) from error
+
+    async def _batches(
+        self, lease: Lease, model: str, path: str, payload: dict[str, Any]
+    ) -> AsyncGenerator[list[Chunk], None]:
+        """The backend's stream for one request, in batches of chunks; its errors as the pool's."""
+        with self._telemetry.backend_call(model, path, lease.backend) as headers:
+            batches = lease.backend.client.stream(
+                path, payload, on_open=lease.on_revoke, headers=headers, interval=self._interval
+            )
+            try:
+                async for batch in batches:
+                    yield batch
+            except BackendHTTPError as error:
+                raise _http_error(error) from error
+            except BackendConnectionError as error:
+                raise self._broken_stream(error, model, lease) from error
+            finally:
+                # Now, not at garbage collection: a client gone closes the
+                # backend's stream at once (llama-server stops decoding).
+                await batches.aclose()
 
     async def _relay(
         self,
@@ -261,12 +327,12 @@ class Inference(pb_grpc.InferenceServicer):
             payload = sampling_payload(request) | content(request) | formats.format_payload(request)
             if check is not None:  # what the model can serve, once the request itself is valid
                 check(request, self._pool.spec(model))
-            async with self._pool.lease(model) as lease:
-                with self._telemetry.backend_call(model, path, lease.backend) as headers:
-                    batches = lease.backend.client.stream(
-                        path, payload, on_open=lease.on_revoke, headers=headers, interval=self._interval
-                    )
-                    try:
+            for tries_left in reversed(range(TRIES)):  # a dead backend: once more (`DeadBackend`)
+                try:
+                    async with (
+                        self._pool.lease(model) as lease,
+                        contextlib.aclosing(self._batches(lease, model, path, payload)) as batches,
+                    ):
                         async for batch in batches:
                             deltas = [chunk for chunk in batch if chunk.has_delta]
                             for chunk in batch:
@@ -277,14 +343,10 @@ class Inference(pb_grpc.InferenceServicer):
                                     first_token_ms = (time.perf_counter() - started) * 1000
                                 tokens += len(deltas)
                                 yield _delta(reply, deltas)
-                    except BackendHTTPError as error:
-                        raise _http_error(error) from error
-                    except BackendConnectionError as error:
-                        raise _broken_stream(error, model, lease.revoked) from error
-                    finally:
-                        # Now, not at garbage collection: a client gone closes the
-                        # backend's stream at once (llama-server stops decoding).
-                        await batches.aclose()
+                    break
+                except DeadBackend:
+                    if not tries_left:
+                        raise
             outcome = "ok"
         except PoolError as error:
             outcome = error.reason
@@ -330,18 +392,6 @@ def _http_error(error: BackendHTTPError) -> PoolError:
     if 400 <= error.status < 500:
         return BackendRejected(f"the backend refused the request: {error.message}")
     return BackendError(f"the backend failed the request: {error.message}")
-
-
-def _broken_stream(error: BackendConnectionError, model: str, revoked: PoolError | None) -> PoolError:
-    """Why a backend stream broke: the pool's reason (eviction, crash), our shortage, or a crash."""
-    if revoked is not None:
-        return revoked
-    # Out of file descriptors or memory on our side, the backend is fine:
-    # not a crash (issue 9, finding 7, "Too many open files").
-    shortage = errors.exhausted_resource(error)
-    if shortage is not None:
-        return errors.server_resources_exhausted(shortage)
-    return BackendCrashed(f"lost the connection to the backend of {model}: {error}")
 
 
 def _fill_final(final: pb.CompleteResponse | pb.ChatResponse, chunk: Chunk) -> None:

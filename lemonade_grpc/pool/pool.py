@@ -747,6 +747,18 @@ class Pool:
         if model.pinned and not self._closing:
             self._schedule_restart(model, "crashed")
 
+    def refused(self, name: str, lease: Lease) -> None:
+        """`lease`'s backend refused a connection: it died before the watchdog saw it exit.
+
+        A READY backend always listens; one that refuses is gone, or as good
+        as gone. Marked crashed now (its other requests end, a pinned one is
+        restarted) so that the next lease loads it anew instead of meeting
+        the same refusal. Does nothing when `lease` holds an older backend.
+        """
+        model = self._ready(name)
+        if model is not None and model.backend is lease.backend:
+            self._crashed(model, "refused a connection")
+
     def _schedule_restart(self, model: Model, what: str) -> None:
         """Restart pinned FAILED `model` after its backoff, or give up when it keeps failing.
 
