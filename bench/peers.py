@@ -1,7 +1,8 @@
 """lemonade-grpc side by side with llama-swap and with llama-server itself, in one run.
 
-Three paths serve the same llama-server binary and the bundled tiny model
-with the same arguments (`--threads 1` by default):
+Three paths serve the same llama-server binary and the same model (the tiny
+one, or SmolLM2 with `--model smollm2`) with the same arguments (`--threads 1`
+by default):
 
   direct      a llama-server of its own, its SSE endpoint read by an aiohttp client;
   llama-swap  llama-swap (a Go proxy that starts llama-server on demand, one
@@ -53,6 +54,7 @@ import psutil
 from proxy import SEED, Run, cpu_model, proxied, sse, start_server
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
+from lemonade_grpc.provision import smollm2
 from lemonade_grpc.provision.llama_server import locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
@@ -265,7 +267,7 @@ def spread(values: list[float], unit: str, digits: int = 2) -> str:
     return f"{median:,.{digits}f} {unit} ({q1:,.{digits}f}-{q3:,.{digits}f})"
 
 
-def report(results: Results, runs: int, tokens: int, extra: str, binary: Path) -> int:
+def report(results: Results, runs: int, tokens: int, extra: str, binary: Path, model: Path) -> int:
     everything = [run for path in PATHS for run in results.stream[path]]
     if len({run.text for run in everything}) != 1:
         print("FAIL: the paths returned different texts", file=sys.stderr)
@@ -281,7 +283,8 @@ def report(results: Results, runs: int, tokens: int, extra: str, binary: Path) -
         f" Python {platform.python_version()}, grpcio {grpc.__version__}; llama-swap {binary}"
     )
     print(
-        f"{runs} rounds, path order rotating; {tokens}-token streams, seed {SEED}, temperature 0,"
+        f"model {model.name}; {runs} rounds, path order rotating; {tokens}-token streams, seed {SEED},"
+        " temperature 0,"
         f" EOS ignored; llama-server args: {extra or '(none)'}; medians (25th-75th percentile)"
     )
     print()
@@ -341,8 +344,14 @@ def main() -> int:
     parser.add_argument(
         "--backend-args", default="--threads 1", help="extra llama-server arguments, every path"
     )
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="the generated tiny model, or the real default model (SmolLM2-135M-Instruct)",
+    )
     args = parser.parse_args()
-    model = ensure_tiny_model()
+    model = smollm2.ensure() if args.model == "smollm2" else ensure_tiny_model()
     extra = args.backend_args.split()
     ctx_size = args.tokens + 64
     with tempfile.TemporaryDirectory(prefix="lemonade-peers-") as name, ExitStack() as stack:
@@ -392,7 +401,7 @@ def main() -> int:
             for log in ("llama-swap.log", "lemonade/server.log"):
                 print(f"--- {log}\n{(tmp / log).read_text(errors='replace')[-4000:]}", file=sys.stderr)
             return 1
-    return report(results, args.runs, args.tokens, args.backend_args, args.llama_swap)
+    return report(results, args.runs, args.tokens, args.backend_args, args.llama_swap, model)
 
 
 if __name__ == "__main__":
