@@ -3,8 +3,10 @@
 Speaks the subset of llama-server's HTTP protocol that lemonade-grpc uses:
 `GET /health` (503 while "loading"), streaming `POST /v1/completions` and
 `/v1/chat/completions` (SSE), `POST /v1/rerank` (a document scores the
-query's words it holds), `POST /tokenize` (a token per word), and
-`GET /slots`. Standard library only, so it starts in tens of milliseconds.
+query's words it holds), `POST /v1/embeddings` (two numbers per input),
+`POST /tokenize` (a token per word), and `GET /slots`; `--answer-seconds`
+delays the answers of those three. Standard library only, so it starts in
+tens of milliseconds.
 
 Faults: `--load-seconds` (slow load), `--fail-start` (exit at once; with
 `--fail-start-while FILE`, while FILE exists),
@@ -79,6 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ready-file", type=Path)
     parser.add_argument("--script", type=Path)  # answer every generation with these SSE bytes
     parser.add_argument("--split-bytes", type=int, default=0)  # ... written this many bytes at a time
+    parser.add_argument("--answer-seconds", type=float, default=0.0)  # before each JSON answer
     parser.add_argument("--request-log", type=Path)  # append each generation request's body (a JSON line)
     args, _ = parser.parse_known_args(argv)  # extra backend args are accepted and ignored
     return args
@@ -136,11 +139,9 @@ class FakeBackend:
                 "waiting": self.waiting,
             }
             await respond(writer, 200, json.dumps([slot]))
-        elif method == "POST" and path == "/v1/rerank":
-            await respond(writer, 200, json.dumps(rerank(json.loads(body))))
-        elif method == "POST" and path == "/tokenize":  # a token per word
-            words = str(json.loads(body).get("content", "")).split()
-            await respond(writer, 200, json.dumps({"tokens": list(range(len(words)))}))
+        elif method == "POST" and path in ("/v1/rerank", "/v1/embeddings", "/tokenize"):
+            await asyncio.sleep(self.args.answer_seconds)
+            await respond(writer, 200, json.dumps(VECTOR_ROUTES[path](json.loads(body))))
         elif method == "POST" and path == "/unlisten":
             # Stop listening and stay alive: connections are refused, and no exit says why.
             await respond(writer, 200, "{}")
@@ -272,6 +273,29 @@ def rerank(request: Mapping[str, object]) -> dict[str, object]:
         "usage": {"prompt_tokens": sum(len(d.split()) for d in documents), "total_tokens": 0},
         "results": results[:top_n] if isinstance(top_n, int) else results,
     }
+
+
+def embeddings(request: Mapping[str, object]) -> dict[str, object]:
+    """llama-server's /v1/embeddings answer: per input, its length and word count (2 numbers)."""
+    inputs = request.get("input")
+    texts = [str(text) for text in inputs] if isinstance(inputs, list) else [str(inputs)]
+    data = [
+        {"index": i, "object": "embedding", "embedding": [float(len(text)), float(len(text.split()))]}
+        for i, text in enumerate(texts)
+    ]
+    return {"object": "list", "data": data, "usage": {"prompt_tokens": sum(len(t.split()) for t in texts)}}
+
+
+def tokenize(request: Mapping[str, object]) -> dict[str, object]:
+    """llama-server's /tokenize answer: a token per word."""
+    return {"tokens": list(range(len(str(request.get("content", "")).split())))}
+
+
+VECTOR_ROUTES: dict[str, Callable[[Mapping[str, object]], dict[str, object]]] = {
+    "/v1/rerank": rerank,
+    "/v1/embeddings": embeddings,
+    "/tokenize": tokenize,
+}
 
 
 async def scripted(writer: asyncio.StreamWriter, body: bytes, split: int) -> None:
