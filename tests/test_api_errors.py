@@ -400,6 +400,11 @@ class _OneLeasePool:
         self.lease_object = SimpleNamespace(
             backend=SimpleNamespace(client=_FailingClient(error)), revoked=revoked, on_revoke=lambda cut: None
         )
+        self.refusals: list[str] = []  # the models `refused` was told of, once per refused try
+
+    def refused(self, name: str, lease: SimpleNamespace) -> None:
+        assert lease is self.lease_object
+        self.refusals.append(name)
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[SimpleNamespace]:
@@ -426,9 +431,8 @@ async def test_a_backend_connection_failing_for_lack_of_file_descriptors_is_not_
     error: BaseException, revoked: BaseException | None, code: grpc.StatusCode, reason: str
 ) -> None:
     server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        Inference(cast(Pool, _OneLeasePool(error, revoked))), server
-    )
+    pool = _OneLeasePool(error, revoked)
+    inference_pb2_grpc.add_InferenceServicer_to_server(Inference(cast(Pool, pool)), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -443,6 +447,10 @@ async def test_a_backend_connection_failing_for_lack_of_file_descriptors_is_not_
         await server.stop(None)
     assert (raised.value.code(), error_info(raised.value).reason) == (code, reason), raised.value.details()
     assert not bad_fields(raised.value)
+    # A refused connection is a crash the pool is told of, and the request is tried once more:
+    # refused again, it ends BACKEND_CRASHED. Other failures are not retried.
+    refused = isinstance(getattr(error, "os_error", None), ConnectionRefusedError) and revoked is None
+    assert pool.refusals == (["tiny", "tiny"] if refused else [])
 
 
 def test_only_an_errno_of_resource_exhaustion_counts_as_one() -> None:
