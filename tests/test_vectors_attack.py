@@ -87,8 +87,8 @@ async def settled(client: Client) -> pb.ModelStatus:
     return model
 
 
-def config(tmp_path: Path, tiny_model: Path) -> str:
-    return "[pool]\nidle_unload_seconds = 60\n[limits]\nmax_streams = 1\n" + fake_model(
+def config(tmp_path: Path, tiny_model: Path, streams: int = 1) -> str:
+    return f"[pool]\nidle_unload_seconds = 60\n[limits]\nmax_streams = {streams}\n" + fake_model(
         "e",
         tiny_model,
         *("--load-seconds", "1", "--answer-seconds", "0.05", "--pid-log", str(tmp_path / "pids")),
@@ -133,7 +133,7 @@ async def test_vector_calls_past_their_deadline_at_every_point_leave_no_lease_an
 async def test_vector_calls_raced_against_unload_and_reload_end_ok_or_a_churn_reason(
     servers: ServerFactory, tiny_model: Path, tmp_path: Path
 ) -> None:
-    server = servers.start(config(tmp_path, tiny_model).replace("max_streams = 1", "max_streams = 4"))
+    server = servers.start(config(tmp_path, tiny_model, streams=4))
     async with connect(server.address) as client:
         rpcs = calls(client)
 
