@@ -83,11 +83,12 @@ check-generated: generate
 	git diff --exit-code -- $(GENERATED) || (echo "generated stubs are stale: run 'make generate' and commit" >&2; exit 1)
 	test -z "$$(git status --porcelain -- $(GENERATED))" || (echo "untracked generated files: run 'make generate' and commit" >&2; git status --porcelain -- $(GENERATED); exit 1)
 
-## lint: ruff, mypy --strict, buf lint and buf breaking (against the previous commit's protos), go vet and gofmt
+## lint: ruff, mypy --strict, the import contracts (lint-imports), buf lint and buf breaking (against the previous commit's protos), go vet and gofmt
 lint: $(VENV)/.installed $(BUF) $(TS)/node_modules/.package-lock.json
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BUF) lint
 	if git rev-parse -q --verify HEAD~1 >/dev/null; then \
 		$(BUF) breaking --against '.git#ref=HEAD~1,subdir=protos'; \

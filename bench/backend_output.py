@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.options import EffectiveOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_BACKEND = ROOT / "tests" / "fake_backend.py"

@@ -37,7 +37,7 @@ def main() -> int:
             snapshot.dump(str(out / f"snapshot-{time.monotonic() - started:06.0f}.pickle"))
 
     threading.Thread(target=snapshots, daemon=True, name="tracemalloc-snapshots").start()
-    from lemonade_grpc.cli import main as cli_main
+    from lemonade_grpc.cli.main import main as cli_main
 
     return cli_main(sys.argv[2:])
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from lemonade_grpc.cli import main
+from lemonade_grpc.cli.main import main
 
 sys.exit(main())

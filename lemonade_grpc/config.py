@@ -20,17 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lemonade_grpc import auth, bounds
-from lemonade_grpc.auth import Tokens
-from lemonade_grpc.catalog import POOLINGS, ModelSpec, ModelType, Recipe
-from lemonade_grpc.gguf import read_metadata
-from lemonade_grpc.pool import options as opts
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.settings import BackendLogSettings, Limits, PoolSettings
+from lemonade_grpc.backends import llama_flags
+from lemonade_grpc.core import access, bounds
+from lemonade_grpc.core import options as opts
+from lemonade_grpc.core.access import Tokens
+from lemonade_grpc.core.catalog import POOLINGS, ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.gguf import read_metadata
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.core.settings import (
+    LOG_FORMATS,
+    BackendLogSettings,
+    Limits,
+    LogFormat,
+    PoolSettings,
+    TelemetrySettings,
+    TLSFiles,
+)
 from lemonade_grpc.provision.paths import default_state_dir
-from lemonade_grpc.telemetry.logs import LOG_FORMATS, LogFormat
-from lemonade_grpc.telemetry.service import TelemetrySettings
-from lemonade_grpc.tls import TLSFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 # The built-in catalog's models (`builtin_catalog`).
@@ -298,7 +304,7 @@ def _allowed_args(table: Mapping[str, Any], field_name: str, recipe: Recipe) -> 
     for flag in flags:
         if opts.flag_of(flag) != flag:
             raise ConfigError(field_name, f"{flag!r} is not a flag (like --threads): list flags, not values")
-        if recipe is Recipe.LLAMACPP and opts.is_reserved(flag):
+        if recipe is Recipe.LLAMACPP and llama_flags.is_reserved(flag):
             raise ConfigError(field_name, f"{flag!r} is set by lemonade-grpc and cannot be allowed")
     return frozenset(flags)
 
@@ -346,13 +352,13 @@ def _model(name: str, table: Mapping[str, Any], base_dir: Path, pool_allowed: fr
     args = _str_list(table, prefix + "args")
     if recipe is Recipe.LLAMACPP:
         for arg in args:
-            if opts.is_reserved(opts.flag_of(arg)):
+            if llama_flags.is_reserved(opts.flag_of(arg)):
                 raise ConfigError(
                     prefix + "args", f"{arg!r} is set by lemonade-grpc and cannot be overridden"
                 )
     allowed = _allowed_args(table, prefix + "allowed_args", recipe)
     if recipe is Recipe.LLAMACPP:
-        pool_allowed = frozenset(flag for flag in pool_allowed if not opts.is_reserved(flag))
+        pool_allowed = frozenset(flag for flag in pool_allowed if not llama_flags.is_reserved(flag))
     idle_value = table.get("idle_unload_seconds")
     idle = (
         None
@@ -437,18 +443,19 @@ def _tokens(table: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) ->
         if f"{role}_token_file" in table:
             token_file = base_dir / _str(table, key, "")
             try:
-                tokens.extend(auth.parse_tokens(token_file.read_text(encoding="utf-8")))
+                tokens.extend(access.parse_tokens(token_file.read_text(encoding="utf-8")))
             except (OSError, UnicodeDecodeError) as error:
                 raise ConfigError(key, f"cannot read {token_file}: {error}") from None
         variable = f"{ENV_PREFIX}{role.upper()}_TOKEN"
         if env.get(variable):
             tokens.append(env[variable].strip())
         for token in tokens:
-            if len(token) < auth.MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            if len(token) < access.MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
                 where = key if f"{role}_token_file" in table else variable
                 # Never the token itself: it would land in logs.
                 raise ConfigError(
-                    where, f"a token must be at least {auth.MIN_TOKEN_LENGTH} printable characters, no spaces"
+                    where,
+                    f"a token must be at least {access.MIN_TOKEN_LENGTH} printable characters, no spaces",
                 )
         found[role] = tuple(token.encode() for token in tokens)
     return Tokens(admin=found["admin"], inference=found["inference"])

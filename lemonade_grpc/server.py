@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lemonade_grpc import capabilities
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as inference_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as control_grpc
@@ -32,19 +31,21 @@ from lemonade_grpc.api.health import BoundedHealth
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
+from lemonade_grpc.api.tls import ReloadableCredentials, TLSFilesInvalid
+from lemonade_grpc.api.tracing import TRACED_SERVICE_PREFIX, TracingInterceptor
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.estimate import estimate_bytes
-from lemonade_grpc.backends.registry import BackendRegistry, Record
 from lemonade_grpc.config import Config, ConfigError, builtin_catalog, reload_tokens
+from lemonade_grpc.core import capabilities
+from lemonade_grpc.core.settings import Limits
 from lemonade_grpc.heap import HeapTrimmer
 from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import Limits
-from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
-from lemonade_grpc.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
+from lemonade_grpc.store.backend_records import BackendRegistry, Record
+from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
 from lemonade_grpc.telemetry.service import PrometheusListenError, Telemetry
-from lemonade_grpc.tls import ReloadableCredentials, TLSFilesInvalid
 
 log = logging.getLogger("lemonade_grpc")
 
@@ -296,7 +297,8 @@ async def _serve(
     authenticator = AuthInterceptor(config.tokens) if config.tokens.enabled else None
     if authenticator is not None:
         interceptors.insert(0, authenticator)
-    interceptors[:0] = telemetry.interceptors()
+    if telemetry.tracer is not None:
+        interceptors.insert(0, TracingInterceptor(telemetry.tracer, TRACED_SERVICE_PREFIX))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(config, descriptors))
     control_grpc.add_ModelControlServicer_to_server(ModelControl(pool), server)
     inference_grpc.add_InferenceServicer_to_server(Inference(pool, telemetry.streams), server)

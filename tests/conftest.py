@@ -31,8 +31,8 @@ import pytest
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.pool.pool import BackendLauncher, Pool
 from lemonade_grpc.provision import pypi, smollm2
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lemonade_grpc.core.errors import Overloaded, ShuttingDown
 from lemonade_grpc.pool.admission import Admission
-from lemonade_grpc.pool.errors import Overloaded, ShuttingDown
 
 MODELS = ("a", "b", "c")
 

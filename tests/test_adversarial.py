@@ -40,8 +40,8 @@ from conftest import (
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1.model_control_pb2_grpc import ModelControlStub
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.state import decode
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.store.pin_file import decode
 from rpc_errors import error_info
 
 
@@ -457,7 +457,7 @@ def test_llama_servers_underscore_spellings_of_reserved_flags_are_refused(
     """llama-server reads `--ctx_size` as `--ctx-size` (it turns `_` into `-` in `--` flags:
     `llama-server --port_x 1` says "invalid argument: --port-x", and `--log_file F` writes F).
 
-    Promised (options.py RESERVED_BACKEND_ARGS): "The config refuses them in `args` and
+    Promised (llama_flags.py RESERVED_BACKEND_ARGS): "The config refuses them in `args` and
     `allowed_args` of a llamacpp model".
     """
     from lemonade_grpc import config as config_module

@@ -29,9 +29,9 @@ from lemonade_grpc.api import errors
 from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.backends.http import BackendConnectionError
-from lemonade_grpc.pool.errors import InvalidRequest, ModelEvicted
+from lemonade_grpc.core.errors import InvalidRequest, ModelEvicted
+from lemonade_grpc.core.settings import Limits
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import Limits
 from rpc_errors import bad_fields, error_info
 
 # Neither a LoadRequest nor any other message: field 31, wire type 7 (no such type).

@@ -16,12 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from conftest import Server, ServerFactory, eventually, fake_model, poll
-from lemonade_grpc import auth
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.client import connect, error_details
 from lemonade_grpc.config import ConfigError, Overrides, load
+from lemonade_grpc.core import access
 from otlp_receiver import attributes, grpc_receiver
 from rpc_errors import error_info
 
@@ -30,19 +30,19 @@ INFERENCE = "infer-0123456789abcdef"
 
 
 def test_roles_by_method() -> None:
-    assert auth.required_role("/grpc.health.v1.Health/Check") is None
-    assert auth.required_role("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo") is None
-    assert auth.required_role("/lemonade.v1.Inference/Complete") is auth.Role.INFERENCE
-    assert auth.required_role("/lemonade.v1.ModelControl/Watch") is auth.Role.INFERENCE
-    assert auth.required_role("/lemonade.v1.ModelControl/Plan") is auth.Role.INFERENCE
-    assert auth.required_role("/lemonade.v1.ModelControl/Load") is auth.Role.ADMIN
-    assert auth.required_role("/lemonade.v1.ModelControl/Unknown") is auth.Role.ADMIN
-    tokens = auth.Tokens(admin=(ADMIN.encode(),), inference=(INFERENCE.encode(),))
-    assert tokens.role_of(ADMIN.encode()) is auth.Role.ADMIN
-    assert tokens.role_of(INFERENCE.encode()) is auth.Role.INFERENCE
+    assert access.required_role("/grpc.health.v1.Health/Check") is None
+    assert access.required_role("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo") is None
+    assert access.required_role("/lemonade.v1.Inference/Complete") is access.Role.INFERENCE
+    assert access.required_role("/lemonade.v1.ModelControl/Watch") is access.Role.INFERENCE
+    assert access.required_role("/lemonade.v1.ModelControl/Plan") is access.Role.INFERENCE
+    assert access.required_role("/lemonade.v1.ModelControl/Load") is access.Role.ADMIN
+    assert access.required_role("/lemonade.v1.ModelControl/Unknown") is access.Role.ADMIN
+    tokens = access.Tokens(admin=(ADMIN.encode(),), inference=(INFERENCE.encode(),))
+    assert tokens.role_of(ADMIN.encode()) is access.Role.ADMIN
+    assert tokens.role_of(INFERENCE.encode()) is access.Role.INFERENCE
     assert tokens.role_of(b"") is None
     assert tokens.role_of(ADMIN.encode()[:-1]) is None
-    assert auth.parse_tokens("# rotated monthly\nfirst-token-aaaaaaaa\n\n  second-token-bbbbbbb  \n") == (
+    assert access.parse_tokens("# rotated monthly\nfirst-token-aaaaaaaa\n\n  second-token-bbbbbbb  \n") == (
         "first-token-aaaaaaaa",
         "second-token-bbbbbbb",
     )

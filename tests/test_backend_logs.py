@@ -25,7 +25,7 @@ from lemonade_grpc.backends import output
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.logfile import BackendLog, free_bytes
 from lemonade_grpc.config import ConfigError, Overrides, load
-from lemonade_grpc.pool.settings import BackendLogSettings
+from lemonade_grpc.core.settings import BackendLogSettings
 
 MiB = 1 << 20
 CHUNK = 65536

@@ -35,9 +35,9 @@ from lemonade_grpc.backends.process import (
     loopback_listeners,
     socket_inodes,
 )
-from lemonade_grpc.backends.registry import BackendRegistry
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.errors import BackendStartFailed, StateWriteFailed
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.errors import BackendStartFailed, StateWriteFailed
+from lemonade_grpc.store.backend_records import BackendRegistry
 
 OPTIONS = BACKEND_OPTIONS
 

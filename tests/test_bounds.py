@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lemonade_grpc import bounds
+from lemonade_grpc.core import bounds
 
 
 @pytest.mark.parametrize("name", ["tiny", "a", "llama-3.1-8b:q4_k_m", "M" * 128, "0model"])

@@ -13,12 +13,12 @@ import grpc
 import pytest
 
 from conftest import ServerFactory, connect, fake_model
-from lemonade_grpc import capabilities
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType, Recipe
 from lemonade_grpc.client import error_details
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core import capabilities
+from lemonade_grpc.core.catalog import Capabilities, ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.options import EffectiveOptions
 
 
 async def test_list_models_and_status_say_what_each_built_in_model_can_serve(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.cli_view import (
+from lemonade_grpc.cli.view import (
     bar,
     duration,
     plan_text,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lemonade_grpc.backends.recipes import backend_argv, embedding_args
-from lemonade_grpc.catalog import ModelType, Recipe
 from lemonade_grpc.config import ConfigError, Overrides, load
+from lemonade_grpc.core.catalog import ModelType, Recipe
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 
 

@@ -1,7 +1,7 @@
 """Issue 18 finding 14: what the docs and error reasons say is what the code does.
 
 (a) The calls an inference token may make, as security.md and
-configuration.md list them, are `auth.READ_ONLY_CONTROL` and Inference's.
+configuration.md list them, are `access.READ_ONLY_CONTROL` and Inference's.
 (d) A backend that answers something that is not HTTP failed that request
 (UNAVAILABLE `BACKEND_ERROR`, the reason of every other malformed answer);
 it did not crash: its model stays READY, on the same process, and the next
@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from conftest import ServerFactory, connect, fake_model, read_all
-from lemonade_grpc import auth
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.core import access
 from rpc_errors import error_info
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -39,13 +39,15 @@ def inference_row(doc: str, marker: str) -> set[str]:
 )
 def test_finding_14_the_docs_list_the_calls_an_inference_token_may_make(doc: str, marker: str) -> None:
     named = inference_row(doc, marker)
-    assert named & CONTROL_METHODS == set(auth.READ_ONLY_CONTROL), f"{doc}: {sorted(named & CONTROL_METHODS)}"
+    assert named & CONTROL_METHODS == set(access.READ_ONLY_CONTROL), (
+        f"{doc}: {sorted(named & CONTROL_METHODS)}"
+    )
     assert named >= INFERENCE_METHODS, f"{doc} leaves out {sorted(INFERENCE_METHODS - named)}"
-    assert all(auth.required_role(f"/lemonade.v1.Inference/{name}") for name in INFERENCE_METHODS)
+    assert all(access.required_role(f"/lemonade.v1.Inference/{name}") for name in INFERENCE_METHODS)
     for name in CONTROL_METHODS:  # and the rules themselves say so
-        needed = auth.required_role(f"/lemonade.v1.ModelControl/{name}")
+        needed = access.required_role(f"/lemonade.v1.ModelControl/{name}")
         assert needed is not None
-        assert auth.allows(auth.Role.INFERENCE, needed) == (name in named), name
+        assert access.allows(access.Role.INFERENCE, needed) == (name in named), name
 
 
 async def test_finding_14_an_answer_that_is_not_http_is_backend_error_and_the_model_stays_ready(

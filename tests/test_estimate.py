@@ -28,9 +28,9 @@ from lemonade_grpc.backends.estimate import (
     estimate_bytes,
     kv_bytes_per_cell,
 )
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.gguf import MAX_NESTING, read_metadata
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.gguf import MAX_NESTING, read_metadata
+from lemonade_grpc.core.options import EffectiveOptions
 from rpc_errors import error_info
 
 

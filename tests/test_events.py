@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from lemonade_grpc.pool.errors import Overloaded
+from lemonade_grpc.core.errors import Overloaded
 from lemonade_grpc.pool.events import EventBus, PinChanged, PoolWarning, weight
 
 

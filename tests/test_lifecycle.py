@@ -34,8 +34,8 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.state import decode
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.store.pin_file import decode
 from rpc_errors import error_info
 
 PINS = "pins.json"
@@ -166,8 +166,8 @@ async def test_a_corrupt_state_file_is_moved_aside_and_the_server_starts(
 KILLED_BETWEEN_WRITE_AND_RENAME = """
 import os, signal, sys
 from pathlib import Path
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.store.pin_file import PinStore
 
 store = PinStore(Path(sys.argv[1]))
 store.write({"a": EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())})

@@ -148,7 +148,7 @@ def test_a_failing_build_names_its_full_log_kept_next_to_the_binary_and_shows_it
 def test_setup_ends_a_failed_build_with_a_line_naming_the_log_not_a_traceback(
     fake_toolchain: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lemonade_grpc import cli
+    from lemonade_grpc.cli import main as cli
 
     monkeypatch.delenv("LEMONADE_LLAMA_SERVER", raising=False)  # no llama-server to find: it is built
 

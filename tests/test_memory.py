@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually, fake_spec, launcher, shut_down
-from lemonade_grpc.catalog import ModelType
-from lemonade_grpc.pool.errors import InsufficientMemory
+from lemonade_grpc.core.catalog import ModelType
+from lemonade_grpc.core.errors import InsufficientMemory
+from lemonade_grpc.core.options import RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.events import Envelope, ModelUnloaded, PoolWarning, UnloadReason
-from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
 
 MIB = 1 << 20
 RESERVE = 100 * MIB

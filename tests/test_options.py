@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lemonade_grpc.pool.errors import InvalidOptions
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions, resolve, validate
+from lemonade_grpc.core.errors import InvalidOptions
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions, resolve, validate
 
 DEFAULTS = EffectiveOptions(ctx_size=4096, idle_unload_seconds=None, backend_args=("--threads", "1"))
 RUNNING = EffectiveOptions(ctx_size=2048, idle_unload_seconds=60, backend_args=("--threads", "2"))

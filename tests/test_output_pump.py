@@ -24,7 +24,7 @@ from conftest import eventually
 from lemonade_grpc.backends import output
 from lemonade_grpc.backends.logfile import BackendLog
 from lemonade_grpc.backends.output import OutputPump, waiting_bytes
-from lemonade_grpc.pool.settings import BackendLogSettings
+from lemonade_grpc.core.settings import BackendLogSettings
 
 # No free-space reserve: what these tests see must not depend on the machine's disk.
 UNBOUNDED = BackendLogSettings(min_free_mb=0)

@@ -15,13 +15,13 @@ import pytest
 
 from conftest import ServerFactory, connect, fake_model, fake_spec, launcher, shut_down
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.catalog import ModelType
-from lemonade_grpc.pool.errors import InsufficientMemory, PoolError, SlotsPinned
+from lemonade_grpc.core.catalog import ModelType
+from lemonade_grpc.core.errors import InsufficientMemory, LemonadeError, SlotsPinned
+from lemonade_grpc.core.options import RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
 from lemonade_grpc.pool.forecast import LoadForecast, Outcome
-from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
 from rpc_errors import error_info
 
 MIB = 1 << 20
@@ -67,7 +67,7 @@ async def make_pool(tmp_path: Path, tiny_model: Path) -> AsyncIterator[PoolMaker
 
 async def plan_then_load(
     pool: Pool, name: str, requested: RequestedOptions | None = None, pinned: bool | None = None
-) -> tuple[LoadForecast, list[tuple[str, UnloadReason]], bool, PoolError | None]:
+) -> tuple[LoadForecast, list[tuple[str, UnloadReason]], bool, LemonadeError | None]:
     """The plan, then what the load did: (plan, models it stopped and why, already_loaded, its error)."""
     requested = requested or RequestedOptions()
     told = await pool.plan(name, requested, pinned)
@@ -76,7 +76,7 @@ async def plan_then_load(
     subscription = pool.bus.subscribe()
     try:
         result = await pool.load(name, requested, pinned).outcome()
-    except PoolError as error:
+    except LemonadeError as error:
         return told, [], False, error
     stopped = [
         (envelope.event.model, envelope.event.reason)

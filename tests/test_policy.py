@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.pool.policy import (
     EvictionPlan,
     FailedLoadPlan,

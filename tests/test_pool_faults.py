@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually, fake_spec, is_gone, launcher, shut_down
-from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool.errors import (
+from lemonade_grpc.core.catalog import ModelSpec, ModelType
+from lemonade_grpc.core.errors import (
     InsufficientMemory,
     InternalError,
     ModelNotLoaded,
     Overloaded,
     ServerResourcesExhausted,
 )
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.settings import Limits, PoolSettings
 from lemonade_grpc.pool.events import ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import MemoryEstimator, Pool
-from lemonade_grpc.pool.settings import Limits, PoolSettings
-from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.store.pin_file import PinStore
 
 GIB = 1 << 30
 

@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 
 from conftest import FAKE_BACKEND, is_gone, launcher, pids_in
 from lemonade_grpc.backends.http import BackendConnectionError
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.errors import InternalError, PoolError
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.errors import InternalError, LemonadeError
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.model import ModelState
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
-from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.store.pin_file import PinStore
 
 MODELS = ("m0", "m1", "m2")
 
@@ -130,7 +130,7 @@ async def client(pool: Pool, op: tuple[Any, ...], delay: float, patience: float 
         pass  # the client gave up: cancelled its call
     except InternalError:
         raise
-    except PoolError:
+    except LemonadeError:
         pass  # refused or ended with a reason (SLOTS_PINNED, MODEL_EVICTED, LOAD_CANCELLED ...)
 
 

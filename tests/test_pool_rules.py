@@ -34,7 +34,7 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.backends.registry import BackendRegistry
+from lemonade_grpc.store.backend_records import BackendRegistry
 from rpc_errors import bad_fields, error_info
 
 

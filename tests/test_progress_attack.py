@@ -35,16 +35,16 @@ from lemonade_grpc.api import convert
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.openai_client import OpenAIClient
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.cli_view import watch_line
-from lemonade_grpc.pool.errors import BackendStartFailed, Overloaded, PoolError, SlotsPinned
+from lemonade_grpc.cli.view import watch_line
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.errors import BackendStartFailed, LemonadeError, Overloaded, SlotsPinned
+from lemonade_grpc.core.options import RequestedOptions
+from lemonade_grpc.core.settings import Limits, PoolSettings
 from lemonade_grpc.pool.events import LoadFailed, LoadPhase, ModelUnloaded, UnloadReason
 from lemonade_grpc.pool.events import LoadProgress as BusLoadProgress
 from lemonade_grpc.pool.forecast import Outcome
 from lemonade_grpc.pool.model import ModelState
-from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import Limits, PoolSettings
 from lemonade_grpc.provision.tiny_model import ensure_model
 
 OPTIONS = BACKEND_OPTIONS
@@ -346,7 +346,7 @@ async def test_an_unload_during_a_llama_load_ends_its_progress_and_its_reporter(
     await eventually(lambda: job.fraction > 0, 30, "a fraction above 0")
     assert reporters()
     await pool.unload("medium")
-    with pytest.raises(PoolError):
+    with pytest.raises(LemonadeError):
         await job.outcome()
     assert job.task is not None
     await asyncio.wait({job.task})  # its reporter is cancelled on the way out (was: a 0.2 s sleep)
@@ -431,9 +431,9 @@ async def test_plan_refuses_hostile_requests_exactly_as_load_does(
     pool = make_pool(tmp_path, {"a": spec})
     pools.append(pool)
     for name, requested, pinned in HOSTILE:
-        with pytest.raises(PoolError) as by_load:
+        with pytest.raises(LemonadeError) as by_load:
             pool.load(name, requested, pinned)
-        with pytest.raises(PoolError) as by_plan:
+        with pytest.raises(LemonadeError) as by_plan:
             await pool.plan(name, requested, pinned)
         assert (type(by_plan.value), by_plan.value.message) == (type(by_load.value), by_load.value.message)
     assert pool.snapshot().backends_started == 0
@@ -459,7 +459,7 @@ async def test_many_plans_during_loads_unloads_and_pins_change_nothing_and_never
         step = 0
         while not stop.is_set():
             name = names[step % 3]
-            with contextlib.suppress(PoolError):
+            with contextlib.suppress(LemonadeError):
                 if step % 4 == 3:
                     await pool.unload(name)
                 elif step % 4 == 2:
@@ -479,7 +479,7 @@ async def test_many_plans_during_loads_unloads_and_pins_change_nothing_and_never
                 for p in (None, True, False)
             ]
             for result in await asyncio.gather(*batch, return_exceptions=True):
-                if isinstance(result, BaseException) and not isinstance(result, PoolError):
+                if isinstance(result, BaseException) and not isinstance(result, LemonadeError):
                     unexpected.append(result)
             count += len(batch)
             done["plans"] = count

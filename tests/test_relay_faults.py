@@ -47,12 +47,12 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.events import ModelStateChanged
 from lemonade_grpc.pool.model import ModelState, ModelView
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
 from rpc_errors import error_info
 
 HOSTILE_BACKEND = r"""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.state import PinStore, StateCorrupt, decode, encode
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.store.pin_file import PinStore, StateCorrupt, decode, encode
 
 PINS = {
     "b": EffectiveOptions(ctx_size=1024, idle_unload_seconds=None, backend_args=("--flash-attn", "on")),

@@ -25,10 +25,10 @@ from conftest import (
     serve_command,
     tagged_processes,
 )
-from lemonade_grpc import files
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
-from lemonade_grpc.files import AtomicWriter
-from lemonade_grpc.statedir import LOCK_NAME, StateDirLock, StateDirLocked, raise_fd_limit
+from lemonade_grpc.store import files
+from lemonade_grpc.store.files import AtomicWriter
+from lemonade_grpc.store.statedir import LOCK_NAME, StateDirLock, StateDirLocked, raise_fd_limit
 from rpc_errors import error_info
 
 # --- finding 5: one owner per state directory ----------------------------------------------------
@@ -149,7 +149,7 @@ async def test_an_unwritable_state_dir_fails_the_load_over_grpc_and_leaves_no_ba
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_limit() -> None:
     program = (
         "import resource\n"
-        "from lemonade_grpc.statedir import raise_fd_limit\n"
+        "from lemonade_grpc.store.statedir import raise_fd_limit\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
         "print(raise_fd_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"

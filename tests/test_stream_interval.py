@@ -34,8 +34,8 @@ from lemonade_grpc.api.inference import Inference
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.chunks import Chunk
 from lemonade_grpc.backends.pacing import Pacer, PacingClock
+from lemonade_grpc.core.settings import Limits
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import Limits
 
 if TYPE_CHECKING:
     from lemonade_grpc._gen.lemonade.v1.inference_pb2_grpc import InferenceAsyncStub

@@ -53,15 +53,15 @@ from conftest import (
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.catalog import ModelSpec, ModelType
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings, TelemetrySettings
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
-from lemonade_grpc.pool.state import PinStore
+from lemonade_grpc.store.pin_file import PinStore
 from lemonade_grpc.telemetry import prometheus, service
 from lemonade_grpc.telemetry.logs import JSONFormatter
 from lemonade_grpc.telemetry.otel import Providers, exporters
-from lemonade_grpc.telemetry.service import Telemetry, TelemetrySettings
+from lemonade_grpc.telemetry.service import Telemetry
 from otlp_receiver import FAST_EXPORT, attributes, grpc_receiver, named
 from recorded import Recorded
 

@@ -16,11 +16,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 
 from conftest import fake_spec, launcher, poll, shut_down
-from lemonade_grpc.catalog import ModelType
-from lemonade_grpc.pool.errors import LoadCancelled, PoolError
-from lemonade_grpc.pool.options import RequestedOptions
+from lemonade_grpc.core.catalog import ModelType
+from lemonade_grpc.core.errors import LemonadeError, LoadCancelled
+from lemonade_grpc.core.options import RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
 from lemonade_grpc.telemetry.otel import TelemetryConfigError, otlp_protocol, otlp_wanted
 from recorded import Recorded
 
@@ -68,7 +68,7 @@ async def test_an_eviction_is_a_phase_of_the_load_and_an_unload_by_reason(
 
 async def test_a_failed_load_is_an_error_span_with_its_reason(recorded: tuple[Recorded, Pool]) -> None:
     record, pool = recorded
-    with pytest.raises(PoolError) as failure:
+    with pytest.raises(LemonadeError) as failure:
         await pool.load("broken", RequestedOptions()).outcome()
     (load,) = record.finished("load broken")
     assert load.status.status_code is trace.StatusCode.ERROR

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc.api import vectors
-from lemonade_grpc.pool.errors import BackendError, InvalidRequest
+from lemonade_grpc.core.errors import BackendError, InvalidRequest
 
 
 def embeddings(*vectors_: list[float], order: list[int] | None = None) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
 from lemonade_grpc.api import convert
 from lemonade_grpc.api.interceptors import MalformedRequestInterceptor
 from lemonade_grpc.api.model_control import ModelControl
+from lemonade_grpc.core.options import RequestedOptions
+from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool import events
-from lemonade_grpc.pool.options import RequestedOptions
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.pool.settings import PoolSettings
 
 
 def kind(message: pb.WatchResponse) -> str:

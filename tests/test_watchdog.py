@@ -18,10 +18,10 @@ from typing import Any, cast
 
 from conftest import eventually
 from lemonade_grpc.backends.process import BackendProcess
+from lemonade_grpc.core.settings import PoolSettings
+from lemonade_grpc.core.tasks import TaskOwner
 from lemonade_grpc.pool.model import Model, ModelState
-from lemonade_grpc.pool.settings import PoolSettings
 from lemonade_grpc.pool.watchdog import Watchdog
-from lemonade_grpc.tasks import TaskOwner
 
 
 class CountingBackend:

@@ -2,7 +2,7 @@
 
 No token (or an unknown one) is UNAUTHENTICATED, a token whose role does
 not cover the call is PERMISSION_DENIED, each with ErrorInfo (reason
-`UNAUTHENTICATED` / `PERMISSION_DENIED`). The rules are `lemonade_grpc.auth`'s.
+`UNAUTHENTICATED` / `PERMISSION_DENIED`). The rules are `lemonade_grpc.core.access`'s.
 A refused call's handler answers the status at once; the servicer never
 runs. Nothing here logs a token.
 """
@@ -14,10 +14,10 @@ from typing import Any, NoReturn
 
 import grpc
 
-from lemonade_grpc import auth
 from lemonade_grpc.api import errors
 from lemonade_grpc.api.interceptors import HANDLER_CONSTRUCTORS
-from lemonade_grpc.pool.errors import PermissionDenied, PoolError, Unauthenticated
+from lemonade_grpc.core import access
+from lemonade_grpc.core.errors import LemonadeError, PermissionDenied, Unauthenticated
 
 
 def _bearer(metadata: Any) -> bytes:
@@ -31,9 +31,9 @@ def _bearer(metadata: Any) -> bytes:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through when its token's role covers its method (`auth.required_role`)."""
+    """Lets a call through when its token's role covers its method (`access.required_role`)."""
 
-    def __init__(self, tokens: auth.Tokens) -> None:
+    def __init__(self, tokens: access.Tokens) -> None:
         self.tokens = tokens  # replaced whole by a SIGHUP reload; each call reads it once
 
     async def intercept_service(
@@ -41,16 +41,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        needed = auth.required_role(details.method)
+        needed = access.required_role(details.method)
         if needed is None:
             return await continuation(details)
         role = self.tokens.role_of(_bearer(details.invocation_metadata))
-        error: PoolError
+        error: LemonadeError
         if role is None:
             error = Unauthenticated(
                 f"{details.method} needs a token: send `authorization: Bearer <token>` in the metadata"
             )
-        elif not auth.allows(role, needed):
+        elif not access.allows(role, needed):
             error = PermissionDenied(
                 f"{details.method} needs an admin token; this one is an {role.value} token"
             )

@@ -11,8 +11,8 @@ import base64
 from typing import Any
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
-from lemonade_grpc.catalog import ModelSpec, Recipe
-from lemonade_grpc.pool.errors import CapabilityMissing, InvalidRequest
+from lemonade_grpc.core.catalog import ModelSpec, Recipe
+from lemonade_grpc.core.errors import CapabilityMissing, InvalidRequest
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"})
 

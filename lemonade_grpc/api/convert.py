@@ -7,11 +7,11 @@ import time
 from google.protobuf import timestamp_pb2
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType
+from lemonade_grpc.core.catalog import Capabilities, ModelSpec, ModelType
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool import events, forecast
 from lemonade_grpc.pool.jobs import LoadResult
 from lemonade_grpc.pool.model import ModelState, ModelView
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.views import LoadView, PoolView
 
 MODEL_TYPES = {ModelType.LLM: pb.MODEL_TYPE_LLM, ModelType.EMBEDDING: pb.MODEL_TYPE_EMBEDDING}

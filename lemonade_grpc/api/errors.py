@@ -5,7 +5,7 @@ reason) and, when a request field is at fault, a BadRequest naming it.
 
 The servicer wrappers (`unary`, `stream`) are the last line of the contract
 "no request, however malformed, gets UNKNOWN or INTERNAL without details":
-a `PoolError` ends the call with its own status; the control plane running
+a `LemonadeError` ends the call with its own status; the control plane running
 out of file descriptors or memory is RESOURCE_EXHAUSTED
 `SERVER_RESOURCES_EXHAUSTED` (never blamed on a backend); anything else is a
 bug of ours, logged with its traceback and answered INTERNAL `INTERNAL_ERROR`
@@ -25,10 +25,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lemonade_grpc.pool.errors import (
+from lemonade_grpc.core.errors import (
     ErrorKind,
     InternalError,
-    PoolError,
+    LemonadeError,
     exhausted_resource,
     server_resources_exhausted,
 )
@@ -89,7 +89,7 @@ def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
     return data[: limit - _ELLIPSIS_BYTES].decode("utf-8", "ignore") + ELLIPSIS
 
 
-def to_status(error: PoolError) -> grpc.Status:
+def to_status(error: LemonadeError) -> grpc.Status:
     """The gRPC status for `error`, with ErrorInfo and (for a bad field) BadRequest.
 
     The message is cut to `MAX_MESSAGE_BYTES` (errors never echo unbounded
@@ -116,16 +116,16 @@ def to_status(error: PoolError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
-async def abort(context: grpc.aio.ServicerContext[Request, Response], error: PoolError) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Request, Response], error: LemonadeError) -> NoReturn:
     """End the RPC with `error`'s status. Never returns."""
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-def _translate(error: Exception, method: str) -> PoolError:
-    """The `PoolError` to answer for an exception that escaped servicer `method`."""
-    if isinstance(error, PoolError):
+def _translate(error: Exception, method: str) -> LemonadeError:
+    """The `LemonadeError` to answer for an exception that escaped servicer `method`."""
+    if isinstance(error, LemonadeError):
         return error
     cause = exhausted_resource(error)
     if cause is not None:
@@ -149,7 +149,7 @@ def unary(
 ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]:
     """Wrap a unary servicer method so that every exception ends the call with a status carrying ErrorInfo.
 
-    `PoolError`: its status. An OSError of resource exhaustion:
+    `LemonadeError`: its status. An OSError of resource exhaustion:
     `SERVER_RESOURCES_EXHAUSTED`. Anything else: `INTERNAL_ERROR`, logged.
     `grpc.aio.AbortError` (the call was aborted already) and cancellation
     pass through untouched.

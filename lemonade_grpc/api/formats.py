@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
-from lemonade_grpc.pool.errors import InvalidRequest
+from lemonade_grpc.core.errors import InvalidRequest
 
 GRAMMAR_BYTES = 64 << 10
 ANY_OBJECT: dict[str, Any] = {"type": "object"}

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from lemonade_grpc.api import errors
-from lemonade_grpc.pool.errors import InvalidRequest, Overloaded
+from lemonade_grpc.core.errors import InvalidRequest, Overloaded
 
 MAX_SERVICE_NAME_BYTES = 256
 

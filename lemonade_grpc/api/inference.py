@@ -16,14 +16,20 @@ from typing import Any, Literal, TypeVar, cast
 
 import grpc
 
-from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc as pb_grpc
 from lemonade_grpc.api import errors, formats, tools, vectors
 from lemonade_grpc.backends.chunks import Alternative, Chunk, TokenLogprob
 from lemonade_grpc.backends.http import BackendConnectionError, BackendHTTPError
-from lemonade_grpc.catalog import ModelSpec
-from lemonade_grpc.pool.errors import BackendCrashed, BackendError, BackendRejected, InvalidRequest, PoolError
+from lemonade_grpc.core import bounds
+from lemonade_grpc.core.catalog import ModelSpec
+from lemonade_grpc.core.errors import (
+    BackendCrashed,
+    BackendError,
+    BackendRejected,
+    InvalidRequest,
+    LemonadeError,
+)
 from lemonade_grpc.pool.model import Lease
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.telemetry.streams import StreamTelemetry
@@ -242,7 +248,7 @@ class Inference(pb_grpc.InferenceServicer):
             counts.append(len(vectors.tokenize_response(answer, False).ids))
         return f"inputs[{counts.index(max(counts))}]"
 
-    def _broken_stream(self, error: BackendConnectionError, model: str, lease: Lease) -> PoolError:
+    def _broken_stream(self, error: BackendConnectionError, model: str, lease: Lease) -> LemonadeError:
         """Why a backend stream broke: the pool's reason (eviction, crash), our shortage, or a crash."""
         if lease.revoked is not None:
             return lease.revoked
@@ -348,7 +354,7 @@ class Inference(pb_grpc.InferenceServicer):
                     if not tries_left:
                         raise
             outcome = "ok"
-        except PoolError as error:
+        except LemonadeError as error:
             outcome = error.reason
             raise
         except Exception:
@@ -387,7 +393,7 @@ def _token_logprob(token: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(token=_alternative(token.token), top=[_alternative(a) for a in token.top])
 
 
-def _http_error(error: BackendHTTPError) -> PoolError:
+def _http_error(error: BackendHTTPError) -> LemonadeError:
     """The error a backend's HTTP error status becomes: its fault (5xx) or the request's (4xx)."""
     if 400 <= error.status < 500:
         return BackendRejected(f"the backend refused the request: {error.message}")

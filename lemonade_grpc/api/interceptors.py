@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeAlias, TypeVar, cast
 import grpc
 
 from lemonade_grpc.api import errors
-from lemonade_grpc.pool.errors import MalformedRequest
+from lemonade_grpc.core.errors import MalformedRequest
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

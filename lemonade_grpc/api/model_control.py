@@ -10,7 +10,7 @@ import grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as pb_grpc
 from lemonade_grpc.api import convert, errors
-from lemonade_grpc.pool.errors import InvalidRequest
+from lemonade_grpc.core.errors import InvalidRequest
 from lemonade_grpc.pool.pool import Pool
 
 Context = grpc.aio.ServicerContext

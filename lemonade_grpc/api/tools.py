@@ -19,8 +19,8 @@ from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
 from lemonade_grpc.api.content import check_vision, content_payload
 from lemonade_grpc.api.formats import integral
 from lemonade_grpc.backends.chunks import ToolCallPiece
-from lemonade_grpc.catalog import ModelSpec, Recipe
-from lemonade_grpc.pool.errors import CapabilityMissing, InvalidRequest
+from lemonade_grpc.core.catalog import ModelSpec, Recipe
+from lemonade_grpc.core.errors import CapabilityMissing, InvalidRequest
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128

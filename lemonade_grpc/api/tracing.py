@@ -32,6 +32,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from lemonade_grpc.api.interceptors import HANDLER_CONSTRUCTORS, WrappedHandlers
 
+# Spans for our own services only: Health is probed every few seconds by
+# load balancers and kubelets, reflection by grpcurl; neither is worth a trace.
+TRACED_SERVICE_PREFIX = "/lemonade.v1."
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 

@@ -11,10 +11,10 @@ import math
 import re
 from typing import Any, Protocol, TypeGuard
 
-from lemonade_grpc import bounds
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as pb
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.errors import BackendError, CapabilityMissing, InvalidRequest
+from lemonade_grpc.core import bounds
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.errors import BackendError, CapabilityMissing, InvalidRequest
 
 # llama-server's `embd_normalize`: 2 is Euclidean, -1 none.
 NORMALIZATIONS = {

@@ -22,18 +22,18 @@ from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
 from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
 from lemonade_grpc.backends.recipes import backend_argv
-from lemonade_grpc.backends.registry import BackendRegistry
-from lemonade_grpc.catalog import ModelSpec, Recipe
-from lemonade_grpc.pool.errors import (
+from lemonade_grpc.core.catalog import ModelSpec, Recipe
+from lemonade_grpc.core.errors import (
     BackendStartFailed,
     StateWriteFailed,
     exhausted_resource,
     server_resources_exhausted,
 )
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.settings import BackendLogSettings
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.core.settings import BackendLogSettings
+from lemonade_grpc.core.tasks import settle, wait_for_any
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound
-from lemonade_grpc.tasks import settle, wait_for_any
+from lemonade_grpc.store.backend_records import BackendRegistry
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import functools
 import logging
 from pathlib import Path
 
-from lemonade_grpc.catalog import ModelSpec, Recipe
-from lemonade_grpc.gguf import read_metadata
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import ModelSpec, Recipe
+from lemonade_grpc.core.gguf import read_metadata
+from lemonade_grpc.core.options import EffectiveOptions
 
 log = logging.getLogger(__name__)
 

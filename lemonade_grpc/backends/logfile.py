@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lemonade_grpc.pool.settings import BackendLogSettings
+from lemonade_grpc.core.settings import BackendLogSettings
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import psutil
 
 from lemonade_grpc.backends.logfile import BackendLog
 from lemonade_grpc.backends.output import OutputPump
-from lemonade_grpc.pool.settings import BackendLogSettings
+from lemonade_grpc.core.settings import BackendLogSettings
 
 SETPRIV = shutil.which("setpriv")
 # After the group is killed, how long the rest of its output may take to arrive.

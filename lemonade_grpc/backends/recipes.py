@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lemonade_grpc.catalog import ModelSpec, ModelType, Recipe
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.provision.llama_server import locate
 
 

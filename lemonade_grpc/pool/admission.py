@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.errors import Overloaded, ShuttingDown
+from lemonade_grpc.core.errors import Overloaded, ShuttingDown
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.errors import Overloaded
+from lemonade_grpc.core.errors import Overloaded
 from lemonade_grpc.pool.model import ModelState, ModelView
 
 

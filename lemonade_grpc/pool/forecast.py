@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.pool.events import UnloadReason
-from lemonade_grpc.pool.options import EffectiveOptions
 
 
 class Outcome(enum.Enum):

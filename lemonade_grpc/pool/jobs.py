@@ -12,10 +12,10 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lemonade_grpc.pool.errors import PoolError
+from lemonade_grpc.core.errors import LemonadeError
+from lemonade_grpc.core.options import RequestedOptions
 from lemonade_grpc.pool.events import LoadPhase, LoadProgress
 from lemonade_grpc.pool.model import ModelView
-from lemonade_grpc.pool.options import RequestedOptions
 
 
 class LoadOrigin(enum.Enum):
@@ -71,10 +71,10 @@ class LoadJob:
         self.task: asyncio.Task[None] | None = None
         # What a cancellation means: set by whoever cancels the task
         # (Unload: LOAD_CANCELLED; shutdown: SHUTTING_DOWN).
-        self.cancel_error: PoolError | None = None
+        self.cancel_error: LemonadeError | None = None
         self._wake = asyncio.Event()
         self._result: LoadResult | None = None
-        self._error: PoolError | None = None
+        self._error: LemonadeError | None = None
         self._done = False
 
     @property
@@ -106,7 +106,7 @@ class LoadJob:
         self.history.append(progress)
         self._wake_all()
 
-    def finish(self, result: LoadResult | None, error: PoolError | None) -> None:
+    def finish(self, result: LoadResult | None, error: LemonadeError | None) -> None:
         """Settle the job with its result or error; later calls are ignored. Pool only."""
         if self._done:
             return
@@ -140,7 +140,7 @@ class LoadJob:
             self.waiters -= 1
 
     async def outcome(self) -> LoadResult:
-        """Wait for the load to end; return its result or raise its `PoolError`.
+        """Wait for the load to end; return its result or raise its `LemonadeError`.
 
         Cancelling the caller detaches it; the load goes on.
         """

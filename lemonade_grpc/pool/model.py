@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType
-from lemonade_grpc.pool.errors import PoolError
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.catalog import Capabilities, ModelSpec, ModelType
+from lemonade_grpc.core.errors import LemonadeError
+from lemonade_grpc.core.options import EffectiveOptions
 
 
 class ModelState(enum.Enum):
@@ -64,7 +64,7 @@ class Lease:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.revoked: PoolError | None = None
+        self.revoked: LemonadeError | None = None
         self._cut: Callable[[], None] | None = None
 
     def on_revoke(self, cut: Callable[[], None]) -> None:
@@ -73,7 +73,7 @@ class Lease:
         if self.revoked is not None:
             cut()
 
-    def revoke(self, error: PoolError) -> None:
+    def revoke(self, error: LemonadeError) -> None:
         """End the request with `error` (the first reason wins) and break its stream now."""
         if self.revoked is None:
             self.revoked = error

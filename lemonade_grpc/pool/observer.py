@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from lemonade_grpc.pool.events import LoadPhase, UnloadReason
 
 if TYPE_CHECKING:
-    from lemonade_grpc.pool.errors import PoolError
+    from lemonade_grpc.core.errors import LemonadeError
     from lemonade_grpc.pool.jobs import LoadJob, LoadResult
 
 Attributes = Mapping[str, str | int | bool | float]
@@ -28,7 +28,7 @@ class PoolObserver:
     def load_phase(self, job: LoadJob, phase: LoadPhase, attributes: Attributes) -> None:
         """`job` entered `phase` (QUEUED first, from the requester's own context)."""
 
-    def load_ended(self, job: LoadJob, result: LoadResult | None, error: PoolError | None) -> None:
+    def load_ended(self, job: LoadJob, result: LoadResult | None, error: LemonadeError | None) -> None:
         """`job` ended with `result` or `error` (exactly one is set). Once per job."""
 
     def unloaded(self, name: str, reason: UnloadReason, pid: int, message: str) -> None:

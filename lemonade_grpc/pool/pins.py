@@ -13,13 +13,13 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from lemonade_grpc.catalog import ModelSpec, ModelType
-from lemonade_grpc.pool import options as opts
+from lemonade_grpc.core import options as opts
+from lemonade_grpc.core.catalog import ModelSpec, ModelType
+from lemonade_grpc.core.errors import LemonadeError
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.core.tasks import TaskOwner, settle
 from lemonade_grpc.pool import policy
-from lemonade_grpc.pool.errors import PoolError
-from lemonade_grpc.pool.options import EffectiveOptions
-from lemonade_grpc.pool.state import PinStore
-from lemonade_grpc.tasks import TaskOwner, settle
+from lemonade_grpc.store.pin_file import PinStore
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def plan_restore(
             continue
         try:
             opts.validate(opts.requesting(options), name, spec.allowed_args)
-        except PoolError as error:
+        except LemonadeError as error:
             dropped[name] = f"its options are no longer accepted ({error.message})"
             continue
         candidates.append((name, spec.type))

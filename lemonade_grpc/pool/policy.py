@@ -13,7 +13,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.options import EffectiveOptions
 
 K = TypeVar("K", bound=Hashable)
 

@@ -31,30 +31,33 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from lemonade_grpc import bounds
 from lemonade_grpc.backends.backend import Backend
-from lemonade_grpc.catalog import ModelSpec
-from lemonade_grpc.pool import options as opts
-from lemonade_grpc.pool import policy
-from lemonade_grpc.pool.admission import Admission
-from lemonade_grpc.pool.errors import (
+from lemonade_grpc.core import bounds
+from lemonade_grpc.core import options as opts
+from lemonade_grpc.core.catalog import ModelSpec
+from lemonade_grpc.core.errors import (
     BackendCrashed,
     InsufficientMemory,
     InternalError,
     InvalidRequest,
+    LemonadeError,
     LoadAbortedByShutdown,
     LoadCancelled,
     ModelEvicted,
     ModelNotFound,
     ModelNotLoaded,
     Overloaded,
-    PoolError,
     ShuttingDown,
     SlotsPinned,
     StateWriteFailed,
     exhausted_resource,
     server_resources_exhausted,
 )
+from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
+from lemonade_grpc.core.settings import Limits, PoolSettings
+from lemonade_grpc.core.tasks import TaskOwner, settle, wait_for_any
+from lemonade_grpc.pool import policy
+from lemonade_grpc.pool.admission import Admission
 from lemonade_grpc.pool.events import (
     EventBus,
     LoadFailed,
@@ -73,13 +76,10 @@ from lemonade_grpc.pool.jobs import JobKey, LoadJob, LoadOrigin, LoadResult
 from lemonade_grpc.pool.memory import MemoryProbe, SystemMemory, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState, ModelView, is_valid_transition
 from lemonade_grpc.pool.observer import Attributes, PoolObserver
-from lemonade_grpc.pool.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.pool.pins import Pins, plan_restore
-from lemonade_grpc.pool.settings import Limits, PoolSettings
-from lemonade_grpc.pool.state import PinStore
 from lemonade_grpc.pool.views import MemoryView, PoolView, load_view, model_view, slot_views
 from lemonade_grpc.pool.watchdog import CrashHistory, Watchdog
-from lemonade_grpc.tasks import TaskOwner, settle, wait_for_any
+from lemonade_grpc.store.pin_file import PinStore
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class Pool:
                 self._current = job
                 self._announce_queue()
                 result = await self._load_locked(job)
-        except PoolError as error:
+        except LemonadeError as error:
             self._fail(job, error)
         except Exception as error:
             shortage = exhausted_resource(error)
@@ -312,7 +312,7 @@ class Pool:
             # started have run to their end (`settle`).
             self._fail(job, job.cancel_error or LoadCancelled(f"load of {job.name} was cancelled"))
 
-    def _fail(self, job: LoadJob, error: PoolError) -> None:
+    def _fail(self, job: LoadJob, error: LemonadeError) -> None:
         job.finish(None, error)
         self._observer.load_ended(job, None, error)
         self.bus.publish(LoadFailed(job.name, error.reason, error.message))
@@ -550,7 +550,7 @@ class Pool:
                 reason=UnloadReason.SHUTDOWN if shutdown else UnloadReason.REQUESTED,
             )
             raise
-        except PoolError as error:
+        except LemonadeError as error:
             self._set_state(model, ModelState.FAILED, message=error.message)
             raise
         except BaseException as error:
@@ -700,7 +700,7 @@ class Pool:
                     # A stop begun before the signal (an Unload, an eviction)
                     # whose grace the shutdown cut short ends its requests
                     # for the shutdown's sake: UNAVAILABLE, not "retry".
-                    error: PoolError = (
+                    error: LemonadeError = (
                         ShuttingDown("the server is shutting down")
                         if reason is UnloadReason.SHUTDOWN or self._hurry.is_set()
                         else ModelEvicted(f"{model.name} was unloaded ({reason.value}) during the request")
@@ -721,7 +721,7 @@ class Pool:
             self._set_state(model, ModelState.STOPPED, reason=reason)
 
     @staticmethod
-    def _revoke(model: Model, error: PoolError) -> None:
+    def _revoke(model: Model, error: LemonadeError) -> None:
         """Mark every lease on `model` as ended by `error` (their streams break next)."""
         for lease in list(model.leases):
             lease.revoke(error)
@@ -792,7 +792,7 @@ class Pool:
             return  # unloaded or loaded again meanwhile
         try:
             job = self.load(model.name, opts.requesting(model.options), True, origin=LoadOrigin.RESTART)
-        except PoolError as error:
+        except LemonadeError as error:
             self._restart_failed(model.name, error)
             return
         self._observer.restarting(model.name)
@@ -803,12 +803,12 @@ class Pool:
                 await job.outcome()
             except (LoadCancelled, LoadAbortedByShutdown):
                 pass
-            except PoolError as error:
+            except LemonadeError as error:
                 log.warning("%s: restart failed: %s", job.name, error.message)
 
         self._background.spawn(follow(), f"restart {model.name}")
 
-    def _restart_failed(self, name: str, error: PoolError) -> None:
+    def _restart_failed(self, name: str, error: LemonadeError) -> None:
         model = self._models.get(name)
         if model is not None:
             self._set_pin(model, False)  # Status agrees with the pins file
@@ -925,10 +925,10 @@ class Pool:
     async def _report_restore(self, job: LoadJob) -> None:
         try:
             await job.outcome()
-        except PoolError as error:
+        except LemonadeError as error:
             self._warn_not_restored(job.name, error)
 
-    def _warn_not_restored(self, name: str, error: PoolError) -> None:
+    def _warn_not_restored(self, name: str, error: LemonadeError) -> None:
         self._warn(
             "PIN_NOT_RESTORED", f"{name} could not be loaded again ({error.reason}): {error.message}", name
         )

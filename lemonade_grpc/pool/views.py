@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lemonade_grpc.catalog import ModelType
+from lemonade_grpc.core.catalog import ModelType
 from lemonade_grpc.pool.events import LoadPhase
 from lemonade_grpc.pool.jobs import LoadJob
 from lemonade_grpc.pool.model import Model, ModelState, ModelView

@@ -11,10 +11,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from lemonade_grpc.core.settings import PoolSettings
+from lemonade_grpc.core.tasks import TaskOwner
 from lemonade_grpc.pool import policy
 from lemonade_grpc.pool.model import Model, ModelState
-from lemonade_grpc.pool.settings import PoolSettings
-from lemonade_grpc.tasks import TaskOwner
 
 
 class Watchdog:

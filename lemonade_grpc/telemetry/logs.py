@@ -18,13 +18,12 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import orjson
 from opentelemetry import trace
 
-LogFormat = Literal["plain", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = ("plain", "json")
+from lemonade_grpc.core.settings import LogFormat
 
 _PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace)s"
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics
 
-from lemonade_grpc.catalog import ModelType
+from lemonade_grpc.core.catalog import ModelType
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.views import PoolView
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import metrics, trace
 
-from lemonade_grpc.bounds import echo
+from lemonade_grpc.core.bounds import echo
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider

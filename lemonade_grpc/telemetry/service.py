@@ -13,21 +13,18 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
-
-from lemonade_grpc.api.tracing import TracingInterceptor
+from lemonade_grpc.core.settings import TelemetrySettings
 from lemonade_grpc.pool.views import PoolView
 from lemonade_grpc.telemetry import otel
-from lemonade_grpc.telemetry.logs import LogFormat
 from lemonade_grpc.telemetry.metrics import Instruments, LoopSnapshots
-from lemonade_grpc.telemetry.observer import PoolTelemetry
+from lemonade_grpc.telemetry.pool_telemetry import PoolTelemetry
 from lemonade_grpc.telemetry.streams import RecordingStreams, StreamTelemetry
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.trace import Tracer
     from prometheus_client import CollectorRegistry
 
     from lemonade_grpc.pool.pool import Pool
@@ -35,19 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Spans for our own services only: Health is probed every few seconds by
-# load balancers and kubelets, reflection by grpcurl; neither is worth a trace.
-TRACED_SERVICE_PREFIX = "/lemonade.v1."
 # The longest a stop waits for the exporters to send what they hold.
 FLUSH_SECONDS = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetrySettings:
-    """`[telemetry]`: the Prometheus endpoint (off by default) and the log format."""
-
-    prometheus_listen: str | None = None
-    log_format: LogFormat = "plain"
 
 
 class PrometheusListenError(RuntimeError):
@@ -94,11 +80,10 @@ class Telemetry:
             raise
         return cls(providers, endpoint)
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The span-per-RPC interceptor when tracing, to run outermost; else nothing."""
-        if not self._providers.tracing:
-            return []
-        return [TracingInterceptor(self._providers.tracer, TRACED_SERVICE_PREFIX)]
+    @property
+    def tracer(self) -> Tracer | None:
+        """The tracer of the span-per-RPC interceptor (`api.tracing`) when tracing; else None."""
+        return self._providers.tracer if self._providers.tracing else None
 
     def observe(self, pool: Pool) -> None:
         """Read the gauges from `pool` (call on the event loop's thread)."""

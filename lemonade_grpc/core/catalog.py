@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core.options import EffectiveOptions
 
 
 class ModelType(enum.Enum):

@@ -14,8 +14,8 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
-from lemonade_grpc.catalog import Capabilities, ModelSpec, ModelType, Recipe
-from lemonade_grpc.gguf import read_metadata
+from lemonade_grpc.core.catalog import Capabilities, ModelSpec, ModelType, Recipe
+from lemonade_grpc.core.gguf import read_metadata
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lemonade_grpc import bounds
-from lemonade_grpc.files import write_atomically
-from lemonade_grpc.pool.options import EffectiveOptions
+from lemonade_grpc.core import bounds
+from lemonade_grpc.core.options import EffectiveOptions
+from lemonade_grpc.store.files import write_atomically
 
 VERSION = 1
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from opentelemetry import trace
 
-from lemonade_grpc.pool.errors import PoolError
+from lemonade_grpc.core.errors import LemonadeError
 from lemonade_grpc.pool.events import LoadPhase, UnloadReason
 from lemonade_grpc.pool.jobs import LoadJob, LoadResult
 from lemonade_grpc.pool.observer import Attributes, PoolObserver
@@ -113,7 +113,7 @@ class PoolTelemetry(PoolObserver):
             )
 
     @_never_raises
-    def load_ended(self, job: LoadJob, result: LoadResult | None, error: PoolError | None) -> None:
+    def load_ended(self, job: LoadJob, result: LoadResult | None, error: LemonadeError | None) -> None:
         if result is not None:
             outcome = "already_loaded" if result.already_loaded else "loaded"
         else:

@@ -28,7 +28,7 @@ class ErrorKind(enum.Enum):
     PERMISSION_DENIED = "permission_denied"
 
 
-class PoolError(Exception):
+class LemonadeError(Exception):
     """Base of every error the pool reports to a caller.
 
     `field` names the request field at fault, for INVALID_ARGUMENT errors;
@@ -47,12 +47,12 @@ class PoolError(Exception):
         self.metadata = dict(metadata or {})
 
 
-class ModelNotFound(PoolError):
+class ModelNotFound(LemonadeError):
     kind = ErrorKind.NOT_FOUND
     reason = "MODEL_NOT_FOUND"
 
 
-class CapabilityMissing(PoolError):
+class CapabilityMissing(LemonadeError):
     """The model cannot serve this request (Embed on a chat model); `metadata["capability"]` says what."""
 
     kind = ErrorKind.FAILED_PRECONDITION
@@ -62,122 +62,122 @@ class CapabilityMissing(PoolError):
         super().__init__(message, metadata={"model": model, "capability": capability})
 
 
-class ModelNotLoaded(PoolError):
+class ModelNotLoaded(LemonadeError):
     kind = ErrorKind.FAILED_PRECONDITION
     reason = "MODEL_NOT_LOADED"
 
 
-class SlotsPinned(PoolError):
+class SlotsPinned(LemonadeError):
     kind = ErrorKind.FAILED_PRECONDITION
     reason = "SLOTS_PINNED"
 
 
-class InsufficientMemory(PoolError):
+class InsufficientMemory(LemonadeError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
     reason = "INSUFFICIENT_MEMORY"
 
 
-class LoadCancelled(PoolError):
+class LoadCancelled(LemonadeError):
     kind = ErrorKind.ABORTED
     reason = "LOAD_CANCELLED"
 
 
-class ModelEvicted(PoolError):
+class ModelEvicted(LemonadeError):
     kind = ErrorKind.ABORTED
     reason = "MODEL_EVICTED"
 
 
-class BackendStartFailed(PoolError):
+class BackendStartFailed(LemonadeError):
     kind = ErrorKind.UNAVAILABLE
     reason = "BACKEND_START_FAILED"
 
 
-class BackendCrashed(PoolError):
+class BackendCrashed(LemonadeError):
     kind = ErrorKind.UNAVAILABLE
     reason = "BACKEND_CRASHED"
 
 
-class ShuttingDown(PoolError):
+class ShuttingDown(LemonadeError):
     """New work refused, or a stream ended, because the server is stopping."""
 
     kind = ErrorKind.UNAVAILABLE
     reason = "SHUTTING_DOWN"
 
 
-class LoadAbortedByShutdown(PoolError):
+class LoadAbortedByShutdown(LemonadeError):
     """A queued or running load ended because the server is stopping."""
 
     kind = ErrorKind.ABORTED
     reason = "SHUTTING_DOWN"
 
 
-class StateWriteFailed(PoolError):
+class StateWriteFailed(LemonadeError):
     """A file of the state directory could not be written (full, read-only, immutable)."""
 
     kind = ErrorKind.UNAVAILABLE
     reason = "STATE_WRITE_FAILED"
 
 
-class Overloaded(PoolError):
+class Overloaded(LemonadeError):
     """More concurrent work than the configured limits and queues allow."""
 
     kind = ErrorKind.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
 
 
-class ServerResourcesExhausted(PoolError):
+class ServerResourcesExhausted(LemonadeError):
     """The control plane itself ran out of something (file descriptors, memory): not the backend's fault."""
 
     kind = ErrorKind.RESOURCE_EXHAUSTED
     reason = "SERVER_RESOURCES_EXHAUSTED"
 
 
-class MalformedRequest(PoolError):
+class MalformedRequest(LemonadeError):
     """The request's bytes are not a valid message of its type."""
 
     kind = ErrorKind.INVALID_ARGUMENT
     reason = "MALFORMED_REQUEST"
 
 
-class InternalError(PoolError):
+class InternalError(LemonadeError):
     """A bug of ours: logged with its traceback, reported without the details."""
 
     kind = ErrorKind.INTERNAL
     reason = "INTERNAL_ERROR"
 
 
-class InvalidOptions(PoolError):
+class InvalidOptions(LemonadeError):
     kind = ErrorKind.INVALID_ARGUMENT
     reason = "INVALID_OPTIONS"
 
 
-class InvalidRequest(PoolError):
+class InvalidRequest(LemonadeError):
     kind = ErrorKind.INVALID_ARGUMENT
     reason = "INVALID_REQUEST"
 
 
-class BackendError(PoolError):
+class BackendError(LemonadeError):
     """The backend failed a request for a reason of its own (an HTTP 5xx, say)."""
 
     kind = ErrorKind.UNAVAILABLE
     reason = "BACKEND_ERROR"
 
 
-class BackendRejected(PoolError):
+class BackendRejected(LemonadeError):
     """The backend refused a request (a prompt too long for the context, say)."""
 
     kind = ErrorKind.INVALID_ARGUMENT
     reason = "BACKEND_REJECTED"
 
 
-class Unauthenticated(PoolError):
+class Unauthenticated(LemonadeError):
     """The call carries no token, or one the server does not know."""
 
     kind = ErrorKind.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
 
 
-class PermissionDenied(PoolError):
+class PermissionDenied(LemonadeError):
     """The call's token is valid but its role does not cover the method."""
 
     kind = ErrorKind.PERMISSION_DENIED

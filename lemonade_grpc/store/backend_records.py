@@ -36,8 +36,8 @@ from pathlib import Path
 
 import psutil
 
-from lemonade_grpc import bounds
-from lemonade_grpc.files import AtomicWriter
+from lemonade_grpc.core import bounds
+from lemonade_grpc.store.files import AtomicWriter
 
 log = logging.getLogger(__name__)
 

@@ -19,49 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lemonade_grpc import bounds
-from lemonade_grpc.pool.errors import InvalidOptions
-
-# Arguments the control plane owns: a llama-server started with another
-# port, host, model or key would be unreachable or serve the wrong model. The
-# config refuses them in `args` and `allowed_args` of a llamacpp model.
-RESERVED_BACKEND_ARGS = frozenset(
-    {
-        "--port",
-        "--host",
-        "-m",
-        "--model",
-        "-mu",
-        "--model-url",
-        "-hf",
-        "-hfr",
-        "--hf-repo",
-        "-hff",
-        "--hf-file",
-        "--api-key",
-        "--api-key-file",
-        "--ssl-key-file",
-        "--ssl-cert-file",
-        "-c",
-        "--ctx-size",
-        "--path",
-        "--api-prefix",
-    }
-)
-
-
-def is_reserved(flag: str | None) -> bool:
-    """Whether llama-server would read `flag` as one of `RESERVED_BACKEND_ARGS`. Pure.
-
-    llama-server reads `_` as `-` in a long flag (`--ctx_size` is
-    `--ctx-size`), so the check does too.
-    """
-    if flag is None:
-        return False
-    if flag.startswith("--"):
-        flag = "--" + flag[2:].replace("_", "-")
-    return flag in RESERVED_BACKEND_ARGS
-
+from lemonade_grpc.core import bounds
+from lemonade_grpc.core.errors import InvalidOptions
 
 # "-1" and "-0.5" are values (a negative number), not flags.
 _NUMBER = re.compile(r"-\d+(\.\d+)?([eE][-+]?\d+)?")
@@ -110,7 +69,7 @@ def validate(requested: RequestedOptions, model: str, allowed_args: frozenset[st
     """Raise `InvalidOptions` naming the field if `requested` cannot be honoured for `model`.
 
     `allowed_args` are the flags the operator lets clients pass to this
-    model. Every range is the one in `lemonade_grpc.bounds`.
+    model. Every range is the one in `lemonade_grpc.core.bounds`.
     """
     if requested.ctx_size is not None and requested.ctx_size not in bounds.CTX_SIZE:
         raise InvalidOptions(

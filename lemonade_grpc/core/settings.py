@@ -1,15 +1,17 @@
 """The pool's limits and timings: the `[pool]`, `[limits]` and `[backend_logs]` tables of the config.
 
 The defaults written here are the only ones: the config reads them from
-these dataclasses, and each field's range is in `lemonade_grpc.bounds`.
+these dataclasses, and each field's range is in `lemonade_grpc.core.bounds`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-from lemonade_grpc.catalog import ModelType
+from lemonade_grpc.core.catalog import ModelType
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,3 +140,24 @@ class BackendLogSettings:
     @property
     def min_free_bytes(self) -> int:
         return self.min_free_mb << 20
+
+
+LogFormat = Literal["plain", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("plain", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """`[telemetry]`: the Prometheus endpoint (off by default) and the log format."""
+
+    prometheus_listen: str | None = None
+    log_format: LogFormat = "plain"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """`[tls]`: the server's certificate and key, and the CA that signs client certificates."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None  # set: clients must present a certificate it signed

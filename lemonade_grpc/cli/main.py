@@ -20,11 +20,11 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import json_format
 
-from lemonade_grpc import cli_view
 from lemonade_grpc import config as config_module
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2
+from lemonade_grpc.cli import view as cli_view
 from lemonade_grpc.client import Client, connect, error_details
-from lemonade_grpc.telemetry.logs import LOG_FORMATS
+from lemonade_grpc.core.settings import LOG_FORMATS
 
 EXIT_CONFIG = 2
 

@@ -19,19 +19,12 @@ import os
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
+from lemonade_grpc.core.settings import TLSFiles
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TLSFiles:
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None  # set: clients must present a certificate it signed
 
 
 class TLSFilesInvalid(ValueError):
