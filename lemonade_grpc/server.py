@@ -43,7 +43,7 @@ from lemonade_grpc.pool.events import PoolWarning
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 from lemonade_grpc.store.backend_records import BackendRegistry, Record
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 from lemonade_grpc.store.statedir import EXIT_STATE_DIR_LOCKED, StateDirLock, StateDirLocked, raise_fd_limit
 from lemonade_grpc.telemetry.service import PrometheusListenError, Telemetry
 
@@ -276,7 +276,7 @@ async def _serve(
             progress_seconds=config.pool.progress_seconds,
         ),
         limits=config.limits,
-        pin_store=PinStore(config.state_dir / "pins.json"),
+        pin_file=PinFile(config.state_dir / "pins.json"),
         estimate=estimate_bytes,
         observer=telemetry.observer,
     )

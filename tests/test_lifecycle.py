@@ -167,9 +167,9 @@ KILLED_BETWEEN_WRITE_AND_RENAME = """
 import os, signal, sys
 from pathlib import Path
 from lemonade_grpc.core.options import EffectiveOptions
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 
-store = PinStore(Path(sys.argv[1]))
+store = PinFile(Path(sys.argv[1]))
 store.write({"a": EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())})
 # Fault injection: the process dies after the new file is written and synced, before the rename.
 os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)

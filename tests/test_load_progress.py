@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ServerFactory, connect, llama_model
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
-from lemonade_grpc.backends.progress import WEIGHTS_SHARE, LoadProgress, Stage, stage_of
+from lemonade_grpc.backends.progress import WEIGHTS_SHARE, ProgressEstimate, Stage, stage_of
 from lemonade_grpc.provision.tiny_model import ensure_model
 
 
@@ -106,7 +106,7 @@ def test_the_stages_come_from_llama_servers_log_lines_and_only_move_forward() ->
         "0.00.018.665 I srv  llama_server: listening on http://127.0.0.1:18777": None,
     }
     assert {line: stage_of(line) for line in lines} == lines
-    progress = LoadProgress(file_bytes=1000)
+    progress = ProgressEstimate(file_bytes=1000)
     seen = []
     for bytes_in, line in [
         (0, ""),
@@ -134,7 +134,7 @@ def test_the_stages_come_from_llama_servers_log_lines_and_only_move_forward() ->
 
 
 def test_an_empty_model_file_reports_stages_only() -> None:
-    progress = LoadProgress(file_bytes=0)
+    progress = ProgressEstimate(file_bytes=0)
     progress.read(10)
     assert (progress.fraction, progress.stage) == (0.0, Stage.WEIGHTS)
     progress.line("llama_kv_cache: CPU KV buffer")

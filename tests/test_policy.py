@@ -8,17 +8,17 @@ from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.pool.policy import (
     EvictionPlan,
     FailedLoadPlan,
-    LoadPlan,
     MemoryPlan,
     NoRoom,
     NotEnoughMemory,
+    Placement,
     PressurePlan,
     Resident,
     after_failed_load,
     changes_nothing,
     choose_victims,
     fit_pins,
-    plan_load,
+    place_load,
     plan_memory,
     relieve_pressure,
     restart_delay,
@@ -117,28 +117,30 @@ def typed(name: str, last_used: float, size: int = 10, *, type_: str = "llm", **
 
 def test_plan_load_takes_slot_and_memory_victims_in_one_decision() -> None:
     residents = [typed("a", 1), typed("b", 2), typed("e", 3, type_="embedding")]
-    plan = plan_load("c", "llm", 15, residents, 2, available=10, reserve=0)
+    plan = place_load("c", "llm", 15, residents, 2, available=10, reserve=0)
     # A slot: a (least recent); memory: 10 + a's 10 = 20 >= 15, nothing more.
-    assert plan == LoadPlan(reload=False, slot_victims=("a",), memory_victims=())
-    plan = plan_load("c", "llm", 35, residents, 2, available=10, reserve=0)
-    assert plan == LoadPlan(reload=False, slot_victims=("a",), memory_victims=("b", "e"))
+    assert plan == Placement(reload=False, slot_victims=("a",), memory_victims=())
+    plan = place_load("c", "llm", 35, residents, 2, available=10, reserve=0)
+    assert plan == Placement(reload=False, slot_victims=("a",), memory_victims=("b", "e"))
 
 
 def test_a_reload_that_cannot_fit_stops_nothing_issue_9_finding_17() -> None:
     # The model runs with other options: its own memory counts as freed, but
     # when even that is not enough the plan fails and nothing is stopped.
     residents = [typed("m", 1, 100), typed("p", 2, 500, pinned=True)]
-    assert plan_load("m", "llm", 150, residents, 2, available=60, reserve=0) == LoadPlan(
+    assert place_load("m", "llm", 150, residents, 2, available=60, reserve=0) == Placement(
         reload=True, slot_victims=(), memory_victims=()
     )
-    assert isinstance(plan_load("m", "llm", 150, residents, 2, available=10, reserve=0), NotEnoughMemory)
+    assert isinstance(place_load("m", "llm", 150, residents, 2, available=10, reserve=0), NotEnoughMemory)
 
 
 def test_plan_load_never_chooses_pinned_or_busy_models_for_memory() -> None:
     residents = [typed("p", 1, 50, pinned=True), typed("busy", 2, 50, in_flight=1)]
-    plan = plan_load("c", "llm", 60, residents, 3, available=20, reserve=0)
+    plan = place_load("c", "llm", 60, residents, 3, available=20, reserve=0)
     assert plan == NotEnoughMemory(need=60, available=20, reserve=0, freeable=0)
-    assert plan_load("c", "llm", 1, [typed("p", 1, pinned=True)], 1, available=9, reserve=0) == NoRoom(("p",))
+    assert place_load("c", "llm", 1, [typed("p", 1, pinned=True)], 1, available=9, reserve=0) == NoRoom(
+        ("p",)
+    )
 
 
 def test_pressure_evicts_everything_unpinned_when_even_that_is_short() -> None:

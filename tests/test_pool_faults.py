@@ -29,7 +29,7 @@ from lemonade_grpc.core.settings import Limits, PoolSettings
 from lemonade_grpc.pool.events import ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.pool import MemoryEstimator, Pool
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 
 GIB = 1 << 30
 
@@ -68,7 +68,7 @@ async def make_pool(tmp_path: Path) -> AsyncIterator[PoolMaker]:
             launcher(tmp_path / "logs"),
             memory=memory,
             estimate=estimate,
-            pin_store=PinStore(tmp_path / "pins.json"),
+            pin_file=PinFile(tmp_path / "pins.json"),
         )
         pools.append(pool)
         return pool
@@ -113,7 +113,7 @@ async def test_a_model_chosen_for_eviction_cannot_be_pinned_meanwhile_issue_9_fi
         ("y", UnloadReason.MEMORY_PRESSURE),
     }
     assert is_gone(y_view.pid)
-    saved, _ = PinStore(tmp_path / "pins.json").read()
+    saved, _ = PinFile(tmp_path / "pins.json").read()
     assert "y" not in saved
 
 

@@ -34,7 +34,7 @@ from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 
 MODELS = ("m0", "m1", "m2")
 
@@ -164,7 +164,7 @@ async def quiescent(pool: Pool, seconds: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def check_at_rest(pool: Pool, sampler: Sampler, store: PinStore) -> None:
+async def check_at_rest(pool: Pool, sampler: Sampler, store: PinFile) -> None:
     await quiescent(pool)
     await pool._pins.flush()
     views = {v.name: v for v in pool.views()}
@@ -180,7 +180,7 @@ async def check_at_rest(pool: Pool, sampler: Sampler, store: PinStore) -> None:
 async def run(ops_rounds: list[list[tuple[Any, ...]]], slots: int, tmp: Path, model_file: Path) -> None:
     for name in MODELS:
         (tmp / f"{name}.pids").unlink(missing_ok=True)
-    store = PinStore(tmp / "pins.json")
+    store = PinFile(tmp / "pins.json")
     store.path.unlink(missing_ok=True)
     pool = Pool(
         catalog(tmp, model_file),
@@ -194,7 +194,7 @@ async def run(ops_rounds: list[list[tuple[Any, ...]]], slots: int, tmp: Path, mo
             memory_check_seconds=0,
         ),
         launcher(tmp / "logs"),
-        pin_store=store,
+        pin_file=store,
     )
     errors = Errors()
     logging.getLogger("lemonade_grpc").addHandler(errors)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lemonade_grpc.core.options import EffectiveOptions
-from lemonade_grpc.store.pin_file import PinStore, StateCorrupt, decode, encode
+from lemonade_grpc.store.pin_file import PinFile, StateCorrupt, decode, encode
 
 PINS = {
     "b": EffectiveOptions(ctx_size=1024, idle_unload_seconds=None, backend_args=("--flash-attn", "on")),
@@ -42,13 +42,13 @@ def test_corrupt_text_says_what_is_wrong(text: str, complaint: str) -> None:
 
 
 def test_a_missing_file_is_no_pins_and_no_problem(tmp_path: Path) -> None:
-    assert PinStore(tmp_path / "pins.json").read() == ({}, None)
+    assert PinFile(tmp_path / "pins.json").read() == ({}, None)
 
 
 def test_a_corrupt_file_is_moved_aside(tmp_path: Path) -> None:
     path = tmp_path / "pins.json"
     path.write_text("garbage")
-    pins, problem = PinStore(path).read()
+    pins, problem = PinFile(path).read()
     assert pins == {}
     assert problem is not None
     assert "not JSON" in problem
@@ -59,7 +59,7 @@ def test_a_corrupt_file_is_moved_aside(tmp_path: Path) -> None:
 
 
 def test_write_then_read(tmp_path: Path) -> None:
-    store = PinStore(tmp_path / "nested" / "pins.json")
+    store = PinFile(tmp_path / "nested" / "pins.json")
     store.write(PINS)
     assert store.read() == (PINS, None)
     assert not list((tmp_path / "nested").glob(".*.tmp")), "the temporary file was renamed away"

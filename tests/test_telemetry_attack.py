@@ -57,7 +57,7 @@ from lemonade_grpc.core.catalog import ModelSpec, ModelType
 from lemonade_grpc.core.options import EffectiveOptions, RequestedOptions
 from lemonade_grpc.core.settings import PoolSettings, TelemetrySettings
 from lemonade_grpc.pool.pool import Pool
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 from lemonade_grpc.telemetry import prometheus, service
 from lemonade_grpc.telemetry.logs import JSONFormatter
 from lemonade_grpc.telemetry.otel import Providers, exporters
@@ -915,7 +915,7 @@ async def test_finding_4_a_pin_and_a_load_complete_while_many_scrapes_are_held_i
         {"m": fake_spec("m", tiny_model)},
         PoolSettings(stop_grace_seconds=1.5),
         launcher(tmp_path / "logs"),
-        pin_store=PinStore(tmp_path / "pins.json"),
+        pin_file=PinFile(tmp_path / "pins.json"),
         observer=telemetry.observer,
     )
     telemetry.observe(pool)

@@ -20,7 +20,7 @@ from pathlib import Path
 from lemonade_grpc.backends.http import BackendConnectionError
 from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.backends.process import BackendProcess, port_holder
-from lemonade_grpc.backends.progress import LoadProgress, ModelBytes
+from lemonade_grpc.backends.progress import ModelBytes, ProgressEstimate
 from lemonade_grpc.backends.recipes import backend_argv
 from lemonade_grpc.core.catalog import ModelSpec, Recipe
 from lemonade_grpc.core.errors import (
@@ -81,7 +81,7 @@ class Backend:
         process: BackendProcess,
         port: int,
         registry: BackendRegistry | None = None,
-        load_progress: LoadProgress | None = None,
+        load_progress: ProgressEstimate | None = None,
     ) -> None:
         self.process = process
         self.port = port
@@ -198,7 +198,7 @@ class Backend:
                 raise server_resources_exhausted(shortage) from error
             raise BackendStartFailed(f"cannot start backend for {spec.name}: {error}") from error
         # Created before any await: the backend's first lines are not missed.
-        return cls(process, port, registry, LoadProgress(size) if size is not None else None)
+        return cls(process, port, registry, ProgressEstimate(size) if size is not None else None)
 
     async def _record(self, model: str) -> None:
         """Record the process in the registry, durably; StateWriteFailed when the file cannot be written."""
@@ -235,7 +235,7 @@ class Backend:
                 await asyncio.gather(reporter, return_exceptions=True)
 
     async def _report_progress(
-        self, progress: LoadProgress, model: Path, report: ProgressCallback, seconds: float
+        self, progress: ProgressEstimate, model: Path, report: ProgressCallback, seconds: float
     ) -> None:
         """Read how far the load has got every `seconds`; report it when it changed."""
         last: tuple[float, str] | None = None

@@ -5,14 +5,14 @@ of a 3.3 GB model, the bytes it had read (`/proc/PID/io`) and its resident
 pages of the model file (`/proc/PID/smaps`) each rose linearly from 0 to
 the file's size over the first two thirds of the load; the rest was the KV
 cache's allocation and a warm-up run. llama-server names those stages in
-its log. `LoadProgress` combines the two into one monotonic fraction:
+its log. `ProgressEstimate` combines the two into one monotonic fraction:
 
     reading weights          0    -> 0.90   bytes in / file size
     allocating KV, warm-up   0.90            a context or KV line, or every byte in
     initializing slots       0.95            "load_model: initializing"
     model loaded             0.99            "model loaded" (then it listens: READY, 1.0)
 
-The pure part (`LoadProgress`, `stage_of`) is separate from reading /proc
+The pure part (`ProgressEstimate`, `stage_of`) is separate from reading /proc
 (`ModelBytes`), which is called off the event loop.
 """
 
@@ -65,7 +65,7 @@ def _mib(size: int) -> str:
 
 
 @dataclass
-class LoadProgress:
+class ProgressEstimate:
     """The progress of one load: feed it log lines and byte counts; read `fraction` and `message`."""
 
     file_bytes: int

@@ -39,6 +39,11 @@ class LoadResult:
 JobKey = tuple[str, RequestedOptions, bool | None, bool]
 
 
+def job_key(name: str, requested: RequestedOptions, pinned: bool | None, origin: LoadOrigin) -> JobKey:
+    """Requests with the same key are the same load (an inference's load is joined only by inferences)."""
+    return (name, requested, pinned, origin is LoadOrigin.INFERENCE)
+
+
 class LoadJob:
     """One load, queued or running. Identical concurrent requests share it.
 
@@ -79,8 +84,7 @@ class LoadJob:
 
     @property
     def key(self) -> JobKey:
-        """Requests with the same key are the same load."""
-        return (self.name, self.requested, self.pinned, self.origin is LoadOrigin.INFERENCE)
+        return job_key(self.name, self.requested, self.pinned, self.origin)
 
     @classmethod
     def settled(cls, name: str, result: LoadResult) -> LoadJob:

@@ -19,7 +19,7 @@ from lemonade_grpc.core.errors import LemonadeError
 from lemonade_grpc.core.options import EffectiveOptions
 from lemonade_grpc.core.tasks import TaskOwner, settle
 from lemonade_grpc.pool import policy
-from lemonade_grpc.store.pin_file import PinStore
+from lemonade_grpc.store.pin_file import PinFile
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Pins:
     """
 
     def __init__(
-        self, store: PinStore | None, owner: TaskOwner, on_write_failed: Callable[[str], None]
+        self, store: PinFile | None, owner: TaskOwner, on_write_failed: Callable[[str], None]
     ) -> None:
         self._store = store
         self._owner = owner
@@ -52,7 +52,7 @@ class Pins:
         return list(self._pins.items())
 
     def read_saved(self) -> tuple[dict[str, EffectiveOptions], str | None]:
-        """What the previous run saved, and a problem if the file could not be used (see `PinStore.read`).
+        """What the previous run saved, and a problem if the file could not be used (see `PinFile.read`).
 
         Marks it as what is on disk, so restoring it writes nothing until it changes.
         """
@@ -79,7 +79,7 @@ class Pins:
         if self._writer is None or self._writer.done():
             self._writer = self._owner.spawn(self._write_until_current(self._store), "save pins")
 
-    async def _write_until_current(self, store: PinStore) -> None:
+    async def _write_until_current(self, store: PinFile) -> None:
         # Writes run one at a time; a change made while one runs is picked up
         # by the next iteration, so the last state always reaches the disk.
         while self._pins != self._written:

@@ -133,7 +133,7 @@ def plan_memory(
 
 
 @dataclass(frozen=True, slots=True)
-class LoadPlan:
+class Placement:
     """What a load must stop before it starts its process, in one decision.
 
     `reload`: the model's own running process (other options). Slot victims
@@ -145,7 +145,7 @@ class LoadPlan:
     memory_victims: tuple[str, ...]
 
 
-def plan_load(
+def place_load(
     name: str,
     slot_type: Hashable,
     need: int,
@@ -154,7 +154,7 @@ def plan_load(
     *,
     available: int,
     reserve: int,
-) -> LoadPlan | NoRoom | NotEnoughMemory:
+) -> Placement | NoRoom | NotEnoughMemory:
     """Plan every stop a load of `name` needs (reload, slots, memory) before any is carried out.
 
     `residents` are the READY models (all types; `name` among them when it
@@ -176,7 +176,7 @@ def plan_load(
     memory = plan_memory(need, available, reserve, idle, freed=freed)
     if isinstance(memory, NotEnoughMemory):
         return memory
-    return LoadPlan(reload=own is not None, slot_victims=slot.victims, memory_victims=memory.victims)
+    return Placement(reload=own is not None, slot_victims=slot.victims, memory_victims=memory.victims)
 
 
 @dataclass(frozen=True, slots=True)

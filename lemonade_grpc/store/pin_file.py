@@ -31,7 +31,7 @@ class StateCorrupt(ValueError):
     """The state file does not hold what this version writes."""
 
 
-class PinStore:
+class PinFile:
     """The pin file of one state directory. Loop thread only."""
 
     def __init__(self, path: Path) -> None:
