@@ -236,7 +236,7 @@ async def test_a_restart_after_a_crash_is_a_root_span_even_when_a_request_loaded
 
     Root cause: context propagation through tasks and timers. `Pool.load` spawns the job's task in
     the requester's context (a copy: the RPC span is current in it); `_start` starts the watchdog's
-    task from there; the watchdog calls `_crashed`, whose `call_later(delay, self._restart)` copies
+    task from there; the watchdog calls `Supervisor.crashed`, whose `call_later(delay, self._restart)` copies
     that context again; `_restart` calls `load(origin=RESTART)`, and `PoolTelemetry.load_phase`
     starts the load span with no explicit context, so it takes the stale RPC span as parent."""
     record = Recorded()
@@ -823,7 +823,7 @@ async def test_the_load_span_names_the_pid_that_serves_after_a_port_retry(
 
 async def test_a_queued_load_span_has_an_event_per_queue_move(tmp_path: Path, tiny_model: Path) -> None:
     """Was (docs vs code): docs/observability.md shows `queued (an event per queue move)`, but
-    the `queued` span of a load that moved from place 2 to place 1 has no event. `Pool._progress`
+    the `queued` span of a load that moved from place 2 to place 1 has no event. `Loader._progress`
     calls the hook only when the phase changes or attributes are given, and `_announce_queue`
     passes the new position as `queue_position`, not as attributes, so `load_phase` never hears of
     a move (and could not say where to: the position is not in its arguments)."""

@@ -1,7 +1,7 @@
 """What a load would do, told without doing it (`Pool.plan`, the Plan RPC).
 
 Decided by the same functions the load runs (`policy.changes_nothing`,
-`policy.reuses_process`, `policy.place_load`, through `Pool._placement`),
+`policy.reuses_process`, `policy.place_load`, through `Loader._placement`),
 and a failure is told with the very message the load would fail with: the
 two cannot disagree.
 """

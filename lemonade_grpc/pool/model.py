@@ -1,6 +1,6 @@
 """A model's lifecycle: a handful of named states and the valid moves between them.
 
-Only `Pool._set_state` changes `Model.state`; it checks `is_valid_transition`
+Only `ModelTable.set_state` changes `Model.state`; it checks `is_valid_transition`
 and publishes the event of the change, so no state changes unseen (the habit
 of llama-swap's `internal/process`).
 
