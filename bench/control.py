@@ -49,11 +49,12 @@ from typing import Any
 
 import grpc
 import psutil
-from proxy import cpu_model, launch
+from streams import serve
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc as pb_grpc
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.testing import ServerProcess, cpu_model
 
 HERE = Path(__file__).resolve().parent
 # Channels the subscribers are spread over: one HTTP/2 connection each.
@@ -70,7 +71,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def start_server(
     state_dir: Path, model: Path, source: Path | None, gc_threshold: str | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
+) -> ServerProcess:
     """A server with the tiny model twice (`tiny`, `tiny-b`), two LLM slots; `source`: another checkout's.
 
     `gc_threshold` ("700,10,10"): the server's `gc.set_threshold`, set before it starts.
@@ -90,7 +91,7 @@ def start_server(
             f"import gc, runpy; gc.set_threshold({gc_threshold});"
             " runpy.run_module('lemonade_grpc', run_name='__main__', alter_sys=True)",
         ]
-    return launch(python, state_dir, config, state_dir / "server.log", cwd=source)
+    return serve(state_dir, config, python=tuple(python), cwd=source)
 
 
 # ------------------------------------------------------------ the subscribers
@@ -544,10 +545,8 @@ def main() -> int:
                     continue
                 state = Path(tmp) / str(len(servers))
                 state.mkdir()
-                process, address = start_server(
-                    state, model, source.resolve() if source else None, gc_threshold
-                )
-                servers.append(Server(name, address, process))
+                started = start_server(state, model, source.resolve() if source else None, gc_threshold)
+                servers.append(Server(name, started.address, started.process))
             asyncio.run(bench(servers, args))
         finally:
             for server in servers:

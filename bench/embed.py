@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-from proxy import cpu_model, launch
+from streams import serve
 
 from lemonade_grpc._gen.lemonade.v1 import (
     inference_pb2,
@@ -37,6 +37,7 @@ from lemonade_grpc._gen.lemonade.v1 import (
     model_control_pb2_grpc,
 )
 from lemonade_grpc.provision import smollm2
+from lemonade_grpc.testing import cpu_model
 
 TOPICS = ["the sea", "a small town", "winter", "trains", "an old library", "coffee", "mountains", "a market"]
 BATCH = [
@@ -100,14 +101,11 @@ def main() -> int:
         state = Path(tmp)
         config = state / "bench.toml"
         config.write_text(f'[models.embed]\npath = "{model}"\ntype = "embedding"\nctx_size = 2048\n')
-        process, address = launch(
-            [sys.executable, "-m", "lemonade_grpc"], state, config, state / "server.log"
-        )
+        server = serve(state, config)
         try:
-            direct_times, proxied_times, difference = asyncio.run(bench(address, args.rounds))
+            direct_times, proxied_times, difference = asyncio.run(bench(server.address, args.rounds))
         finally:
-            process.terminate()
-            process.wait(30)
+            server.stop()
     d, p = statistics.median(direct_times), statistics.median(proxied_times)
     lines = [
         f"lemonade-grpc Embed bench, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",

@@ -27,9 +27,10 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from proxy import cpu_model, launch
+from streams import serve
 
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.testing import cpu_model
 
 HERE = Path(__file__).resolve().parent
 FAKE_BACKEND = HERE.parent / "tests" / "fake_backend.py"
@@ -83,13 +84,8 @@ def run(checkout: Path | None, work: Path, label: str, args: argparse.Namespace)
         f'[models.m]\nrecipe = "command"\npath = "{ensure_tiny_model()}"\n'
         f"command = [{', '.join(repr(part).replace(chr(39), chr(34)) for part in command)}]\n"
     )
-    process, address = launch(
-        [sys.executable, "-m", "lemonade_grpc"],
-        work / f"state-{label}",
-        config,
-        work / f"{label}.log",
-        cwd=checkout,
-    )
+    server = serve(work / f"state-{label}", config, log_path=work / f"{label}.log", cwd=checkout)
+    process, address = server.process, server.address
     try:
         return asyncio.run(
             flood(address, process.pid, args.streams, int(args.name_mib * MIB), args.hold, args.settle)

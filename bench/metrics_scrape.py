@@ -31,8 +31,7 @@ from pathlib import Path
 
 import grpc
 import psutil
-from proxy import start_server
-from telemetry import environment
+from streams import environment, start_server
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2, model_control_pb2_grpc
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
@@ -194,9 +193,9 @@ def main() -> int:
                 state.mkdir()
                 source = args.baseline.resolve() if name == "baseline" else None
                 with environment({"LEMONADE_GRPC_PROMETHEUS_LISTEN": "127.0.0.1:0"}):
-                    process, address, log = start_server(state, model, 512, ["--threads", "1"], source)
-                port = int(re.findall(r"prometheus: http://127\.0\.0\.1:(\d+)/", log.read_text())[0])
-                processes[name] = (process, address, port)
+                    server = start_server(state, model, 512, ["--threads", "1"], source)
+                port = int(re.findall(r"prometheus: http://127\.0\.0\.1:(\d+)/", server.log())[0])
+                processes[name] = (server.process, server.address, port)
             for index in range(args.rounds):
                 for name in names if index % 2 == 0 else reversed(names):
                     process, address, port = processes[name]

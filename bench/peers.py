@@ -51,12 +51,13 @@ from pathlib import Path
 import aiohttp
 import grpc
 import psutil
-from proxy import SEED, Run, cpu_model, proxied, sse, start_server
+from streams import SEED, Run, proxied, sse, start_server
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
 from lemonade_grpc.provision import smollm2
 from lemonade_grpc.provision.llama_server import locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.testing import cpu_model
 
 PATHS = ("direct", "llama-swap", "lemonade")
 MODELS = ("tiny", "tiny-b")
@@ -378,10 +379,10 @@ def main() -> int:
         )
         state = tmp / "lemonade"
         state.mkdir()
-        server, address, _ = start_server(state, model, ctx_size, extra, names=MODELS)
-        stack.callback(server.wait, 30)
-        stack.callback(server.terminate)
-        pids = {"llama-swap": swap.pid, "lemonade": server.pid}
+        server = start_server(state, model, ctx_size, extra, names=MODELS)
+        stack.callback(server.stop)
+        address = server.address
+        pids = {"llama-swap": swap.pid, "lemonade": server.process.pid}
         try:
             go_client = None if args.no_go_client else build_go_client(tmp)
             results = asyncio.run(

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import grpc
-from proxy import start_server
+from streams import start_server
 
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
@@ -102,11 +102,11 @@ def main() -> int:
                     continue
                 state = Path(tmp) / name.replace(" ", "-")
                 state.mkdir()
-                process, address, _ = start_server(
+                server = start_server(
                     state, model, 512, ["--threads", "1"], source.resolve() if source else None
                 )
-                processes.append(process)
-                servers[name] = (address, state / "logs" / "tiny.log")
+                processes.append(server.process)
+                servers[name] = (server.address, state / "logs" / "tiny.log")
             results = asyncio.run(bench(servers, args.rounds))
         finally:
             for process in processes:

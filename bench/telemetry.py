@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +31,7 @@ import grpc
 import psutil
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from proxy import Run, proxied, start_server
+from streams import Run, environment, proxied, start_server
 
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2, model_control_pb2_grpc
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
@@ -60,21 +57,6 @@ async def collector() -> tuple[grpc.aio.Server, int]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
-
-
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` in os.environ for the servers started inside (restored after)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 async def loaded(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceAsyncStub:
@@ -191,11 +173,11 @@ def main() -> int:
                         continue
                     source = args.baseline.resolve()
                 with environment(env):
-                    process, address, log = start_server(state, model, ctx, backend_args, source)
-                processes.append(process)
-                servers[name] = (address, process.pid)
+                    server = start_server(state, model, ctx, backend_args, source)
+                processes.append(server.process)
+                servers[name] = (server.address, server.process.pid)
                 if name == "on":
-                    prometheus = int(log.read_text().split("prometheus: http://127.0.0.1:")[1].split("/")[0])
+                    prometheus = int(server.log().split("prometheus: http://127.0.0.1:")[1].split("/")[0])
             return await bench(servers, args.runs, args.tokens, prometheus)
         finally:
             for process in processes:
