@@ -106,7 +106,7 @@ def _insufficient_memory(spec: ModelSpec, placement: policy.NotEnoughMemory) -> 
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class Opening:
     """A Load request read against the pool now: the opening `load` and `plan` share."""
 
     spec: ModelSpec
@@ -162,7 +162,7 @@ class Loader:
         self.current: LoadJob | None = None
         self.backends_started = 0
 
-    def _read(self, name: str, requested: RequestedOptions, pinned: bool | None) -> Request:
+    def _open(self, name: str, requested: RequestedOptions, pinned: bool | None) -> Opening:
         """Refuse what is refused at once (`ShuttingDown`, a bad name or options); read the rest."""
         if self._closing.is_set():
             raise ShuttingDown("the server is shutting down")
@@ -177,7 +177,7 @@ class Loader:
         settled = running is not None and policy.changes_nothing(
             running.options, running.pinned, wanted, pinned
         )
-        return Request(spec, running, base, wanted, settled)
+        return Opening(spec, running, base, wanted, settled)
 
     # ------------------------------------------------------------- queue
 
@@ -185,7 +185,7 @@ class Loader:
         self, name: str, requested: RequestedOptions, pinned: bool | None, origin: LoadOrigin
     ) -> LoadJob:
         """See `Pool.load`."""
-        request = self._read(name, requested, pinned)
+        request = self._open(name, requested, pinned)
         if request.changes_nothing:
             assert request.running is not None
             # Nothing is acted on, so no lock is needed; like any status,
@@ -466,7 +466,7 @@ class Loader:
 
     async def plan(self, name: str, requested: RequestedOptions, pinned: bool | None) -> LoadForecast:
         """See `Pool.plan`."""
-        request = self._read(name, requested, pinned)
+        request = self._open(name, requested, pinned)
         spec, running, wanted = request.spec, request.running, request.wanted
         joined = self.jobs.get(job_key(name, requested, pinned, LoadOrigin.REQUEST))
         if not request.changes_nothing and (joined is None or joined.done):
