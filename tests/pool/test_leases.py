@@ -50,6 +50,8 @@ from over_grpc import (
 )
 from rpc_errors import error_info
 
+# ------------------------------------------------------ streams whose backend fails them (issue 9)
+
 
 async def test_a_body_that_ends_without_done_is_backend_crashed_and_leaves_no_lease(
     servers: ServerFactory, tiny_model: Path, tmp_path: Path
@@ -146,6 +148,9 @@ async def test_cancel_and_deadline_at_every_point_leave_no_lease_and_rearm_the_i
         [model] = (await pool_status(client)).models
         assert model.in_flight == 0
         assert model.HasField("idle_unload_at"), "the idle countdown did not start again"
+
+
+# --------------------------------- the unary vector RPCs, as a hostile client uses them (issue 19)
 
 
 TEXTS = ["a cat sat", "paris"]

@@ -110,6 +110,9 @@ async def plan_then_load(
     return told, stopped, result.already_loaded, None
 
 
+# ------------------------------------------------------------- Plan against Load, for each outcome
+
+
 async def test_already_loaded(make_pool: PoolMaker) -> None:
     pool, _ = make_pool({"a": MIB}, slots=1)
     await pool.load("a", RequestedOptions()).outcome()
@@ -220,6 +223,9 @@ async def test_plan_over_grpc_changes_nothing_and_refuses_what_load_refuses(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await client.control.Plan(request)
             assert error_info(refused.value).reason == reason
+
+
+# --------------------------- the rules (DESIGN.md items 1-3), each pinned by the bug it comes from
 
 
 async def test_fifty_concurrent_loads_start_one_process_unsloth_5161(

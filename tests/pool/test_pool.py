@@ -293,6 +293,9 @@ async def test_finding_5_out_of_descriptors_a_load_and_an_auto_load_are_server_r
     assert pool.model_view("m") is None  # nothing was started
 
 
+# ------------------------------------- the property: whatever clients do, and however they give up
+
+
 MODELS = ("m0", "m1", "m2")
 
 model = st.sampled_from(MODELS)
