@@ -218,6 +218,20 @@ async def shut_down(*pools: Pool) -> None:
         assert all(is_gone(pid) for pid in pids), f"backends left running: {pids}"
 
 
+@pytest.fixture
+async def pools(tmp_path: Path) -> AsyncIterator[list[Pool]]:
+    """Pools a test makes in process (`in_process.make_pool`); each is shut down at the end."""
+    made: list[Pool] = []
+    yield made
+    await asyncio.wait_for(shut_down(*made), 20 * max(1, len(made)))
+
+
+@pytest.fixture
+def pid_log(tmp_path: Path) -> Path:
+    """Where fake backends started with `--pid-log` write their pid."""
+    return tmp_path / "pids.log"
+
+
 BACKEND_OPTIONS = EffectiveOptions(ctx_size=512, idle_unload_seconds=None, backend_args=())
 
 
