@@ -69,11 +69,9 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable
 from pathlib import Path
@@ -84,7 +82,6 @@ import grpc
 import psutil
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from proxy import launch
 
 from lemonade_grpc._gen.lemonade.v1 import (
     inference_pb2,
@@ -93,11 +90,18 @@ from lemonade_grpc._gen.lemonade.v1 import (
 )
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.testing import (
+    ServerDidNotStart,
+    ServerProcess,
+    cpu_model,
+    launch,
+    serve_command,
+    tagged_processes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_BACKEND = ROOT / "tests" / "fake_backend.py"
 RESULTS = Path(__file__).resolve().parent / "results"
-TAG_VAR = "LEMONADE_SOAK_TAG"
 DOMAIN = "lemonade.v1"
 # The whole run, start to exit, must end within this (issue 13: 10 minutes).
 BUDGET_SECONDS = 600.0
@@ -323,18 +327,6 @@ def live_backends(server_pid: int) -> dict[int, Proc]:
     return found
 
 
-def tagged(tag: str) -> list[psutil.Process]:
-    """Live processes whose environment carries `tag` (the server's and every backend's)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(TAG_VAR) == tag and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
-
-
 @dataclasses.dataclass(frozen=True)
 class Resources:
     rss_bytes: int
@@ -351,18 +343,6 @@ def resources(pid: int) -> Resources:
 
 
 # ------------------------------------------------------------------ server
-
-
-@dataclasses.dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-    state_dir: Path
-    tag: str
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def write_config(workdir: Path, tiny: Path, memory_headroom_mb: int | None) -> Path:
@@ -386,37 +366,19 @@ def write_config(workdir: Path, tiny: Path, memory_headroom_mb: int | None) -> P
     return path
 
 
-def start_server(workdir: Path, config: Path, traced: Path | None = None) -> Server:
+def start_server(workdir: Path, config: Path, traced: Path | None = None) -> ServerProcess:
     """The server under test; with `traced`, under `traced_server.py` (tracemalloc snapshots there)."""
     state_dir = workdir / "state"
-    log_path = workdir / "server.log"
-    tag = uuid.uuid4().hex
-    process, address = launch(
-        [sys.executable, "-m", "lemonade_grpc"]
+    python = (
+        (sys.executable, "-m", "lemonade_grpc")
         if traced is None
-        else [sys.executable, str(Path(__file__).with_name("traced_server.py")), str(traced)],
-        state_dir,
-        config,
-        log_path,
-        cwd=ROOT,
-        env={**os.environ, TAG_VAR: tag},
+        else (sys.executable, str(Path(__file__).with_name("traced_server.py")), str(traced))
     )
-    return Server(process, address, log_path, state_dir, tag)
-
-
-def kill_everything(server: Server) -> list[str]:
-    """Last resort: SIGKILL the server and anything carrying its tag; what had to be killed."""
-    killed = []
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
-        killed.append(f"server {server.process.pid}")
-    for process in tagged(server.tag):
-        with contextlib.suppress(psutil.Error):
-            killed.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
-            process.send_signal(signal.SIGCONT)
-            process.kill()
-    return killed
+    command = serve_command(state_dir, "--config", str(config), python=python)
+    try:
+        return launch(command, workdir / "server.log", state_dir, cwd=ROOT)
+    except ServerDidNotStart as error:
+        raise SystemExit(str(error)) from None
 
 
 # ------------------------------------------------------------------ Watch
@@ -870,7 +832,11 @@ class Chaos:
     """Kills (and now and then freezes) backend processes at random times."""
 
     def __init__(
-        self, server: Server, control: model_control_pb2_grpc.ModelControlAsyncStub, seed: int, record: Record
+        self,
+        server: ServerProcess,
+        control: model_control_pb2_grpc.ModelControlAsyncStub,
+        seed: int,
+        record: Record,
     ) -> None:
         self.server = server
         self.control = control
@@ -936,7 +902,7 @@ class Invariants:
 
     def __init__(
         self,
-        server: Server,
+        server: ServerProcess,
         control: model_control_pb2_grpc.ModelControlAsyncStub,
         record: Record,
         monitor: Monitor,
@@ -1146,7 +1112,12 @@ class Invariants:
 
 
 async def quiet_resources(
-    clients: Clients, chaos: Chaos, invariants: Invariants, control: Any, server: Server, record: Record
+    clients: Clients,
+    chaos: Chaos,
+    invariants: Invariants,
+    control: Any,
+    server: ServerProcess,
+    record: Record,
 ) -> Resources | None:
     """Pause the workload, empty the pool, let the server idle, and read its resources (medians)."""
     chaos.running.clear()
@@ -1172,7 +1143,7 @@ async def quiet_resources(
     )
 
 
-async def shutdown_check(server: Server, control: Any, inference: Any, record: Record) -> None:
+async def shutdown_check(server: ServerProcess, control: Any, inference: Any, record: Record) -> None:
     """SIGTERM with models loaded (one pinned) and streams running: exit 0, nothing left behind."""
     for name, pinned in (("tiny", True), ("fa", False), ("emb", False)):
         async for _ in control.Load(pb.LoadRequest(model=name, pinned=pinned), timeout=60):
@@ -1206,7 +1177,7 @@ async def shutdown_check(server: Server, control: Any, inference: Any, record: R
         f"{dict(endings)}",
     )
     for _ in range(50):  # the backends' exit may take a moment to be seen
-        if not (left := tagged(server.tag)):
+        if not (left := tagged_processes({server.tag})):
             break
         await asyncio.sleep(0.1)
     names = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in left]
@@ -1218,7 +1189,7 @@ async def shutdown_check(server: Server, control: Any, inference: Any, record: R
     )
 
 
-def check_log(server: Server, record: Record) -> None:
+def check_log(server: ServerProcess, record: Record) -> None:
     """No ERROR record, traceback or lost task exception in the server's log; grouped, with counts."""
     found: Counter[str] = Counter()
     record_line = ""  # the last line that starts a log record
@@ -1241,7 +1212,7 @@ def check_log(server: Server, record: Record) -> None:
 
 
 async def soak(
-    args: argparse.Namespace, record: Record, server: Server
+    args: argparse.Namespace, record: Record, server: ServerProcess
 ) -> tuple[Resources | None, Resources | None]:
     async with grpc.aio.insecure_channel(server.address) as channel:
         control = model_control_pb2_grpc.ModelControlStub(channel)
@@ -1389,14 +1360,6 @@ def summary(args: argparse.Namespace, record: Record, table: list[str], wall: fl
     return "\n".join(lines) + "\n"
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=480.0, help="seconds of load (warm-up included)")
@@ -1467,7 +1430,7 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # a failure of the soak itself still reports and cleans up
         record.violation(f"the soak stopped on {type(error).__name__}: {error}")
     finally:
-        leftovers = kill_everything(server)
+        leftovers = server.kill_everything()
         if leftovers:
             record.violation(f"killed at cleanup: {leftovers}")
     text = summary(args, record, table, time.monotonic() - started)
