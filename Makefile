@@ -122,7 +122,7 @@ bench-control: setup
 ## soak: 50 random clients and a backend killer against a real server, invariants checked (not in `make test`; at most 10 minutes; SEED=N, DURATION=S)
 .PHONY: soak
 soak: setup
-	$(BIN)/python bench/soak.py $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
+	$(BIN)/python bench/soak $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION))
 
 ## bench-telemetry: the same stream through servers with telemetry off and on (BASELINE=DIR adds another checkout's)
 bench-telemetry: setup

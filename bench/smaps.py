@@ -15,7 +15,7 @@ is not touched) and sorts each mapping's RSS into
 
 Prints a line per sample, then the mappings whose RSS grew most between
 the first sample and the last. For issue 18 finding 15 (what the soak's slow
-RSS rise is made of), run beside `bench/soak.py` with the server's pid.
+RSS rise is made of), run beside `bench/soak` with the server's pid.
 Usage: `python bench/smaps.py PID [--every S] [--top N]`; stops when the
 process exits.
 """

@@ -1,6 +1,6 @@
 """`python bench/traced_server.py DIR serve ...`: the server with tracemalloc on, a snapshot every 30 s.
 
-An investigative wrapper for `bench/soak.py --tracemalloc DIR` (issue 18
+An investigative wrapper for `bench/soak --tracemalloc DIR` (issue 18
 finding 15): the snapshots (`DIR/snapshot-SECONDS.pickle`, 25 frames a
 trace, each after a full collection: live objects only) are compared by
 `bench/snapshot_diff.py` to see what Python memory grows over a run.
