@@ -12,22 +12,18 @@ import contextlib
 import functools
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
-import psutil
 import pytest
 
+import lemonade_grpc.client
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.backends.backend import Backend
@@ -37,11 +33,16 @@ from lemonade_grpc.pool.pool import BackendLauncher, Pool
 from lemonade_grpc.provision import pypi, smollm2
 from lemonade_grpc.provision.llama_server import LlamaServerNotFound, locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
+from lemonade_grpc.testing import (
+    ServerDidNotStart,
+    is_gone,
+    launch,
+    serve_command,
+    tagged_processes,
+)
+from lemonade_grpc.testing import ServerProcess as Server
 
-TAG_VAR = "LEMONADE_TEST_TAG"
 FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
-LISTENING = re.compile(rb"listening on ([0-9.]+):(\d+)")
-START_SECONDS = 60.0
 # What a test's server and its backends run with unless the environment says otherwise:
 # llama-server on one thread. Its threads wait for each other spinning, and on a machine
 # short of CPU (CI; the 10-run loop beside two CPU burners) a two-thread SmolLM2 answer
@@ -88,65 +89,6 @@ async def read_all(call: grpc.aio.UnaryStreamCall[Request, Response]) -> list[Re
     return messages
 
 
-def is_gone(pid: int) -> bool:
-    """Whether `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def tagged_processes(tags: set[str]) -> list[psutil.Process]:
-    """Live processes whose environment carries one of `tags`."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(TAG_VAR) in tags and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-@dataclass
-class Server:
-    """A `lemonade-grpc serve` process started by a test."""
-
-    process: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-    state_dir: Path
-    tag: str
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, seconds: float = 30.0) -> int:
-        """Signal the server and wait for it to exit; return its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(seconds)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"server did not exit within {seconds:g} s of signal {sig}:\n{self.log()}")
-
-
-def serve_command(state_dir: Path) -> list[str]:
-    """`lemonade-grpc serve` on a free loopback port and `state_dir`."""
-    return [
-        sys.executable,
-        "-m",
-        "lemonade_grpc",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        str(state_dir),
-    ]
-
-
 @dataclass
 class ServerFactory:
     """Starts servers for one test and checks, at the end, that nothing they started survives."""
@@ -167,40 +109,26 @@ class ServerFactory:
         `env` adds to (or overrides) this process's environment.
         """
         index = len(self.servers)
-        tag = uuid.uuid4().hex
         state_dir = state_dir or self.tmp_path / f"state{index}"
-        log_path = self.tmp_path / f"server{index}.log"
         command = [*prefix, *serve_command(state_dir), *args]
         if config is not None:
             config_path = self.tmp_path / f"config{index}.toml"
             config_path.write_text(config)
             command += ["--config", str(config_path)]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**SERVER_ENV, **os.environ, **(env or {}), TAG_VAR: tag},
-            )
-        found: list[re.Match[bytes]] = []
-
-        def listening() -> bool:
-            match = LISTENING.search(log_path.read_bytes())
-            if match:
-                found.append(match)
-            if process.poll() is not None and not match:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            return match is not None
-
-        wait_until(listening, START_SECONDS, "the server to listen")
-        host, port = found[0].group(1).decode(), found[0].group(2).decode()
-        server = Server(process, f"{host}:{port}", log_path, state_dir, tag)
+        log_path = self.tmp_path / f"server{index}.log"
+        try:
+            server = launch(command, log_path, state_dir, env={**SERVER_ENV, **os.environ, **(env or {})})
+        except ServerDidNotStart as error:
+            pytest.fail(str(error))
         self.servers.append(server)
         return server
 
     def close(self) -> None:
         for server in self.servers:
-            server.stop()
+            try:
+                server.stop()
+            except TimeoutError as error:
+                pytest.fail(str(error))
         tags = {server.tag for server in self.servers}
         deadline = time.monotonic() + 10
         while (leaked := tagged_processes(tags)) and time.monotonic() < deadline:
@@ -341,24 +269,20 @@ class ProcessSampler:
         return self.most
 
 
-class Client:
-    """Stubs on one channel, with the few compound calls the tests repeat."""
+class Client(lemonade_grpc.client.Client):
+    """The project's client (`lemonade_grpc.client`), with the few compound calls the tests repeat."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.control = model_control_pb2_grpc.ModelControlStub(channel)
-        self.inference = inference_pb2_grpc.InferenceStub(channel)
-
-    async def load(self, model: str, **fields: object) -> list[pb.LoadResponse]:
+    async def load_all(self, model: str, **fields: object) -> list[pb.LoadResponse]:
+        """Every message of a Load stream; `fields` are the request's (`options=`, `pinned=`)."""
         return [r async for r in self.control.Load(pb.LoadRequest(model=model, **fields))]  # type: ignore[arg-type]
 
     async def ready(self, model: str, **fields: object) -> pb.ModelStatus:
-        responses = await self.load(model, **fields)
+        responses = await self.load_all(model, **fields)
         assert responses[-1].phase == pb.LOAD_PHASE_READY
         return responses[-1].status
 
     async def pids(self) -> dict[str, int]:
-        status = await self.control.Status(pb.StatusRequest())
-        return {m.name: m.pid for m in status.pool.models}
+        return {m.name: m.pid for m in (await self.status()).models}
 
 
 @contextlib.asynccontextmanager

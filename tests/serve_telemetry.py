@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TAG_VAR, serve_command, tagged_processes
+from lemonade_grpc.testing import TAG_VAR, serve_command, tagged_processes
 
 WAIT_SECONDS = 15.0
 UNREACHABLE_OTLP = "http://127.0.0.1:9"  # the discard port: connection refused

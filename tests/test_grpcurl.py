@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, ServerFactory
+from conftest import ServerFactory
+from lemonade_grpc.testing import ServerProcess as Server
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "localhost:50051"

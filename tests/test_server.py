@@ -33,13 +33,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import (
     Client,
-    Server,
     ServerFactory,
     alive,
     connect,
     eventually,
     fake_model,
-    is_gone,
     next_message,
     pids_in,
     poll,
@@ -48,6 +46,8 @@ from conftest import (
 from lemonade_grpc import server as server_module
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import ServerProcess as Server
+from lemonade_grpc.testing import is_gone
 from over_grpc import Stream, eventually_state
 from rpc_errors import error_info
 
@@ -369,7 +369,7 @@ async def test_a_stream_whose_eviction_grace_the_shutdown_cuts_short_ends_shutti
         await client.ready("a")
         stream = complete(client, "a", 10_000)
         await next_message(stream)
-        load = asyncio.ensure_future(client.load("b"))
+        load = asyncio.ensure_future(client.load_all("b"))
 
         async def evicting() -> bool | None:
             return (
@@ -478,9 +478,9 @@ async def test_shutdown_aborts_queued_loads_and_ends_streams_with_shutting_down(
         assert await stream.read() is not grpc.aio.EOF
         watch = client.control.Watch(pb.WatchRequest())
         assert (await next_message(watch)).WhichOneof("event") == "snapshot"
-        slow = asyncio.ensure_future(client.load("slow"))
+        slow = asyncio.ensure_future(client.load_all("slow"))
         await eventually_state(client, "slow", pb.MODEL_STATE_LOADING)
-        queued = asyncio.ensure_future(client.load("queued"))
+        queued = asyncio.ensure_future(client.load_all("queued"))
 
         async def in_queue() -> bool | None:
             status = await client.control.Status(pb.StatusRequest())

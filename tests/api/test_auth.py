@@ -15,13 +15,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from conftest import Server, ServerFactory, eventually, fake_model, poll
+from conftest import ServerFactory, eventually, fake_model, poll
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2_grpc, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.client import connect, error_details
 from lemonade_grpc.config import ConfigError, Overrides, load
 from lemonade_grpc.core import access
+from lemonade_grpc.testing import ServerProcess as Server
 from otlp_receiver import attributes, grpc_receiver
 from rpc_errors import error_info
 

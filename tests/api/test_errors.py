@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 
-from conftest import Server, eventually
+from conftest import eventually
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, inference_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.api import errors
@@ -32,6 +32,7 @@ from lemonade_grpc.backends.http import BackendConnectionError
 from lemonade_grpc.core.errors import InvalidRequest, ModelEvicted
 from lemonade_grpc.core.settings import Limits
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.testing import ServerProcess as Server
 from rpc_errors import bad_fields, error_info
 
 # Neither a LoadRequest nor any other message: field 31, wire type 7 (no such type).

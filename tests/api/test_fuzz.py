@@ -54,9 +54,10 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import Server, ServerFactory, fake_model, llama_model
+from conftest import ServerFactory, fake_model, llama_model
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2, model_control_pb2, model_control_pb2_grpc
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import ServerProcess as Server
 from rpc_errors import bad_fields, error_info
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

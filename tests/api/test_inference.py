@@ -465,7 +465,7 @@ async def test_complete_streams_token_by_token_and_ends_with_usage(
     *deltas, last = responses
     # How many messages a fast backend's 40 tokens make depends on the machine's
     # speed (issue 18 finding 12); that deltas stream as they come is shown with
-    # a backend the test steps, in test_stream_interval.py.
+    # a backend the test steps, in backends/test_pacing.py.
     assert [d for d in deltas if d.text], "no text"
     assert all(d.finish_reason == pb.FINISH_REASON_UNSPECIFIED for d in deltas)
     assert last.finish_reason == pb.FINISH_REASON_LENGTH

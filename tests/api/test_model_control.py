@@ -8,8 +8,9 @@ import grpc
 import psutil
 import pytest
 
-from conftest import eventually, is_gone, next_message
+from conftest import eventually, next_message
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import is_gone
 from rpc_errors import bad_fields, error_info
 
 if TYPE_CHECKING:

@@ -16,10 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import ServerFactory, eventually, fake_model, next_message, poll, serve_command
+from conftest import ServerFactory, eventually, fake_model, next_message, poll
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2_grpc
 from lemonade_grpc.client import connect
+from lemonade_grpc.testing import serve_command
 
 
 def openssl(*args: str, cwd: Path) -> None:

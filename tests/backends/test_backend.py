@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import FAKE_BACKEND, eventually, is_gone, launch_backend, release_tokens
+from conftest import FAKE_BACKEND, eventually, launch_backend, release_tokens
 from in_process import FAKE, OPTIONS, shell_spec
 from lemonade_grpc.backends import backend as backend_module
 from lemonade_grpc.backends.backend import Backend, PortTaken, free_port
@@ -28,6 +28,7 @@ from lemonade_grpc.backends.openai_client import OpenAIClient
 from lemonade_grpc.core.catalog import ModelSpec, ModelType, Recipe
 from lemonade_grpc.core.errors import BackendStartFailed, StateWriteFailed
 from lemonade_grpc.store.backend_records import BackendRegistry
+from lemonade_grpc.testing import is_gone
 
 
 def fake_spec(model: Path, *flags: str, name: str = "fake") -> ModelSpec:

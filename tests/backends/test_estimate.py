@@ -329,7 +329,7 @@ async def test_finding_9_plan_and_load_agree_on_a_hostile_header(
             assert told.need_bytes == path.stat().st_size + PROCESS_OVERHEAD_BYTES
         else:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await client.load("m")
+                await client.load_all("m")
             assert (refused.value.code(), error_info(refused.value).reason) == (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 reason,

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import eventually, is_gone, launch_backend
+from conftest import eventually, launch_backend
 from in_process import FAKE, shell_spec
 from lemonade_grpc.backends.backend import Backend
 from lemonade_grpc.backends.process import (
@@ -30,6 +30,7 @@ from lemonade_grpc.backends.process import (
     loopback_listeners,
     socket_inodes,
 )
+from lemonade_grpc.testing import is_gone
 
 
 def test_the_kernels_listening_sockets_agree_with_proc_net() -> None:

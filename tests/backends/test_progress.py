@@ -55,7 +55,7 @@ async def load_watched(address: str) -> tuple[list[pb.LoadResponse], list[pb.Loa
     async with connect(address) as client:
         watch = client.control.Watch(pb.WatchRequest())
         await watch.read()  # the snapshot: subscribed
-        responses = await client.load("medium")
+        responses = await client.load_all("medium")
         seen: list[pb.LoadProgress] = []
         while True:  # until the model_loaded event that ends the load on Watch
             event = await asyncio.wait_for(watch.read(), 10)

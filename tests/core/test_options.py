@@ -117,7 +117,7 @@ async def test_client_backend_flags_are_refused_unless_the_operator_allowed_them
     async with connect(server.address) as client:
         for args in (["--tools", "all"], ["--log-file", str(victim)], ["--threads", "1"]):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await client.load("tiny", options=pb.LoadOptions(backend_args=pb.BackendArgs(args=args)))
+                await client.load_all("tiny", options=pb.LoadOptions(backend_args=pb.BackendArgs(args=args)))
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert error_info(refused.value).reason == "INVALID_OPTIONS"
             assert bad_fields(refused.value) == ["options.backend_args.args"]
@@ -133,7 +133,7 @@ async def test_flags_the_operator_allowed_reach_the_backend(servers: ServerFacto
     server = servers.start(llama_model("tiny", tiny_model) + 'allowed_args = ["--threads"]\n')
     async with connect(server.address) as client:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await client.load(
+            await client.load_all(
                 "tiny",
                 options=pb.LoadOptions(backend_args=pb.BackendArgs(args=["--threads", "1", "--tools=all"])),
             )
@@ -158,7 +158,7 @@ async def test_an_idle_timeout_that_would_overflow_is_refused_and_status_keeps_w
         await client.ready("m")
         for seconds in (7_900_000_000, 31_536_001, -1):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await client.load("m", options=pb.LoadOptions(idle_unload_seconds=seconds))
+                await client.load_all("m", options=pb.LoadOptions(idle_unload_seconds=seconds))
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert bad_fields(refused.value) == ["options.idle_unload_seconds"]
         year = await client.ready("m", options=pb.LoadOptions(idle_unload_seconds=31_536_000))

@@ -29,7 +29,6 @@ from conftest import (
     eventually,
     fake_model,
     fake_spec,
-    is_gone,
     launcher,
     llama_model,
     next_message,
@@ -46,6 +45,7 @@ from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.events import Envelope, ModelStateChanged, ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState, ModelView
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.testing import is_gone
 from over_grpc import eventually_state, one_slot_a_streaming_b_waiting, settled
 from rpc_errors import error_info
 
@@ -232,7 +232,7 @@ async def test_lru_evicts_the_least_recently_used(servers: ServerFactory, tiny_m
             inference_pb2.CompleteRequest(model="a", prompt="x", max_tokens=2)
         ):
             pass  # a is now more recently used than b
-        c_load = await client.load("c")
+        c_load = await client.load_all("c")
         assert list(c_load[-1].evicted) == ["b"]
         assert pb.LOAD_PHASE_EVICTING in [r.phase for r in c_load]
         assert (await client.pids()) == {"a": a.pid, "c": c_load[-1].status.pid}
@@ -260,7 +260,7 @@ async def test_all_slots_pinned_fails_and_evicts_nothing_lemonade_2226(
         assert a.pinned
         assert b.pinned
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await client.load("c")
+            await client.load_all("c")
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_info(raised.value).reason == "SLOTS_PINNED"
         assert (await client.pids()) == {"a": a.pid, "b": b.pid}
@@ -270,7 +270,7 @@ async def test_all_slots_pinned_fails_and_evicts_nothing_lemonade_2226(
         c = await client.ready("c")
         assert (await client.pids()) == {"a": a.pid, "c": c.pid}
         # A bare Load keeps the pin it finds.
-        again = await client.load("a")
+        again = await client.load_all("a")
         assert again[-1].already_loaded
         assert again[-1].status.pinned
 
@@ -407,7 +407,7 @@ async def test_unload_of_an_evicting_load_leaves_no_model_unloading(
             inference_pb2.CompleteRequest(model="a", prompt="x", max_tokens=400)
         )
         await next_message(stream)
-        load_b = asyncio.ensure_future(client.load("b"))
+        load_b = asyncio.ensure_future(client.load_all("b"))
         await eventually_state(client, "a", pb.MODEL_STATE_UNLOADING)
         # B's load is now evicting busy A (grace period), as Status says: unload B
         # (issue 18 finding 12: was a sleep guessing it).

@@ -30,7 +30,6 @@ from conftest import (
     alive,
     connect,
     fake_model,
-    is_gone,
     pids_in,
     poll,
     post_to_backend,
@@ -39,6 +38,7 @@ from conftest import (
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import is_gone
 from over_grpc import (
     complete,
     eventually_async,

@@ -25,7 +25,6 @@ from conftest import (
     eventually,
     fake_model,
     fake_spec,
-    is_gone,
     launcher,
     next_message,
     pids_in,
@@ -42,6 +41,7 @@ from lemonade_grpc.core.settings import PoolSettings
 from lemonade_grpc.pool.events import ModelUnloaded, UnloadReason
 from lemonade_grpc.pool.forecast import LoadForecast, Outcome
 from lemonade_grpc.pool.pool import Pool
+from lemonade_grpc.testing import is_gone
 from over_grpc import eventually_async, model_state, pool_status
 from rpc_errors import error_info
 
@@ -234,7 +234,7 @@ async def test_fifty_concurrent_loads_start_one_process_unsloth_5161(
     config = fake_model("slow", tiny_model, "--load-seconds", "0.5", "--pid-log", str(pid_log))
     server = servers.start(config)
     async with connect(server.address) as client:
-        streams = await asyncio.gather(*(client.load("slow") for _ in range(50)))
+        streams = await asyncio.gather(*(client.load_all("slow") for _ in range(50)))
         assert len(pids_in(pid_log)) == 1, "one model, one process, however many ask at once"
         [pid] = pids_in(pid_log)
         for responses in streams:
@@ -412,9 +412,9 @@ async def test_a_load_with_other_options_during_a_load_reloads_after_it(
 ) -> None:
     server = servers.start(fake_model("m", tiny_model, "--load-seconds", "0.5"))
     async with connect(server.address) as client:
-        small = asyncio.ensure_future(client.load("m", options=pb.LoadOptions(ctx_size=256)))
+        small = asyncio.ensure_future(client.load_all("m", options=pb.LoadOptions(ctx_size=256)))
         await eventually_async(lambda: model_state(client, "m"), pb.MODEL_STATE_LOADING)
-        big = await client.load("m", options=pb.LoadOptions(ctx_size=512))
+        big = await client.load_all("m", options=pb.LoadOptions(ctx_size=512))
         first = await small
         assert first[-1].phase == big[-1].phase == pb.LOAD_PHASE_READY
         assert first[-1].status.options.ctx_size == 256

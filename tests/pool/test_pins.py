@@ -21,13 +21,13 @@ from conftest import (
     connect,
     eventually,
     fake_model,
-    is_gone,
     llama_model,
     loaded,
     poll,
     warning,
 )
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import is_gone
 from over_grpc import PINS, eventually_state, ready, saved_pins, states
 from rpc_errors import bad_fields, error_info
 
@@ -92,7 +92,7 @@ async def test_a_pinned_model_that_failed_to_load_is_not_saved(
     async with connect(first.address) as client:
         await client.ready("good", pinned=True)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await client.load("broken", pinned=True)
+            await client.load_all("broken", pinned=True)
         assert error_info(failed.value).reason == "BACKEND_START_FAILED"
     assert list(saved_pins(first.state_dir)) == ["good"]
     first.stop()
@@ -193,7 +193,7 @@ async def test_unload_racing_pin_does_not_bring_the_pin_back(
     async with connect(server.address) as client:
         await client.ready("tiny")
         # Holds the load lock until the test lets it end (issue 18 finding 12: was 1.5 s).
-        slow = asyncio.ensure_future(client.load("slow"))
+        slow = asyncio.ensure_future(client.load_all("slow"))
         await eventually_state(client, "slow", pb.MODEL_STATE_LOADING)
         unload = asyncio.ensure_future(client.control.Unload(pb.UnloadRequest(model="tiny")))
 

@@ -48,7 +48,6 @@ from conftest import (
     eventually,
     fake_model,
     fake_spec,
-    is_gone,
     launcher,
     pids_in,
     poll,
@@ -72,6 +71,7 @@ from lemonade_grpc.pool.events import ModelUnloaded, PoolWarning, UnloadReason
 from lemonade_grpc.pool.model import ModelState
 from lemonade_grpc.pool.pool import MemoryEstimator, Pool
 from lemonade_grpc.store.pin_file import PinFile
+from lemonade_grpc.testing import is_gone
 from over_grpc import saved_pins
 from rpc_errors import error_info
 
@@ -633,7 +633,7 @@ async def test_storm_with_a_crashing_pinned_model_and_memory_pressure_keeps_the_
         events = Events(client.control)
         sampler = ProcessSampler(*logs)
         try:
-            await client.load("c", pinned=True)
+            await client.load_all("c", pinned=True)
         except grpc.aio.AioRpcError as error:
             check_error(error, problems, "load c pinned")
 
@@ -646,7 +646,7 @@ async def test_storm_with_a_crashing_pinned_model_and_memory_pressure_keeps_the_
             end = time.monotonic() + 7
             while time.monotonic() < end:
                 try:
-                    await client.load("c", pinned=True)
+                    await client.load_all("c", pinned=True)
                 except grpc.aio.AioRpcError as error:
                     check_error(error, problems, "load c pinned")
                 await asyncio.sleep(0.3)

@@ -22,13 +22,13 @@ from conftest import (
     connect,
     eventually,
     fake_model,
-    is_gone,
     next_message,
     pids_in,
     read_all,
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import is_gone
 from over_grpc import complete, failure, one_slot_a_streaming_b_waiting, pool_status, settled, wait_streams
 from rpc_errors import error_info
 
@@ -57,7 +57,7 @@ async def test_an_unload_whose_deadline_expires_still_completes(
         sampler = ProcessSampler(tmp_path / "a.pids", tmp_path / "b.pids")
         for round_ in range(20):
             name = "ab"[round_ % 2]
-            load = asyncio.ensure_future(client.load(name))
+            load = asyncio.ensure_future(client.load_all(name))
             streamer = client.inference.Complete(
                 inference_pb2.CompleteRequest(model=name, prompt="x", max_tokens=5)
             )

@@ -25,7 +25,6 @@ from conftest import (
     connect,
     eventually,
     fake_model,
-    is_gone,
     llama_model,
     pids_in,
     poll,
@@ -36,6 +35,7 @@ from conftest import (
 )
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import is_gone
 from over_grpc import (
     WATCHDOG,
     after,

@@ -23,7 +23,6 @@ from conftest import (
     connect,
     eventually,
     fake_model,
-    is_gone,
     llama_model,
     poll,
     read_all,
@@ -39,6 +38,7 @@ from lemonade_grpc.core.tasks import TaskOwner
 from lemonade_grpc.pool.model import Model, ModelState
 from lemonade_grpc.pool.pool import Pool
 from lemonade_grpc.pool.watchdog import Watchdog
+from lemonade_grpc.testing import is_gone
 from over_grpc import WATCHDOG, eventually_async, hostile_model, model_state, ready
 
 

@@ -19,18 +19,17 @@ import pytest
 
 from conftest import (
     FAKE_BACKEND,
-    TAG_VAR,
     ServerFactory,
     connect,
     eventually,
     fake_model,
-    is_gone,
     llama_model,
     next_message,
     pids_in,
 )
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.store.backend_records import BackendRegistry
+from lemonade_grpc.testing import TAG_VAR, is_gone
 from over_grpc import start_on
 
 

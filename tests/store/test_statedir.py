@@ -15,20 +15,12 @@ import grpc
 import psutil
 import pytest
 
-from conftest import (
-    TAG_VAR,
-    ServerFactory,
-    connect,
-    eventually,
-    fake_model,
-    is_gone,
-    serve_command,
-    tagged_processes,
-)
+from conftest import ServerFactory, connect, eventually, fake_model
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc.store import files
 from lemonade_grpc.store.files import AtomicWriter
 from lemonade_grpc.store.statedir import LOCK_NAME, StateDirLock, StateDirLocked, raise_fd_limit
+from lemonade_grpc.testing import TAG_VAR, is_gone, serve_command, tagged_processes
 from rpc_errors import error_info
 
 # --- finding 5: one owner per state directory ----------------------------------------------------
@@ -131,7 +123,7 @@ async def test_an_unwritable_state_dir_fails_the_load_over_grpc_and_leaves_no_ba
     async with connect(server.address) as client:
         for _ in range(2):  # each retry fails the same way, and cleanly
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await client.load("a")
+                await client.load_all("a")
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(raised.value).reason == "STATE_WRITE_FAILED"
             assert "backends.json" in (raised.value.details() or "")

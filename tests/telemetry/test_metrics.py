@@ -26,7 +26,7 @@ async def test_the_models_gauge_drops_to_zero_when_the_last_model_leaves(
     reading 0 (`sum(lemonade_models{state="ready"})` is then empty, not 0, and alerts on "no ready
     model" never fire). `Instruments._models` emits the READY zero only "for every type seen" in
     the snapshot, and an empty pool has no type; the SDK drops unobserved points of an
-    asynchronous gauge. test_telemetry.py's scrape looks right only because a FAILED model stays."""
+    asynchronous gauge. telemetry/test_service.py's scrape looks right only because a FAILED model stays."""
     record = Recorded()
     pool = Pool(
         {"m": fake_spec("m", tiny_model)},

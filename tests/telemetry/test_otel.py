@@ -19,9 +19,10 @@ from typing import Any, cast
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from conftest import Server, ServerFactory, connect, fake_model, poll
+from conftest import ServerFactory, connect, fake_model, poll
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
 from lemonade_grpc.telemetry.otel import TelemetryConfigError, exporters, otlp_protocol, otlp_wanted
+from lemonade_grpc.testing import ServerProcess as Server
 from otlp_receiver import FAST_EXPORT, grpc_receiver, named
 from serve_telemetry import (
     UNREACHABLE_OTLP,

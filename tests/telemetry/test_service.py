@@ -20,9 +20,10 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Server, ServerFactory, connect, fake_model, poll
+from conftest import ServerFactory, connect, fake_model, poll
 from lemonade_grpc._gen.lemonade.v1 import inference_pb2 as ipb
 from lemonade_grpc._gen.lemonade.v1 import model_control_pb2 as pb
+from lemonade_grpc.testing import ServerProcess as Server
 from otlp_receiver import Receiver, attributes, children, grpc_receiver, http_receiver, named
 
 WAIT_SECONDS = 20.0

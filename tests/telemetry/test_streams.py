@@ -30,7 +30,7 @@ async def test_a_stream_cancelled_while_the_server_waits_on_a_slow_reader_is_cou
     another `Context`: GeneratorExit instead of CancelledError, so `errors._mark_cancelled` never
     runs; the interceptor's span has ended before `_relay`'s finally calls `stream_ended`; every
     `with start_as_current_span` / `use_span` inside a generator (the interceptor's, and
-    `RecordingStreams._call`'s) detaches its token in the wrong Context. test_telemetry.py's
+    `RecordingStreams._call`'s) detaches its token in the wrong Context. telemetry/test_service.py's
     cancellation test only covers a cancel that lands inside the generator (a slow backend)."""
     async with grpc_receiver() as receiver:
         server = servers.start(
