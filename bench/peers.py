@@ -1,12 +1,14 @@
-"""lemonade-grpc side by side with llama-swap and with llama-server itself, in one run.
+"""lemonade-grpc side by side with llama-swap, llama-server's router and llama-server itself, in one run.
 
-Three paths serve the same llama-server binary and the same model (the tiny
+Four paths serve the same llama-server binary and the same model (the tiny
 one, or SmolLM2 with `--model smollm2`) with the same arguments (`--threads 1`
 by default):
 
   direct      a llama-server of its own, its SSE endpoint read by an aiohttp client;
   llama-swap  llama-swap (a Go proxy that starts llama-server on demand, one
               model at a time), read the same way through its port;
+  router      llama-server's own router mode (`--models-dir DIR --models-max 1`:
+              a child llama-server per model, loaded on demand), read the same way;
   lemonade    `Inference.Complete` on a lemonade-grpc server, read by a
               grpc.aio client.
 
@@ -18,9 +20,9 @@ from round to round so that none always runs on a warmer machine:
     the same on every path, or the bench fails;
   - a 1-token request on the loaded model (streamed like the others): time
     to the end of the response;
-  - a swap (llama-swap and lemonade, each with two catalog models of the
-    tiny model and room for one): a 1-token request for the model not
-    loaded, then one for the first again, each timed to its end.
+  - a swap (llama-swap, the router and lemonade, each with two models of
+    the tiny model's file and room for one): a 1-token request for the
+    model not loaded, then one for the first again, each timed to its end.
 
 Then lemonade's no-op `Load` (a Load of the loaded model, to the end of its
 stream), each control plane's RSS (its own process, not the backends), and
@@ -59,7 +61,8 @@ from lemonade_grpc.provision.llama_server import locate
 from lemonade_grpc.provision.tiny_model import ensure_tiny_model
 from lemonade_grpc.testing import cpu_model
 
-PATHS = ("direct", "llama-swap", "lemonade")
+PATHS = ("direct", "llama-swap", "router", "lemonade")
+SWAPPERS = PATHS[1:]
 MODELS = ("tiny", "tiny-b")
 
 
@@ -114,6 +117,15 @@ def running(argv: list[str], log: Path, ready_url: str) -> Iterator[subprocess.P
             process.wait()
 
 
+def router_models(tmp: Path, model: Path) -> Path:
+    """The router's models directory: the model's file under each catalog name (its names are the stems)."""
+    directory = tmp / "router-models"
+    directory.mkdir()
+    for name in MODELS:
+        (directory / f"{name}.gguf").symlink_to(model)
+    return directory
+
+
 def llama_swap_config(tmp: Path, args: list[str]) -> Path:
     """Two models of the same file, no groups: llama-swap runs one at a time and swaps on demand."""
     server = locate()
@@ -130,7 +142,7 @@ def llama_swap_config(tmp: Path, args: list[str]) -> Path:
 class Results:
     stream: dict[str, list[Run]] = field(default_factory=lambda: {path: [] for path in PATHS})
     one_token_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in PATHS})
-    swap_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in PATHS[1:]})
+    swap_ms: dict[str, list[float]] = field(default_factory=lambda: {path: [] for path in SWAPPERS})
     noop_load_ms: list[float] = field(default_factory=list)
     rss_mib: dict[str, float] = field(default_factory=dict)
     # ms of CPU per minute idle, by path, then "main" (the event loop's thread) or "other" threads
@@ -144,6 +156,7 @@ Request = Callable[[str, int], Awaitable[Run]]
 async def bench(
     direct_port: int,
     swap_port: int,
+    router_port: int,
     lemonade: str,
     pids: dict[str, int],
     runs: int,
@@ -167,21 +180,21 @@ async def bench(
         paths: dict[str, Request] = {
             "direct": http(direct_port),
             "llama-swap": http(swap_port),
+            "router": http(router_port),
             "lemonade": lambda model, count: proxied(stub, model, count),
         }
         for _ in range(2):  # warm every path: connections, first-request costs, the first load
             for request in paths.values():
                 await request("tiny", tokens)
         for index in range(runs):
-            order = PATHS[index % 3 :] + PATHS[: index % 3]
+            order = PATHS[index % len(PATHS) :] + PATHS[: index % len(PATHS)]
             for path in order:
                 results.stream[path].append(await paths[path]("tiny", tokens))
             for path in order:
                 run = await paths[path]("tiny", 1)
                 results.one_token_ms[path].append(run.seconds * 1000)
         for index in range(runs):
-            swappers = ("llama-swap", "lemonade") if index % 2 == 0 else ("lemonade", "llama-swap")
-            for path in swappers:
+            for path in SWAPPERS[index % len(SWAPPERS) :] + SWAPPERS[: index % len(SWAPPERS)]:
                 for model in (MODELS[1], MODELS[0]):  # away and back: "tiny" is loaded after
                     run = await paths[path](model, 1)
                     results.swap_ms[path].append(run.seconds * 1000)
@@ -268,6 +281,11 @@ def spread(values: list[float], unit: str, digits: int = 2) -> str:
     return f"{median:,.{digits}f} {unit} ({q1:,.{digits}f}-{q3:,.{digits}f})"
 
 
+def cells(columns: tuple[list[float], ...], unit: str, digits: int = 2) -> str:
+    """A table row's cells: each column's `spread`."""
+    return " | ".join(spread(values, unit, digits) for values in columns)
+
+
 def report(results: Results, runs: int, tokens: int, extra: str, binary: Path, model: Path) -> int:
     everything = [run for path in PATHS for run in results.stream[path]]
     if len({run.text for run in everything}) != 1:
@@ -289,38 +307,31 @@ def report(results: Results, runs: int, tokens: int, extra: str, binary: Path, m
         f" EOS ignored; llama-server args: {extra or '(none)'}; medians (25th-75th percentile)"
     )
     print()
-    print("| row | llama-server direct | llama-swap | lemonade-grpc | lemonade vs llama-swap |")
-    print("|---|---:|---:|---:|---:|")
-    d, s, g = (tps[path] for path in PATHS)
     print(
-        f"| streaming tokens/s | {spread(d, '', 0)} | {spread(s, '', 0)} | {spread(g, '', 0)}"
-        f" | {med(g) / med(s):.3f}x |"
+        "| row | llama-server direct | llama-swap | llama-server router | lemonade-grpc | vs the best peer |"
     )
-    d, s, g = (ttft[path] for path in PATHS)
-    print(
-        f"| time to first token | {spread(d, 'ms')} | {spread(s, 'ms')} | {spread(g, 'ms')}"
-        f" | {med(g) - med(s):+.2f} ms |"
-    )
-    d, s, g = (results.one_token_ms[path] for path in PATHS)
-    print(
-        f"| 1-token request | {spread(d, 'ms')} | {spread(s, 'ms')} | {spread(g, 'ms')}"
-        f" | {med(g) - med(s):+.2f} ms |"
-    )
-    s, g = results.swap_ms["llama-swap"], results.swap_ms["lemonade"]
-    cells = f"{spread(s, 'ms', 1)} | {spread(g, 'ms', 1)} | {med(s) / med(g):.1f}x faster"
-    print(f"| swap (1 slot, 1-token request) | - | {cells} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    d, s, r, g = (tps[path] for path in PATHS)
+    print(f"| streaming tokens/s | {cells((d, s, r, g), '', 0)} | {med(g) / max(med(s), med(r)):.3f}x |")
+    d, s, r, g = (ttft[path] for path in PATHS)
+    print(f"| time to first token | {cells((d, s, r, g), 'ms')} | {med(g) - min(med(s), med(r)):+.2f} ms |")
+    d, s, r, g = (results.one_token_ms[path] for path in PATHS)
+    print(f"| 1-token request | {cells((d, s, r, g), 'ms')} | {med(g) - min(med(s), med(r)):+.2f} ms |")
+    s, r, g = (results.swap_ms[path] for path in SWAPPERS)
+    faster = min(med(s), med(r)) / med(g)
+    print(f"| swap (1 slot, 1-token request) | - | {cells((s, r, g), 'ms', 1)} | {faster:.1f}x faster |")
     noop = results.noop_load_ms
     p99 = statistics.quantiles(noop, n=100)[98]
-    print(f"| no-op Load | - | - | {spread(noop, 'ms')}, p99 {p99:.2f} ms | (target <= 2 ms) |")
+    print(f"| no-op Load | - | - | - | {spread(noop, 'ms')}, p99 {p99:.2f} ms | (target <= 2 ms) |")
     rss = results.rss_mib
     print(
-        f"| control plane RSS after the runs | - | {rss['llama-swap']:.1f} MiB | {rss['lemonade']:.1f} MiB"
-        f" | {rss['lemonade'] - rss['llama-swap']:+.1f} MiB (target <= 50 MiB) |"
+        f"| control plane RSS after the runs | - | {rss['llama-swap']:.1f} MiB | {rss['router']:.1f} MiB"
+        f" | {rss['lemonade']:.1f} MiB | (target <= 50 MiB) |"
     )
     cpu = {name: sum(threads.values()) for name, threads in results.idle_cpu_ms.items()}
     print(
-        f"| idle CPU, model loaded (ms per minute) | - | {cpu['llama-swap']:.1f} | {cpu['lemonade']:.1f}"
-        f" | {cpu['lemonade'] - cpu['llama-swap']:+.1f} ms/min |"
+        f"| idle CPU, model loaded (ms per minute) | - | {cpu['llama-swap']:.1f} | {cpu['router']:.1f}"
+        f" | {cpu['lemonade']:.1f} | {cpu['lemonade'] - min(cpu['llama-swap'], cpu['router']):+.1f} ms/min |"
     )
     print()
     for name, threads in results.idle_cpu_ms.items():
@@ -357,7 +368,7 @@ def main() -> int:
     ctx_size = args.tokens + 64
     with tempfile.TemporaryDirectory(prefix="lemonade-peers-") as name, ExitStack() as stack:
         tmp = Path(name)
-        direct_port, swap_port = free_port(), free_port()
+        direct_port, swap_port, router_port = free_port(), free_port(), free_port()
         common = backend_args(model, ctx_size, extra)
         stack.enter_context(
             running(
@@ -377,18 +388,31 @@ def main() -> int:
                 f"http://127.0.0.1:{swap_port}/health",
             )
         )
+        router = stack.enter_context(
+            running(
+                [
+                    str(locate()),
+                    *("--models-dir", str(router_models(tmp, model)), "--models-max", "1"),
+                    *("--port", str(router_port), "--host", "127.0.0.1"),
+                    *("--ctx-size", str(ctx_size), "--no-webui", *extra),
+                ],
+                tmp / "router.log",
+                f"http://127.0.0.1:{router_port}/health",
+            )
+        )
         state = tmp / "lemonade"
         state.mkdir()
         server = start_server(state, model, ctx_size, extra, names=MODELS)
         stack.callback(server.stop)
         address = server.address
-        pids = {"llama-swap": swap.pid, "lemonade": server.process.pid}
+        pids = {"llama-swap": swap.pid, "router": router.pid, "lemonade": server.process.pid}
         try:
             go_client = None if args.no_go_client else build_go_client(tmp)
             results = asyncio.run(
                 bench(
                     direct_port,
                     swap_port,
+                    router_port,
                     address,
                     pids,
                     args.runs,
@@ -399,7 +423,7 @@ def main() -> int:
             )
         except RuntimeError as error:
             print(f"FAIL: {error}", file=sys.stderr)
-            for log in ("llama-swap.log", "lemonade/server.log"):
+            for log in ("llama-swap.log", "router.log", "lemonade/server.log"):
                 print(f"--- {log}\n{(tmp / log).read_text(errors='replace')[-4000:]}", file=sys.stderr)
             return 1
     return report(results, args.runs, args.tokens, args.backend_args, args.llama_swap, model)
