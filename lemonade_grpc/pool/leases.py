@@ -18,6 +18,7 @@ from lemonade_grpc.pool.admission import Admission, AdmissionView
 from lemonade_grpc.pool.jobs import LoadOrigin
 from lemonade_grpc.pool.loader import Loader
 from lemonade_grpc.pool.model import Lease
+from lemonade_grpc.pool.stops import cancel_idle
 from lemonade_grpc.pool.supervision import Supervisor
 from lemonade_grpc.pool.table import ModelTable
 
@@ -83,7 +84,7 @@ class Leases:
             model.no_leases.clear()
             self._streams += 1
             self._no_streams.clear()
-            self._supervisor.cancel_idle(model)
+            cancel_idle(model)
             model.last_used_at = self._clock()
             try:
                 yield lease

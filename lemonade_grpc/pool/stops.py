@@ -24,12 +24,17 @@ from lemonade_grpc.pool.table import ModelTable
 log = logging.getLogger(__name__)
 
 
-def quiet(model: Model) -> None:
-    """Cancel `model`'s idle countdown and pending restart: nothing more is to happen to it by timer."""
+def cancel_idle(model: Model) -> None:
+    """Stop `model`'s idle countdown (`Supervisor.arm_idle` starts it)."""
     if model.idle_timer is not None:
         model.idle_timer.cancel()
     model.idle_timer = None
     model.idle_unload_at = None
+
+
+def quiet(model: Model) -> None:
+    """Cancel `model`'s idle countdown and pending restart: nothing more is to happen to it by timer."""
+    cancel_idle(model)
     if model.restart_timer is not None:
         model.restart_timer.cancel()
         model.restart_timer = None

@@ -27,7 +27,7 @@ from lemonade_grpc.pool.memory import MemoryProbe, mib
 from lemonade_grpc.pool.model import Lease, Model, ModelState
 from lemonade_grpc.pool.observer import PoolObserver
 from lemonade_grpc.pool.pins import Pins
-from lemonade_grpc.pool.stops import Stopper, revoke
+from lemonade_grpc.pool.stops import Stopper, cancel_idle, revoke
 from lemonade_grpc.pool.table import ModelTable
 from lemonade_grpc.pool.watchdog import CrashHistory, Watchdog
 
@@ -98,7 +98,7 @@ class Supervisor:
         backend = model.backend
         assert backend is not None
         revoke(model, BackendCrashed(f"the backend of {model.name} {message}"))
-        self.cancel_idle(model)
+        cancel_idle(model)
         log.debug("%s: backend pid %d %s", model.name, backend.pid, message)
         self._table.set_state(model, ModelState.FAILED, message=message)
         backend.process.kill_group()  # exited: its group's leftovers; hung: no grace
@@ -184,7 +184,7 @@ class Supervisor:
 
     def arm_idle(self, model: Model) -> None:
         """(Re)start `model`'s idle countdown if it may be idle-unloaded, else stop it (DESIGN.md item 6)."""
-        self.cancel_idle(model)
+        cancel_idle(model)
         seconds = model.options.idle_seconds(self._settings.idle_unload_seconds)
         if seconds <= 0 or model.pinned or model.leases or model.state is not ModelState.READY:
             return
@@ -193,13 +193,6 @@ class Supervisor:
         model.idle_timer = asyncio.get_running_loop().call_later(
             seconds, self._idle_expired, model, context=contextvars.Context()
         )
-
-    @staticmethod
-    def cancel_idle(model: Model) -> None:
-        if model.idle_timer is not None:
-            model.idle_timer.cancel()
-        model.idle_timer = None
-        model.idle_unload_at = None
 
     def _idle_expired(self, model: Model) -> None:
         # A cancelled timer never fires: a request, a pin or a stop since it
