@@ -12,9 +12,9 @@ project; this measures whether one should be).
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
 import sys
+
+from interpreters import medians
 
 CODE = """
 import time
@@ -36,19 +36,13 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
-    for index in range(args.rounds):
-        order = list(VARIANTS.items())
-        for name, extra in order if index % 2 == 0 else reversed(order):
-            command = [args.python, "-c", CODE.format(extra=extra)]
-            seconds, mib = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
-            results[name].append((float(seconds), float(mib)))
+    results = medians(
+        args.python, {name: CODE.format(extra=extra) for name, extra in VARIANTS.items()}, args.rounds
+    )
     print(f"{args.rounds} fresh interpreters each, alternating; medians")
     print("| imports | time | RSS growth |")
     print("|---|---:|---:|")
-    for name, runs in results.items():
-        time_ms = statistics.median(t for t, _ in runs)
-        growth = statistics.median(m for _, m in runs)
+    for name, (time_ms, growth) in results.items():
         print(f"| {name} | {time_ms:.1f} ms | +{growth:.2f} MiB |")
     return 0
 

@@ -14,9 +14,9 @@ endpoint's budget (the control plane at most 50 MiB with it on).
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
 import sys
+
+from interpreters import medians
 
 CODE = """
 import sys
@@ -40,21 +40,12 @@ def main() -> int:
     parser.add_argument("--site", required=True, help="a site-packages directory holding the candidates")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in CANDIDATES}
-    for index in range(args.rounds):
-        order = list(CANDIDATES.items())
-        for name, extra in order if index % 2 == 0 else reversed(order):
-            code = CODE.format(site=args.site, extra=extra)
-            base, grown = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, check=True
-            ).stdout.split()
-            results[name].append((float(base), float(grown)))
+    programs = {name: CODE.format(site=args.site, extra=extra) for name, extra in CANDIDATES.items()}
+    results = medians(sys.executable, programs, args.rounds)
     print(f"{args.rounds} fresh interpreters each, alternating; medians")
     print("| imported on top of the server's modules | server modules' RSS | added |")
     print("|---|---:|---:|")
-    for name, runs in results.items():
-        base_mib = statistics.median(b for b, _ in runs)
-        added = statistics.median(g for _, g in runs)
+    for name, (base_mib, added) in results.items():
         print(f"| {name} | {base_mib:.1f} MiB | +{added:.1f} MiB |")
     return 0
 
